@@ -1,0 +1,98 @@
+"""Command-line entry point: parses arguments, maps errors to exit codes and one-line messages."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.errors import EXIT_UNEXPECTED, EXIT_USAGE, EdgeAgentError
+
+# Each module adds its subcommands with add_commands(subparsers); a handler is stored as
+# the ``handler`` default and returns the exit code.
+COMMAND_MODULES = (
+    "agent.commands.runtime",
+    "agent.commands.package",
+    "agent.commands.gate",
+    "agent.commands.daemon",
+    "agent.commands.telemetry",
+    "agent.commands.ota",
+    "agent.commands.fleet",
+    "agent.commands.device",
+)
+
+EPILOG = """\
+examples:
+  edge-agent infer --model models/digits_fp32.onnx --input x.npy --output y.npy
+  edge-agent run --config /etc/edge-agent/agent.yaml
+  edge-agent <command> --help
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one 'Error:' line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"Error: {message} ({self.prog})\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="edge-agent",
+        description="On-device inference agent with signed, gated over-the-air model updates.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.add_commands(sub)
+    return parser
+
+
+def setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    setup_logging(args.debug, args.quiet)
+    try:
+        code = args.handler(args)
+        return int(code or 0)
+    except EdgeAgentError as exc:
+        if args.debug:
+            logging.getLogger("agent").exception("command failed")
+        sys.stderr.write(f"Error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("Error: interrupted\n")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(
+            f"Error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)\n"
+        )
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

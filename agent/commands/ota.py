@@ -1,0 +1,9 @@
+"""CLI commands for the ota area (filled in by its issue)."""
+
+from __future__ import annotations
+
+from agent.commands import SubParsers
+
+
+def add_commands(sub: SubParsers) -> None:
+    """Add this area's subcommands (none yet)."""

@@ -1,0 +1,405 @@
+"""YAML configuration loaded into frozen dataclasses; every bad key is named with its path."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from agent.errors import ConfigError
+
+MAX_CONFIG_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------
+# Generic loader
+# ---------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " or ".join(repr(m.value) for m in tp)
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _got(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _where(source: str, path: str) -> str:
+    return f"{source}:{path}" if path else source
+
+
+def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
+    origin = get_origin(tp)
+    fail = ConfigError(f"{_where(source, path)}: expected {_type_name(tp)}, got {_got(value)}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors: list[ConfigError] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise fail
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise fail
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise fail
+        return _build(tp, value, path, source)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise fail from None
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise fail
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_convert(item_tp, v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items)
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise fail
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            out[_convert(key_tp, k, sub, source)] = _convert(val_tp, v, sub, source)
+        return types.MappingProxyType(out)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail
+    if tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+        raise fail
+    raise ConfigError(f"{_where(source, path)}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type[T], data: Mapping[str, Any], path: str, source: str) -> T:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{_where(source, sub)}: unknown key (known keys: {known})")
+        kwargs[key] = _convert(hints[key], value, sub, source)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{_where(source, path)}: {exc}") from None
+    check = getattr(obj, "check", None)
+    if callable(check):
+        problem = check()
+        if problem:
+            raise ConfigError(f"{_where(source, path)}: {problem}")
+    return obj
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, source: str = "<config>") -> T:
+    """Build the dataclass ``cls`` from plain data, raising ConfigError naming the bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {_got(data)}")
+    return _build(cls, data, "", source)
+
+
+def load_yaml_file(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Read a YAML file with ``safe_load`` and a size cap; errors name the file and line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if size > max_bytes:
+        raise ConfigError(f"{path}: file is {size} bytes, more than the {max_bytes} allowed")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+
+
+def to_plain(obj: Any) -> Any:
+    """Turn a config dataclass tree back into plain YAML-able data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# The agent's configuration. Defaults work on a Raspberry Pi 4 with no extra setup.
+# ---------------------------------------------------------------------------------------
+
+BackendName = Literal["auto", "onnx", "litert", "tensorrt"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run when no OTA package is installed yet, and how."""
+
+    path: Path | None = None
+    backend: BackendName = "auto"
+    # ORT providers in order of preference; "auto" means TensorRT -> CUDA -> CPU.
+    providers: tuple[str, ...] = ("auto",)
+    intra_op_threads: int = 1
+    warmup_runs: int = 3
+    labels: tuple[str, ...] = ()
+    engine_cache_dir: Path | None = None
+
+    def check(self) -> str | None:
+        if self.intra_op_threads < 1:
+            return "intra_op_threads: must be at least 1"
+        if self.warmup_runs < 0:
+            return "warmup_runs: must not be negative"
+        return None
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a frame becomes a model input (overridden by the active package's schema)."""
+
+    resize: tuple[int, ...] = ()
+    layout: Literal["NCHW", "NHWC", "flat"] = "NCHW"
+    color_order: Literal["RGB", "BGR", "GRAY"] = "RGB"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where frames come from."""
+
+    kind: Literal["synthetic", "directory", "video", "camera"] = "synthetic"
+    path: Path | None = None
+    device: int = 0
+    watch: bool = False
+    loop: bool = False
+    seed: int = 0
+    reopen_backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Frame pacing."""
+
+    fps_cap: float = 15.0
+    max_batch: int = 1
+    max_wait_ms: float = 0.0
+
+    def check(self) -> str | None:
+        if self.fps_cap < 0:
+            return "fps_cap: must not be negative (0 means uncapped)"
+        if self.max_batch < 1:
+            return "max_batch: must be at least 1"
+        return None
+
+
+@dataclass(frozen=True)
+class GovernorConfig:
+    """Thermal and resource guard rails."""
+
+    enabled: bool = True
+    interval_s: float = 1.0
+    soft_limit_c: float = 70.0
+    hard_limit_c: float = 85.0
+    hysteresis_c: float = 5.0
+    step_factor: float = 0.75
+    min_fps: float = 1.0
+    max_cpu_percent: float = 95.0
+    min_free_memory_mb: float = 64.0
+    thermal_root: Path = Path("/sys/class/thermal")
+    hwmon_root: Path = Path("/sys/class/hwmon")
+    throttle_file: Path | None = None
+
+    def check(self) -> str | None:
+        if self.hard_limit_c <= self.soft_limit_c:
+            return "hard_limit_c: must be above soft_limit_c"
+        if not 0 < self.step_factor < 1:
+            return "step_factor: must be between 0 and 1"
+        return None
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """One output sink for inference results."""
+
+    kind: Literal["jsonl", "stdout", "http", "mqtt"] = "stdout"
+    path: Path | None = None
+    url: str | None = None
+    topic: str | None = None
+    max_bytes: int = 10 << 20
+    backups: int = 3
+    queue_size: int = 1000
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Offline telemetry store and upload."""
+
+    enabled: bool = True
+    db_path: Path | None = None
+    max_bytes: int = 64 << 20
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    sample_rate: float = 0.01
+    summary_interval_s: float = 60.0
+    pii_fields: tuple[str, ...] = ()
+    endpoint: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    upload_interval_s: float = 30.0
+    batch_max_rows: int = 500
+    batch_max_bytes: int = 512 << 10
+    bandwidth_bytes_per_s: int = 0
+
+    def check(self) -> str | None:
+        if not 0.0 <= self.sample_rate <= 1.0:
+            return "sample_rate: must be between 0 and 1"
+        return None
+
+
+@dataclass(frozen=True)
+class OTAConfig:
+    """Over-the-air updates."""
+
+    enabled: bool = False
+    repository_url: str | None = None
+    channel: str = "stable"
+    poll_interval_s: float = 3600.0
+    poll_jitter_s: float = 300.0
+    pin_version: str | None = None
+    golden_dir: Path | None = None
+    policy_path: Path | None = None
+    probation_frames: int = 200
+    probation_s: float = 60.0
+    crash_loop_limit: int = 3
+    hardware_class: str = "generic"
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """Where the daemon publishes its live status."""
+
+    path: Path | None = None
+    interval_s: float = 1.0
+    prometheus_port: int = 0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole configuration file."""
+
+    device_id: str | None = None
+    state_dir: Path = Path("/var/lib/edge-agent")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+    sinks: tuple[SinkConfig, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    ota: OTAConfig = field(default_factory=OTAConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Load and validate an agent config file; relative paths resolve against its folder."""
+    data = load_yaml_file(path)
+    cfg = from_mapping(AgentConfig, data, source=str(path))
+    return _resolve_paths(cfg, path.parent.resolve())
+
+
+def _resolve_paths(obj: T, base: Path) -> T:
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Path) and not value.is_absolute():
+            changes[f.name] = base / value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = _resolve_paths(value, base)
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            changes[f.name] = tuple(_resolve_paths(v, base) for v in value)
+    return typing.cast(T, dataclasses.replace(obj, **changes)) if changes else obj
