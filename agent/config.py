@@ -236,7 +236,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How a frame becomes a model input (overridden by the active package's schema)."""
+    """How a frame becomes a model input and its output a result (a package overrides it)."""
 
     resize: tuple[int, ...] = ()
     layout: Literal["NCHW", "NHWC", "flat"] = "NCHW"
@@ -244,6 +244,21 @@ class PreprocessConfig:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     scale: float = 1.0
+    # What the daemon does with the model's output: classification (top-k with labels) or
+    # detection (boxes with a score threshold and NMS).
+    task: Literal["classification", "detection"] = "classification"
+    top_k: int = 1
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.45
+
+    def check(self) -> str | None:
+        if self.resize and (len(self.resize) != 2 or min(self.resize) < 1):
+            return "resize: must be [height, width] with both at least 1"
+        if any(s == 0 for s in self.std):
+            return "std: must not contain 0"
+        if self.top_k < 1:
+            return "top_k: must be at least 1"
+        return None
 
 
 @dataclass(frozen=True)
@@ -257,6 +272,25 @@ class SourceConfig:
     loop: bool = False
     seed: int = 0
     reopen_backoff_max_s: float = 30.0
+    # synthetic: "digits" draws 8x8-style digit strokes, "random" uniform noise, "tensor"
+    # ready float32 model inputs (no preprocessing cost: for benchmarks).
+    pattern: Literal["digits", "random", "tensor"] = "digits"
+    # synthetic frame size; 0 takes it from the model input
+    width: int = 0
+    height: int = 0
+    channels: int = 0
+    # stop after this many frames (0: never); the daemon exits 0 when its source ends
+    max_frames: int = 0
+    poll_interval_s: float = 0.5
+
+    def check(self) -> str | None:
+        if self.kind in ("directory", "video") and self.path is None:
+            return f"path: required for a {self.kind} source"
+        if self.max_frames < 0 or self.width < 0 or self.height < 0 or self.channels < 0:
+            return "max_frames, width, height, channels: must not be negative"
+        if self.reopen_backoff_max_s <= 0 or self.poll_interval_s <= 0:
+            return "reopen_backoff_max_s and poll_interval_s: must be positive"
+        return None
 
 
 @dataclass(frozen=True)
@@ -266,12 +300,16 @@ class SchedulerConfig:
     fps_cap: float = 15.0
     max_batch: int = 1
     max_wait_ms: float = 0.0
+    # SIGTERM: how long the daemon waits for sinks to drain before it exits anyway
+    drain_timeout_s: float = 5.0
 
     def check(self) -> str | None:
         if self.fps_cap < 0:
             return "fps_cap: must not be negative (0 means uncapped)"
         if self.max_batch < 1:
             return "max_batch: must be at least 1"
+        if self.max_wait_ms < 0 or self.drain_timeout_s < 0:
+            return "max_wait_ms and drain_timeout_s: must not be negative"
         return None
 
 
@@ -291,12 +329,21 @@ class GovernorConfig:
     thermal_root: Path = Path("/sys/class/thermal")
     hwmon_root: Path = Path("/sys/class/hwmon")
     throttle_file: Path | None = None
+    # When set, every sensor is read under this root laid out like /sys (thermal, hwmon,
+    # the RPi firmware get_throttled file, Jetson INA3221 rails); thermal_root, hwmon_root
+    # and throttle_file are then ignored. Tests and benchmarks point it at a temp dir.
+    sysfs_root: Path | None = None
+    use_psutil: bool = True
+    # Ask `vcgencmd get_throttled` when the firmware sysfs file is not there (older RPi OS).
+    use_vcgencmd: bool = True
 
     def check(self) -> str | None:
         if self.hard_limit_c <= self.soft_limit_c:
             return "hard_limit_c: must be above soft_limit_c"
         if not 0 < self.step_factor < 1:
             return "step_factor: must be between 0 and 1"
+        if self.hysteresis_c < 0 or self.interval_s <= 0 or self.min_fps <= 0:
+            return "hysteresis_c >= 0, interval_s > 0 and min_fps > 0 are required"
         return None
 
 
@@ -312,6 +359,21 @@ class SinkConfig:
     backups: int = 3
     queue_size: int = 1000
     timeout_s: float = 2.0
+    # extra HTTP headers for the webhook (e.g. Authorization)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # MQTT broker: host and port (url is "mqtt://host:port")
+    qos: int = 0
+
+    def check(self) -> str | None:
+        if self.kind == "jsonl" and self.path is None:
+            return "path: required for a jsonl sink"
+        if self.kind in ("http", "mqtt") and not self.url:
+            return f"url: required for an {self.kind} sink"
+        if self.kind == "mqtt" and not self.topic:
+            return "topic: required for an mqtt sink"
+        if self.queue_size < 1 or self.max_bytes < 1024 or self.backups < 0:
+            return "queue_size >= 1, max_bytes >= 1024 and backups >= 0 are required"
+        return None
 
 
 @dataclass(frozen=True)
@@ -363,6 +425,15 @@ class StatusConfig:
     path: Path | None = None
     interval_s: float = 1.0
     prometheus_port: int = 0
+    # the control socket (JSON lines); None: state_dir/control.sock
+    control_socket: Path | None = None
+
+    def check(self) -> str | None:
+        if self.interval_s <= 0:
+            return "interval_s: must be positive"
+        if not 0 <= self.prometheus_port <= 65535:
+            return "prometheus_port: must be 0 (off) or a TCP port"
+        return None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Builders for the demo models: ONNX graphs from numpy weights (used by the build script and tests)."""
+"""Builders for the demo models: ONNX graphs from numpy weights, for the build script and tests."""
 
 from __future__ import annotations
 
@@ -117,9 +117,7 @@ def mlp_onnx(
     return _save(model, path)
 
 
-def train_digits_mlp(
-    x: np.ndarray, y: np.ndarray, hidden: int = 32, seed: int = 0
-) -> MLPWeights:
+def train_digits_mlp(x: np.ndarray, y: np.ndarray, hidden: int = 32, seed: int = 0) -> MLPWeights:
     """Train the MLP with scikit-learn (deterministic for a given seed)."""
     from sklearn.neural_network import MLPClassifier
 
