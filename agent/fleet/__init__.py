@@ -1,0 +1,1 @@
+"""Operator side: keys, the TUF repository, the rollout controller and the reference server."""

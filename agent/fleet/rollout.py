@@ -1,0 +1,515 @@
+"""Staged rollouts: the pure promote/abort decision, the rollout state file and channel updates."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from agent.errors import ConfigError, RepositoryError, UsageError
+from agent.fleet.keys import OperatorKey
+from agent.fleet.repo import (
+    RepoExpiry,
+    check_channel_name,
+    load_repo,
+    published_packages,
+    read_channel,
+    semver_key,
+    utc_now,
+    write_channel,
+)
+from agent.textio import write_atomic
+
+log = logging.getLogger(__name__)
+
+Action = Literal["wait", "promote", "abort", "complete", "hold", "none"]
+
+# ota.state values (CONTRACTS.md) that count as a failed install of the release.
+FAILED_STATES = frozenset({"REJECTED", "ROLLED_BACK"})
+SUCCESS_STATES = frozenset({"COMMITTED"})
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """When a stage may be promoted or must be aborted."""
+
+    stages_percent: tuple[float, ...] = (1.0, 10.0, 100.0)
+    soak_s: float = 3600.0
+    # Reports (COMMITTED or failed) needed before promotion; capped at the number of known
+    # devices that fall into the stage, so a small fleet is not stuck at 1 %.
+    min_devices: int = 2
+    max_failure_rate: float = 0.05
+    auto_promote: bool = True
+    auto_abort: bool = True
+
+    def check(self) -> str | None:
+        stages = self.stages_percent
+        if not stages or any(not 0 < p <= 100 for p in stages):
+            return "stages_percent: each stage must be in (0, 100]"
+        if list(stages) != sorted(set(stages)):
+            return "stages_percent: stages must increase"
+        if stages[-1] != 100.0:
+            return "stages_percent: the last stage must be 100"
+        if self.soak_s < 0:
+            return "soak_s: must not be negative"
+        if self.min_devices < 1:
+            return "min_devices: must be at least 1"
+        if not 0 <= self.max_failure_rate < 1:
+            return "max_failure_rate: must be in [0, 1)"
+        return None
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    """What the devices of a release reported; members_known is None when the fleet is unknown."""
+
+    committed: int = 0
+    failed: int = 0
+    in_progress: int = 0
+    members_known: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    stage: int
+    percent: float
+    committed: int
+    failed: int
+    reports: int
+    required_reports: int
+    failure_rate: float
+    soak_left_s: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.action}: {self.reason} (stage {self.stage} at {self.percent:g}%, "
+            f"committed={self.committed} failed={self.failed} reports={self.reports}/"
+            f"{self.required_reports} failure_rate={self.failure_rate:.3f} "
+            f"soak_left_s={self.soak_left_s:.0f})"
+        )
+
+
+def decide(
+    policy: RolloutPolicy,
+    stage: int,
+    stage_elapsed_s: float,
+    counts: StageCounts,
+    paused: bool = False,
+    aborted: bool = False,
+    completed: bool = False,
+) -> Decision:
+    """The controller's whole judgement: a pure function of the stage, its age and the counts."""
+    percent = policy.stages_percent[min(stage, len(policy.stages_percent) - 1)]
+    reports = counts.committed + counts.failed
+    required = policy.min_devices
+    if counts.members_known is not None and counts.members_known > 0:
+        required = min(policy.min_devices, counts.members_known)
+    rate = counts.failed / reports if reports else 0.0
+    soak_left = max(0.0, policy.soak_s - stage_elapsed_s)
+
+    def make(action: Action, reason: str) -> Decision:
+        return Decision(
+            action,
+            reason,
+            stage,
+            percent,
+            counts.committed,
+            counts.failed,
+            reports,
+            required,
+            rate,
+            soak_left,
+        )
+
+    if aborted:
+        return make("none", "rollout was aborted")
+    if completed:
+        return make("none", "rollout is complete")
+    # Failures of more than the allowed share of the whole stage cannot be outvoted by the
+    # reports still to come; otherwise judge the rate once enough devices have reported.
+    allowed_failures = policy.max_failure_rate * max(counts.members_known or 0, reports)
+    over_whole_stage = counts.members_known is not None and counts.failed > allowed_failures
+    over_rate = reports >= required and rate > policy.max_failure_rate
+    if counts.failed and (over_whole_stage or over_rate):
+        if policy.auto_abort and not paused:
+            return make("abort", f"failure rate over {policy.max_failure_rate:.3f}")
+        return make("hold", f"failure rate over {policy.max_failure_rate:.3f}; abort by hand")
+    if paused:
+        return make("hold", "rollout is paused")
+    if counts.members_known == 0:
+        return make("wait", "no known device falls into this stage yet")
+    if reports < required:
+        return make("wait", f"{reports} of {required} devices have reported")
+    if soak_left > 0:
+        return make("wait", "stage is soaking")
+    if stage >= len(policy.stages_percent) - 1:
+        return make("complete", "last stage soaked with failures under the threshold")
+    if not policy.auto_promote:
+        return make("hold", "ready to promote; auto-promote is off")
+    return make("promote", "soaked with enough reports and failures under the threshold")
+
+
+def member_bucket(device_id: str, salt: str) -> int:
+    """CONTRACTS.md membership bucket in [0, 10000)."""
+    return int(hashlib.sha256(f"{device_id}:{salt}".encode()).hexdigest()[:8], 16) % 10000
+
+
+def is_member(device_id: str, salt: str, percent: float) -> bool:
+    return member_bucket(device_id, salt) < percent * 100
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout state kept beside the repository (not served to devices)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutState:
+    channel: str
+    package: str
+    version: str
+    target: str
+    release_counter: int
+    salt: str
+    policy: RolloutPolicy
+    stage: int = 0
+    started: str = ""
+    stage_started: str = ""
+    paused: bool = False
+    aborted: bool = False
+    completed: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return self.policy.stages_percent[self.stage]
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["policy"]["stages_percent"] = list(self.policy.stages_percent)
+        return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def state_path(base: Path, channel: str) -> Path:
+    return base / "rollouts" / f"{check_channel_name(channel)}.json"
+
+
+def policy_from_mapping(data: Mapping[str, Any]) -> RolloutPolicy:
+    from agent.config import from_mapping
+
+    return from_mapping(RolloutPolicy, dict(data), source="rollout policy")
+
+
+def load_state(base: Path, channel: str) -> RolloutState:
+    path = state_path(base, channel)
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UsageError(
+            f"no rollout for channel {channel!r} ({path}); run rollout start"
+        ) from None
+    except ValueError:
+        raise RepositoryError(f"{path}: rollout state is not valid JSON") from None
+    try:
+        data["policy"] = policy_from_mapping(data["policy"])
+        return RolloutState(**data)
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise RepositoryError(f"{path}: rollout state is malformed ({exc})") from None
+
+
+def list_states(base: Path) -> list[RolloutState]:
+    folder = base / "rollouts"
+    if not folder.is_dir():
+        return []
+    return [load_state(base, p.stem) for p in sorted(folder.glob("*.json"))]
+
+
+def _save_state(base: Path, state: RolloutState) -> None:
+    write_atomic(state_path(base, state.channel), state.to_json())
+
+
+def _iso(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def channel_doc(state: RolloutState, now: datetime) -> dict[str, Any]:
+    """The signed channel document devices follow (CONTRACTS.md)."""
+    return {
+        "channel": state.channel,
+        "package": state.package,
+        "release": {
+            "version": state.version,
+            "target": state.target,
+            "release_counter": state.release_counter,
+        },
+        "rollout": {
+            "percent": state.percent,
+            "salt": state.salt,
+            "stage": state.stage,
+            "paused": state.paused,
+            "aborted": state.aborted,
+        },
+        "revert_versions": [state.version] if state.aborted else [],
+        "updated": _iso(now),
+    }
+
+
+def _record(state: RolloutState, now: datetime, action: str, reason: str, **numbers: Any) -> None:
+    entry = {
+        "time": _iso(now),
+        "action": action,
+        "reason": reason,
+        "stage": state.stage,
+        "percent": state.percent,
+        **numbers,
+    }
+    state.history.append(entry)
+    log.info(
+        "rollout %s %s %s: %s %s",
+        state.channel,
+        state.version,
+        action,
+        reason,
+        " ".join(f"{k}={v}" for k, v in numbers.items()),
+    )
+
+
+def _publish(
+    base: Path,
+    state: RolloutState,
+    keys: Sequence[OperatorKey],
+    now: datetime,
+    expiry: RepoExpiry | None,
+) -> None:
+    write_channel(base, channel_doc(state, now), keys, expiry=expiry, now=now)
+    _save_state(base, state)
+
+
+def start_rollout(
+    base: Path,
+    channel: str,
+    version: str,
+    keys: Sequence[OperatorKey],
+    policy: RolloutPolicy | None = None,
+    package: str | None = None,
+    salt: str | None = None,
+    now: datetime | None = None,
+    expiry: RepoExpiry | None = None,
+) -> RolloutState:
+    """Point a channel at a published release at the first stage, with a fresh salt."""
+    policy = policy or RolloutPolicy()
+    problem = policy.check()
+    if problem:
+        raise UsageError(f"rollout policy: {problem}")
+    now = now or utc_now()
+    check_channel_name(channel)
+    repo = load_repo(base)
+    current = read_channel(repo, channel)
+    name = package or (str(current["package"]) if current else None)
+    if name is None:
+        candidates = {p.name for p in published_packages(repo) if p.version == version}
+        if len(candidates) != 1:
+            raise UsageError(f"channel {channel!r} is new: say which package with --package")
+        name = candidates.pop()
+    if current is not None and current.get("package") != name:
+        raise UsageError(
+            f"package {name!r} does not match channel {channel!r}, which carries "
+            f"{current.get('package')!r}"
+        )
+    found = [p for p in published_packages(repo, name) if p.version == version]
+    if not found:
+        raise UsageError(f"{name} {version} is not published in {base}; run publish first")
+    pkg = found[0]
+    if current is not None:
+        cur_version = str(current.get("release", {}).get("version", "0.0.0"))
+        if semver_key(version) <= semver_key(cur_version):
+            raise UsageError(
+                f"channel {channel!r} already carries {name} {cur_version}; {version} is not newer"
+            )
+    state = RolloutState(
+        channel=channel,
+        package=name,
+        version=version,
+        target=pkg.target,
+        release_counter=pkg.release_counter,
+        salt=salt or secrets.token_hex(16),
+        policy=policy,
+        started=_iso(now),
+        stage_started=_iso(now),
+    )
+    _record(state, now, "start", "operator started the rollout")
+    _publish(base, state, keys, now, expiry)
+    return state
+
+
+def _active(base: Path, channel: str) -> RolloutState:
+    state = load_state(base, channel)
+    if state.aborted:
+        raise UsageError(f"rollout of {state.version} on {channel!r} was aborted")
+    if state.completed:
+        raise UsageError(f"rollout of {state.version} on {channel!r} is already complete")
+    return state
+
+
+def promote(
+    base: Path,
+    channel: str,
+    keys: Sequence[OperatorKey],
+    reason: str = "operator",
+    now: datetime | None = None,
+    expiry: RepoExpiry | None = None,
+    **numbers: Any,
+) -> RolloutState:
+    """Move to the next stage (or mark the last stage complete)."""
+    now = now or utc_now()
+    with _state_lock(base):
+        state = _active(base, channel)
+        if state.stage >= len(state.policy.stages_percent) - 1:
+            state.completed = True
+            _record(state, now, "complete", reason, **numbers)
+            _save_state(base, state)
+            return state
+        state.stage += 1
+        state.stage_started = _iso(now)
+        _record(state, now, "promote", reason, **numbers)
+        _publish(base, state, keys, now, expiry)
+        return state
+
+
+def set_paused(
+    base: Path,
+    channel: str,
+    paused: bool,
+    keys: Sequence[OperatorKey],
+    now: datetime | None = None,
+    expiry: RepoExpiry | None = None,
+) -> RolloutState:
+    now = now or utc_now()
+    with _state_lock(base):
+        state = _active(base, channel)
+        if state.paused == paused:
+            raise UsageError(
+                f"rollout on {channel!r} is already {'paused' if paused else 'running'}"
+            )
+        state.paused = paused
+        _record(state, now, "pause" if paused else "resume", "operator")
+        _publish(base, state, keys, now, expiry)
+        return state
+
+
+def abort(
+    base: Path,
+    channel: str,
+    keys: Sequence[OperatorKey],
+    reason: str = "operator",
+    now: datetime | None = None,
+    expiry: RepoExpiry | None = None,
+    **numbers: Any,
+) -> RolloutState:
+    """Stop the release: devices stop taking it and those on it revert to their previous one."""
+    now = now or utc_now()
+    with _state_lock(base):
+        state = _active(base, channel)
+        state.aborted = True
+        _record(state, now, "abort", reason, **numbers)
+        _publish(base, state, keys, now, expiry)
+        return state
+
+
+@contextmanager
+def _state_lock(base: Path) -> Iterator[None]:
+    """Serialize rollout state changes (write_channel takes the repository lock inside)."""
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base / ".rollout.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------
+# Counting device reports and running the controller
+# ---------------------------------------------------------------------------------------
+
+
+class ReportSource(Protocol):
+    """Where the controller reads device state from (the server's telemetry store)."""
+
+    def latest_states(self, package: str, version: str) -> Mapping[str, str]:
+        """device_id -> the newest ota.state for this package version."""
+
+    def known_devices(self) -> Iterable[str]:
+        """Every device id the server has heard from."""
+
+
+def count_reports(state: RolloutState, source: ReportSource) -> StageCounts:
+    states = source.latest_states(state.package, state.version)
+    committed = sum(1 for s in states.values() if s in SUCCESS_STATES)
+    failed = sum(1 for s in states.values() if s in FAILED_STATES)
+    members = sum(1 for d in source.known_devices() if is_member(d, state.salt, state.percent))
+    return StageCounts(committed, failed, len(states) - committed - failed, members)
+
+
+def evaluate(state: RolloutState, source: ReportSource, now: datetime) -> Decision:
+    elapsed = (now - _parse_iso(state.stage_started)).total_seconds()
+    return decide(
+        state.policy,
+        state.stage,
+        elapsed,
+        count_reports(state, source),
+        paused=state.paused,
+        aborted=state.aborted,
+        completed=state.completed,
+    )
+
+
+def run_controller_once(
+    base: Path,
+    source: ReportSource,
+    keys: Sequence[OperatorKey],
+    now: datetime | None = None,
+    expiry: RepoExpiry | None = None,
+) -> list[Decision]:
+    """One scheduled pass over every channel's rollout; applies promote/abort/complete."""
+    now = now or utc_now()
+    decisions = []
+    for state in list_states(base):
+        decision = evaluate(state, source, now)
+        decisions.append(decision)
+        numbers = {
+            "committed": decision.committed,
+            "failed": decision.failed,
+            "reports": decision.reports,
+            "required": decision.required_reports,
+            "failure_rate": round(decision.failure_rate, 4),
+        }
+        if decision.action in ("wait", "hold", "none"):
+            log.debug("rollout %s %s %s", state.channel, state.version, decision.describe())
+            continue
+        log.info("rollout %s %s %s", state.channel, state.version, decision.describe())
+        if decision.action == "abort":
+            abort(
+                base, state.channel, keys, reason=decision.reason, now=now, expiry=expiry, **numbers
+            )
+        else:
+            promote(
+                base, state.channel, keys, reason=decision.reason, now=now, expiry=expiry, **numbers
+            )
+    return decisions
