@@ -1,0 +1,246 @@
+"""Golden sets and gate models: load and check the .npy files, resolve MODEL to a file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import GoldenSetError, ModelError
+from agent.runtime.base import file_sha256
+from agent.textio import load_npy
+
+GOLDEN_FILES = ("inputs.npy", "labels.npy", "slices.npy", "reference.npy")
+# Segmentation labels may mark pixels to ignore with this value (the common convention).
+SEGMENTATION_IGNORE = 255
+RUNTIME_TO_BACKEND = {
+    "onnx": "onnx",
+    "tflite": "litert",
+    "litert": "litert",
+    "tensorrt": "tensorrt",
+}
+# Operator names that only occur in integer-quantized ONNX graphs; they appear verbatim in
+# the protobuf bytes, so no onnx package is needed on the device to find them.
+ONNX_INT8_MARKERS = (
+    b"QuantizeLinear",
+    b"QLinearConv",
+    b"QLinearMatMul",
+    b"MatMulInteger",
+    b"ConvInteger",
+)
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """The device's golden set: float32 inputs, integer labels, optional slices and reference."""
+
+    path: Path
+    inputs: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.int64]
+    slices: npt.NDArray[Any] | None
+    reference: npt.NDArray[np.float32] | None
+    sha256: str
+
+    @property
+    def rows(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def task(self) -> str:
+        return "segmentation" if self.labels.ndim == 3 else "classification"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "rows": self.rows,
+            "input_shape": list(self.inputs.shape[1:]),
+            "task": self.task,
+            "slices": self.slices is not None,
+            "reference": self.reference is not None,
+            "sha256": self.sha256,
+        }
+
+
+def golden_set_sha256(golden_dir: Path) -> str:
+    """One hash over the golden files that exist (name and bytes), for the baseline cache."""
+    digest = hashlib.sha256()
+    for name in GOLDEN_FILES:
+        path = golden_dir / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + file_sha256(path).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def load_golden_set(golden_dir: Path) -> GoldenSet:
+    """Load and check a golden set folder; every problem is a GoldenSetError naming the file."""
+    if not golden_dir.is_dir():
+        raise GoldenSetError(f"{golden_dir}: golden set folder not found")
+    inputs_path = golden_dir / "inputs.npy"
+    labels_path = golden_dir / "labels.npy"
+    for required in (inputs_path, labels_path):
+        if not required.is_file():
+            raise GoldenSetError(
+                f"{required}: missing (a golden set needs inputs.npy and labels.npy)"
+            )
+    inputs = load_npy(inputs_path)
+    labels = load_npy(labels_path)
+    if inputs.dtype != np.float32:
+        raise GoldenSetError(
+            f"{inputs_path}: dtype {inputs.dtype}, expected float32 in the model's float domain"
+        )
+    if inputs.ndim < 2:
+        raise GoldenSetError(f"{inputs_path}: shape {inputs.shape}, expected [N, ...] rows")
+    if len(inputs) == 0:
+        raise GoldenSetError(f"{inputs_path}: the golden set is empty")
+    bad = ~np.isfinite(inputs)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise GoldenSetError(f"{inputs_path}: NaN or infinite value (first in row {row})")
+    if labels.dtype.kind not in "iu":
+        raise GoldenSetError(f"{labels_path}: dtype {labels.dtype}, expected integer class ids")
+    if labels.ndim not in (1, 3):
+        raise GoldenSetError(
+            f"{labels_path}: shape {labels.shape}, expected [N] class ids or [N,H,W] masks"
+        )
+    if len(labels) != len(inputs):
+        raise GoldenSetError(
+            f"{labels_path}: {len(labels)} labels for {len(inputs)} inputs (lengths differ)"
+        )
+    if labels.min() < 0:
+        raise GoldenSetError(f"{labels_path}: negative label {int(labels.min())}")
+    slices = _optional(golden_dir / "slices.npy", len(inputs))
+    if slices is not None and (slices.ndim != 1 or slices.dtype.kind not in "iuU"):
+        raise GoldenSetError(
+            f"{golden_dir / 'slices.npy'}: expected one integer or string id per row, "
+            f"got dtype {slices.dtype} shape {slices.shape}"
+        )
+    reference = _optional(golden_dir / "reference.npy", len(inputs))
+    if reference is not None:
+        if reference.dtype.kind != "f" or not np.isfinite(reference).all():
+            raise GoldenSetError(
+                f"{golden_dir / 'reference.npy'}: expected finite float outputs, one row per input"
+            )
+        reference = reference.astype(np.float32)
+    return GoldenSet(
+        path=golden_dir,
+        inputs=inputs,
+        labels=labels.astype(np.int64),
+        slices=slices,
+        reference=reference,
+        sha256=golden_set_sha256(golden_dir),
+    )
+
+
+def _optional(path: Path, rows: int) -> npt.NDArray[Any] | None:
+    if not path.is_file():
+        return None
+    arr = load_npy(path)
+    if len(arr) != rows:
+        raise GoldenSetError(f"{path}: {len(arr)} rows for {rows} inputs (lengths differ)")
+    return arr
+
+
+def check_labels_fit(golden: GoldenSet, num_classes: int) -> None:
+    """Refuse labels that the model's output cannot name (class id >= number of outputs)."""
+    labels = golden.labels
+    if golden.task == "segmentation":
+        labels = labels[labels != SEGMENTATION_IGNORE]
+    top = int(labels.max()) if labels.size else 0
+    if top >= num_classes:
+        raise GoldenSetError(
+            f"{golden.path / 'labels.npy'}: label {top} is out of range for a model "
+            f"with {num_classes} classes"
+        )
+
+
+@dataclass(frozen=True)
+class GateModel:
+    """A model to gate: its file, how to run it, and what its package says about it."""
+
+    model_path: Path
+    backend: str
+    precision: str
+    manifest: dict[str, Any] | None
+
+    @property
+    def package_gate(self) -> dict[str, Any] | None:
+        gate = (self.manifest or {}).get("gate")
+        return dict(gate) if isinstance(gate, dict) else None
+
+    @property
+    def labels(self) -> list[str] | None:
+        labels = (self.manifest or {}).get("labels")
+        return [str(v) for v in labels] if isinstance(labels, list) else None
+
+    @property
+    def label(self) -> str:
+        if self.manifest:
+            return f"{self.manifest.get('name', '?')}-{self.manifest.get('version', '?')}"
+        return self.model_path.name
+
+
+def _read_manifest(package_dir: Path) -> dict[str, Any]:
+    try:
+        from agent.package import load_installed  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        load_installed = None
+    if load_installed is not None:
+        manifest = load_installed(package_dir)
+        raw = getattr(manifest, "raw", None) or getattr(manifest, "data", None)
+        if isinstance(raw, dict):
+            return raw
+    # Plain JSON: the package was verified when it was installed, this only reads it back.
+    path = package_dir / "manifest.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(
+            f"{package_dir}: neither a model file nor a package (no manifest.json)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read the manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: the manifest is not a JSON object")
+    return data
+
+
+def onnx_precision(path: Path) -> str:
+    """'int8' when the ONNX graph holds quantized operators, else 'fp32'."""
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror})") from None
+    return "int8" if any(marker in blob for marker in ONNX_INT8_MARKERS) else "fp32"
+
+
+def resolve_model(source: Path, backend: str = "auto") -> GateModel:
+    """A model file or an installed package directory, as something the gate can load."""
+    if source.is_dir():
+        manifest = _read_manifest(source)
+        runtime = manifest.get("runtime")
+        if not isinstance(runtime, dict) or not isinstance(runtime.get("model"), str):
+            raise ModelError(f"{source / 'manifest.json'}: runtime.model is missing")
+        model_path = (source / runtime["model"]).resolve()
+        if source.resolve() not in model_path.parents:
+            raise ModelError(f"{source / 'manifest.json'}: runtime.model leaves the package")
+        if not model_path.is_file():
+            raise ModelError(f"{model_path}: model file named by the manifest is missing")
+        kind = str(runtime.get("kind", ""))
+        chosen = backend if backend != "auto" else RUNTIME_TO_BACKEND.get(kind, "auto")
+        precision = str(runtime.get("precision") or _file_precision(model_path))
+        return GateModel(model_path, chosen, precision, manifest)
+    if not source.is_file():
+        raise ModelError(f"{source}: model file or package directory not found")
+    return GateModel(source, backend, _file_precision(source), None)
+
+
+def _file_precision(path: Path) -> str:
+    if path.suffix.lower() == ".onnx":
+        return onnx_precision(path)
+    # TFLite and engines: the loaded model's tensor specs decide (see golden.run_gate).
+    return "unknown"

@@ -1,0 +1,166 @@
+"""Pure classification metrics the golden gate compares: accuracy, F1, ECE, agreement, drift."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+ECE_BINS = 15
+# Probabilities are clipped to this before a log so an exact zero does not give inf.
+PROB_EPS = 1e-12
+
+
+def as_probabilities(outputs: npt.NDArray[Any]) -> FloatArray:
+    """Softmax of logits, or the outputs as they are when every row already sums to one."""
+    x = np.asarray(outputs, dtype=np.float64)
+    if np.all(x >= 0.0) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        probs: FloatArray = x / x.sum(axis=1, keepdims=True)
+        return probs
+    shifted = x - x.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    out: FloatArray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def confusion_matrix(labels: IntArray, predicted: IntArray, num_classes: int) -> IntArray:
+    """Rows are true classes, columns predicted classes (the scikit-learn layout)."""
+    flat = labels.astype(np.int64) * num_classes + predicted.astype(np.int64)
+    counts = np.bincount(flat, minlength=num_classes * num_classes)
+    out: IntArray = counts.reshape(num_classes, num_classes).astype(np.int64)
+    return out
+
+
+def accuracy(labels: IntArray, predicted: IntArray) -> float:
+    return float(np.mean(labels == predicted)) if len(labels) else 0.0
+
+
+def precision_recall_f1(
+    confusion: IntArray,
+) -> tuple[FloatArray, FloatArray, FloatArray, IntArray]:
+    """Per-class precision, recall, F1 and support; 0 where a ratio has no denominator."""
+    tp = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0).astype(np.float64)
+    support = confusion.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        denom = precision + recall
+        f1 = np.where(denom > 0, 2 * precision * recall / denom, 0.0)
+    return precision, recall, f1, support.astype(np.int64)
+
+
+def macro_f1(confusion: IntArray) -> float:
+    """Mean F1 over the classes that occur in the labels or the predictions (as scikit-learn)."""
+    _, _, f1, support = precision_recall_f1(confusion)
+    present = (support > 0) | (confusion.sum(axis=0) > 0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def expected_calibration_error(probs: FloatArray, labels: IntArray, bins: int = ECE_BINS) -> float:
+    """ECE over equal-width confidence bins (lo, hi]: sum of |accuracy - confidence| * share."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; a confidence of exactly 0 joins bin 0.
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    conf_sum = np.bincount(index, weights=confidence, minlength=bins)
+    correct_sum = np.bincount(index, weights=correct, minlength=bins)
+    return float(np.abs(correct_sum - conf_sum).sum() / max(1, len(labels)))
+
+
+def top1_agreement(probs_a: FloatArray, probs_b: FloatArray) -> float:
+    return float(np.mean(probs_a.argmax(axis=1) == probs_b.argmax(axis=1)))
+
+
+def probability_mse(probs_a: FloatArray, probs_b: FloatArray) -> float:
+    """Mean over rows and classes of the squared softmax-probability difference."""
+    return float(np.mean((probs_a - probs_b) ** 2))
+
+
+def kl_divergence(probs_ref: FloatArray, probs_new: FloatArray) -> float:
+    """Mean over rows of KL(ref || new) in nats."""
+    p = np.clip(probs_ref, PROB_EPS, 1.0)
+    q = np.clip(probs_new, PROB_EPS, 1.0)
+    return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+
+
+def row_cosine(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> FloatArray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (1.0 for two zeros)."""
+    a64 = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b64 = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    dot = np.sum(a64 * b64, axis=1)
+    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(norms > 0, dot / norms, np.where(dot == 0, 1.0, 0.0))
+    out: FloatArray = cos.astype(np.float64)
+    return out
+
+
+def per_slice_accuracy(
+    labels: IntArray, predicted: IntArray, slices: npt.NDArray[Any]
+) -> dict[str, dict[str, float]]:
+    """Accuracy and row count per slice id (ids shown as strings for the JSON report)."""
+    out: dict[str, dict[str, float]] = {}
+    for slice_id in sorted(set(slices.tolist()), key=str):
+        mask = slices == slice_id
+        out[str(slice_id)] = {
+            "rows": int(mask.sum()),
+            "accuracy": accuracy(labels[mask], predicted[mask]),
+        }
+    return out
+
+
+def classification_metrics(
+    outputs: npt.NDArray[Any],
+    labels: IntArray,
+    slices: npt.NDArray[Any] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Every single-model metric of one model's outputs over the golden set, as plain data."""
+    num_classes = int(outputs.shape[1])
+    probs = as_probabilities(outputs)
+    predicted = probs.argmax(axis=1).astype(np.int64)
+    cm = confusion_matrix(labels, predicted, num_classes)
+    precision, recall, f1, support = precision_recall_f1(cm)
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    out: dict[str, Any] = {
+        "rows": len(labels),
+        "accuracy": accuracy(labels, predicted),
+        "macro_f1": macro_f1(cm),
+        "ece": expected_calibration_error(probs, labels),
+        "per_class": [
+            {
+                "class": names[i] if i < len(names) else str(i),
+                "support": int(support[i]),
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+            }
+            for i in range(num_classes)
+        ],
+        "confusion_matrix": cm.tolist(),
+    }
+    if slices is not None:
+        out["per_slice"] = per_slice_accuracy(labels, predicted, slices)
+    return out
+
+
+def agreement_metrics(
+    baseline_outputs: npt.NDArray[Any], candidate_outputs: npt.NDArray[Any]
+) -> dict[str, float]:
+    """How close the candidate's outputs are to the baseline's, row by row."""
+    pb = as_probabilities(baseline_outputs)
+    pc = as_probabilities(candidate_outputs)
+    cos = row_cosine(baseline_outputs, candidate_outputs)
+    return {
+        "top1_agreement": top1_agreement(pb, pc),
+        "prob_mse": probability_mse(pb, pc),
+        "kl_divergence": kl_divergence(pb, pc),
+        "logit_cosine": float(cos.mean()),
+        "logit_cosine_min": float(cos.min()),
+    }

@@ -1,0 +1,132 @@
+"""Gate thresholds: the device policy gives them, a package may only tighten them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import from_mapping, load_yaml_file
+from agent.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Guard rails of DESIGN §7; defaults are the device's when policy.yaml leaves a key out."""
+
+    accuracy_drop_max_pp: float = 0.3
+    f1_drop_max_pp: float = 0.5
+    ece_increase_max: float = 0.02
+    agreement_min: float = 0.98
+    prob_mse_max: float = 0.001
+    logit_cosine_min: float = 0.999
+    class_recall_drop_max_pp: float = 2.0
+    latency_p95_ratio_max: float = 1.2
+    latency_p95_slack_ms: float = 0.5
+    memory_added_max_mb: float = 256.0
+    map_drop_max_pp: float = 0.5
+    miou_drop_max_pp: float = 0.5
+
+    def check(self) -> str | None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not math.isfinite(value) or value < 0:
+                return f"{f.name}: must be a finite number >= 0, got {value}"
+        if self.agreement_min > 1:
+            return f"agreement_min: must be at most 1, got {self.agreement_min}"
+        if self.logit_cosine_min > 1:
+            return f"logit_cosine_min: must be at most 1, got {self.logit_cosine_min}"
+        if self.latency_p95_ratio_max <= 0:
+            return "latency_p95_ratio_max: must be above 0"
+        return None
+
+    def to_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# Raising these makes the gate stricter; every other threshold is tightened by lowering it.
+RAISE_TO_TIGHTEN = frozenset({"agreement_min", "logit_cosine_min"})
+THRESHOLD_NAMES = tuple(f.name for f in dataclasses.fields(GatePolicy))
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    """One key of a package's ``gate``: applied (tighter or equal) or ignored, and why."""
+
+    key: str
+    requested: Any
+    device_value: float | None
+    applied: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_policy(path: Path) -> GatePolicy:
+    """Read a policy.yaml; an unknown key or a bad value is a ConfigError naming it."""
+    return from_mapping(GatePolicy, load_yaml_file(path), source=str(path))
+
+
+def policy_from_mapping(data: Mapping[str, Any] | None, source: str = "<policy>") -> GatePolicy:
+    return from_mapping(GatePolicy, dict(data) if data is not None else None, source=source)
+
+
+def is_tighter_or_equal(key: str, device_value: float, requested: float) -> bool:
+    if key in RAISE_TO_TIGHTEN:
+        return requested >= device_value
+    return requested <= device_value
+
+
+def apply_package_gate(
+    policy: GatePolicy, package_gate: Mapping[str, Any] | None
+) -> tuple[GatePolicy, list[PolicyChange]]:
+    """Tighten ``policy`` with a package's ``gate``; a loosening, unknown or malformed key is
+    ignored (the device keeps its value) and listed, so the report shows the attempt."""
+    if not package_gate:
+        return policy, []
+    changes: list[PolicyChange] = []
+    updates: dict[str, float] = {}
+    for key, requested in package_gate.items():
+        device_value = float(getattr(policy, key)) if key in THRESHOLD_NAMES else None
+        if device_value is None:
+            changes.append(PolicyChange(str(key), requested, None, False, "unknown threshold"))
+            continue
+        if (
+            isinstance(requested, bool)
+            or not isinstance(requested, (int, float))
+            or not math.isfinite(requested)
+        ):
+            changes.append(PolicyChange(key, requested, device_value, False, "not a finite number"))
+            continue
+        if is_tighter_or_equal(key, device_value, float(requested)):
+            updates[key] = float(requested)
+            changes.append(PolicyChange(key, requested, device_value, True, "tightened"))
+        else:
+            changes.append(
+                PolicyChange(
+                    key,
+                    requested,
+                    device_value,
+                    False,
+                    "would loosen the device policy; a package may only tighten",
+                )
+            )
+    try:
+        tightened = dataclasses.replace(policy, **updates)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - values checked above
+        raise ConfigError(f"package gate: {exc}") from None
+    problem = tightened.check()
+    if problem:
+        # A tighter value can still be out of range (agreement_min 1.5); keep the device's.
+        bad = problem.split(":", 1)[0]
+        changes = [
+            dataclasses.replace(c, applied=False, reason=problem) if c.key == bad else c
+            for c in changes
+        ]
+        updates.pop(bad, None)
+        tightened = dataclasses.replace(policy, **updates)
+    return tightened, changes
