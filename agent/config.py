@@ -393,10 +393,28 @@ class TelemetryConfig:
     batch_max_rows: int = 500
     batch_max_bytes: int = 512 << 10
     bandwidth_bytes_per_s: int = 0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    # Whole-request deadline: a server trickling a byte a second never trips read_timeout_s.
+    request_deadline_s: float = 30.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    queue_max: int = 10000
+    flush_interval_s: float = 0.5
 
     def check(self) -> str | None:
         if not 0.0 <= self.sample_rate <= 1.0:
             return "sample_rate: must be between 0 and 1"
+        if self.max_bytes < 1 << 20:
+            return "max_bytes: must be at least 1048576 (1 MiB)"
+        if self.batch_max_rows < 1 or self.batch_max_bytes < 1024:
+            return "batch_max_rows / batch_max_bytes: must be at least 1 row and 1024 bytes"
+        if self.queue_max < 100:
+            return "queue_max: must be at least 100"
+        if min(self.summary_interval_s, self.upload_interval_s, self.flush_interval_s) <= 0:
+            return "summary_interval_s, upload_interval_s, flush_interval_s: must be positive"
+        if self.bandwidth_bytes_per_s < 0:
+            return "bandwidth_bytes_per_s: must not be negative (0 means no cap)"
         return None
 
 
@@ -416,6 +434,12 @@ class OTAConfig:
     probation_s: float = 60.0
     crash_loop_limit: int = 3
     hardware_class: str = "generic"
+    # Transport limits for TUF metadata and package downloads.
+    proxy_url: str | None = None
+    min_bytes_per_s: float = 1024.0
+    download_deadline_s: float = 900.0
+    # Free space kept untouched beyond what a download needs (logs, SQLite WAL).
+    reserve_free_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)

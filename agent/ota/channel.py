@@ -1,0 +1,244 @@
+"""Channel client: TUF-verified channel documents, TUF version high-water marks, trusted clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_exceptions
+from tuf.ngclient.updater import Updater
+
+from agent.errors import DowngradeError, FetchError, RepositoryError, StateError
+from agent.ota.download import TargetRef
+from agent.ota.fetch import HttpFetcher, TufFetcher
+from agent.ota.journal import Journal
+
+log = logging.getLogger(__name__)
+
+MAX_CHANNEL_BYTES = 64 << 10
+LKG_MARK = "clock.last_known_good_s"
+TUF_ROLES = ("root", "timestamp", "snapshot", "targets")
+
+
+@dataclass(frozen=True)
+class ChannelDocument:
+    """``channels/<name>.json``: which release a channel offers and to how much of the fleet."""
+
+    channel: str
+    package: str
+    version: str
+    target: str
+    release_counter: int
+    percent: float
+    salt: str
+    stage: int = 0
+    paused: bool = False
+    aborted: bool = False
+    revert_versions: tuple[str, ...] = ()
+    updated: str = ""
+    # sha256 of the exact document bytes: refusals are kept until this changes
+    fingerprint: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> ChannelDocument:
+        """Parse and type-check a channel document; RepositoryError names the bad field."""
+        if len(data) > MAX_CHANNEL_BYTES:
+            raise RepositoryError(f"{where}: channel document over {MAX_CHANNEL_BYTES} bytes")
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RepositoryError(f"{where}: channel document is not JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise RepositoryError(f"{where}: channel document must be a JSON object")
+        release = _field(doc, "release", dict, where)
+        rollout = _field(doc, "rollout", dict, where)
+        reverts = doc.get("revert_versions", [])
+        if not isinstance(reverts, list) or not all(isinstance(v, str) for v in reverts):
+            raise RepositoryError(f"{where}: revert_versions must be a list of strings")
+        percent = _field(rollout, "percent", (int, float), where, "rollout.")
+        if not 0 <= float(percent) <= 100:
+            raise RepositoryError(f"{where}: rollout.percent must be within 0..100")
+        target = _field(release, "target", str, where, "release.")
+        if not target.startswith("packages/"):
+            raise RepositoryError(f"{where}: release.target must be under packages/")
+        return cls(
+            channel=_field(doc, "channel", str, where),
+            package=_field(doc, "package", str, where),
+            version=_field(release, "version", str, where, "release."),
+            target=target,
+            release_counter=int(_field(release, "release_counter", int, where, "release.")),
+            percent=float(percent),
+            salt=_field(rollout, "salt", str, where, "rollout."),
+            stage=int(rollout.get("stage", 0)),
+            paused=bool(rollout.get("paused", False)),
+            aborted=bool(rollout.get("aborted", False)),
+            revert_versions=tuple(reverts),
+            updated=str(doc.get("updated", "")),
+            fingerprint=hashlib.sha256(data).hexdigest(),
+            raw=doc,
+        )
+
+    def updated_epoch_s(self) -> float | None:
+        try:
+            when = dt.datetime.fromisoformat(self.updated.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        return when.timestamp()
+
+
+def _field(doc: Mapping[str, Any], key: str, kind: Any, where: str, prefix: str = "") -> Any:
+    if key not in doc:
+        raise RepositoryError(f"{where}: channel document lacks {prefix}{key}")
+    value = doc[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise RepositoryError(f"{where}: {prefix}{key} has the wrong type")
+    return value
+
+
+class LastKnownGoodClock:
+    """Wall time that never goes backwards: the later of the system clock and the best seen.
+
+    A Raspberry Pi has no RTC and boots with a stale clock; expiry is judged against this.
+    The mark lives in the journal's fsynced high-water marks.
+    """
+
+    def __init__(self, journal: Journal, system_clock: Callable[[], float] = time.time) -> None:
+        self._journal = journal
+        self._system_clock = system_clock
+
+    def now_s(self) -> float:
+        return max(float(self._journal.mark(LKG_MARK)), self._system_clock())
+
+    def advance(self, seen_s: float) -> None:
+        """Raise the mark to ``seen_s`` (a trusted time) if that is later."""
+        if seen_s > self._journal.mark(LKG_MARK):
+            self._journal.raise_mark(LKG_MARK, int(seen_s))
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """A verified channel document and the package target it names."""
+
+    document: ChannelDocument
+    package: TargetRef
+    tuf_versions: Mapping[str, int]
+
+
+class ChannelClient:
+    """Refreshes TUF metadata from ``repository_url`` and reads one channel's document."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        repository_url: str,
+        journal: Journal,
+        http: HttpFetcher | None = None,
+        clock: LastKnownGoodClock | None = None,
+    ) -> None:
+        self.metadata_dir = state_dir / "tuf"
+        self.staging_dir = state_dir / "staging"
+        self.base_url = repository_url.rstrip("/")
+        self.journal = journal
+        self.http = http or HttpFetcher()
+        self.clock = clock or LastKnownGoodClock(journal)
+
+    def fetch_channel(self, channel: str) -> ChannelState:
+        """Refresh TUF, verify ``channels/<channel>.json`` and look up its package target.
+
+        Raises RepositoryError for bad, expired or replayed metadata, FetchError when the
+        repository cannot be reached.
+        """
+        if not (self.metadata_dir / "root.json").exists():
+            raise StateError(
+                f"{self.metadata_dir}/root.json: no trusted TUF root (run edge-agent provision)"
+            )
+        self.clock.advance(time.time())
+        try:
+            updater = Updater(
+                metadata_dir=str(self.metadata_dir),
+                metadata_base_url=f"{self.base_url}/metadata/",
+                target_dir=str(self.staging_dir),
+                target_base_url=f"{self.base_url}/targets/",
+                fetcher=TufFetcher(self.http),
+                bootstrap=None,
+            )
+            # Expiry is judged against the last-known-good time, not a stale boot clock.
+            updater._trusted_set.reference_time = dt.datetime.fromtimestamp(
+                self.clock.now_s(), dt.timezone.utc
+            )
+            updater.refresh()
+            versions = self._check_marks(updater)
+            channel_path = f"channels/{channel}.json"
+            info = updater.get_targetinfo(channel_path)
+            if info is None:
+                raise RepositoryError(f"{self.base_url}: no signed target {channel_path}")
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            dest = self.staging_dir / f"channel-{channel}.json"
+            updater.download_target(info, filepath=str(dest))
+            data = dest.read_bytes()
+            doc = ChannelDocument.parse(data, f"{self.base_url}/targets/{channel_path}")
+            if doc.channel != channel:
+                raise RepositoryError(
+                    f"{channel_path}: document is for channel {doc.channel!r}, not {channel!r}"
+                )
+            pkg = updater.get_targetinfo(doc.target)
+            if pkg is None:
+                raise RepositoryError(f"{channel_path}: names {doc.target}, which is not signed")
+            sha = pkg.hashes.get("sha256")
+            if not sha:
+                raise RepositoryError(f"{doc.target}: target has no sha256 hash")
+            url_path = doc.target
+            if updater._trusted_set.root.consistent_snapshot:
+                dirname, sep, base = doc.target.rpartition("/")
+                url_path = f"{dirname}{sep}{sha}.{base}"
+            ref = TargetRef(
+                url=f"{self.base_url}/targets/{url_path}",
+                length=int(pkg.length),
+                sha256=sha,
+                filename=doc.target.rpartition("/")[2],
+            )
+        except tuf_exceptions.ExpiredMetadataError as exc:
+            raise RepositoryError(f"{self.base_url}: expired TUF metadata ({exc})") from None
+        except tuf_exceptions.BadVersionNumberError as exc:
+            raise RepositoryError(
+                f"{self.base_url}: replayed or frozen TUF metadata ({exc})"
+            ) from None
+        except tuf_exceptions.RepositoryError as exc:
+            raise RepositoryError(f"{self.base_url}: TUF metadata refused ({exc})") from None
+        except tuf_exceptions.DownloadError as exc:
+            raise FetchError(f"{self.base_url}: cannot fetch TUF metadata ({exc})") from None
+        except OSError as exc:
+            raise StateError(f"{self.metadata_dir}: cannot store TUF metadata ({exc})") from None
+        seen = doc.updated_epoch_s()
+        if seen is not None:
+            # The rollout role signed this time, so the clock may trust it as a floor.
+            self.clock.advance(min(seen, self.clock.now_s() + 366 * 86400))
+        return ChannelState(document=doc, package=ref, tuf_versions=versions)
+
+    def _check_marks(self, updater: Updater) -> dict[str, int]:
+        trusted = updater._trusted_set
+        versions = {
+            "root": int(trusted.root.version),
+            "timestamp": int(trusted.timestamp.version),
+            "snapshot": int(trusted.snapshot.version),
+            "targets": int(trusted.targets.version),
+        }
+        for role, version in versions.items():
+            try:
+                self.journal.raise_mark(f"tuf.{role}", version)
+            except DowngradeError:
+                raise RepositoryError(
+                    f"{self.base_url}: {role} metadata version {version} is below the "
+                    f"{self.journal.mark(f'tuf.{role}')} this device already trusted (replay)"
+                ) from None
+        return versions

@@ -1,0 +1,701 @@
+"""OTAService: check, download, verify, gate, activate, probation and rollback, journaled."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig, PreprocessConfig
+from agent.errors import (
+    DowngradeError,
+    EdgeAgentError,
+    FetchError,
+    GateFailedError,
+    ModelError,
+    OTAError,
+    RefusedError,
+    RepositoryError,
+    StateError,
+)
+from agent.ota import install
+from agent.ota.channel import ChannelClient, ChannelDocument, LastKnownGoodClock
+from agent.ota.download import TargetRef, download_target
+from agent.ota.fetch import FetchLimits, HttpFetcher
+from agent.ota.journal import Journal, JournalEntry
+from agent.ota.killpoint import kill_point
+from agent.ota.membership import in_rollout, poll_delay_s, rollout_bucket
+from agent.ota.probation import (
+    Baseline,
+    ProbationPolicy,
+    ProbationResult,
+    ProbationWatch,
+    Verdict,
+    crash_loop_tripped,
+)
+from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
+from agent.runtime import load_backend
+from agent.runtime.base import Backend
+
+log = logging.getLogger(__name__)
+
+LAST_GATE_REPORT = "last_gate_report"
+RUNTIME_BACKEND = {"onnx": "onnx", "tflite": "litert", "tensorrt": "tensorrt"}
+STAGING_EXTRACT_PREFIX = "extract-"
+
+
+@dataclass(frozen=True)
+class ExtractedPackage:
+    """A package whose signatures, files and hashes were checked, extracted under staging/."""
+
+    root: Path
+    manifest: Mapping[str, Any]
+    model_path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def release_counter(self) -> int:
+        return int(self.manifest.get("release_counter", 0))
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    passed: bool
+    report: Mapping[str, Any]
+    reason: str = ""
+
+
+# The edges that belong to other parts; injectable so tests and tools can swap them.
+PackageReader = Callable[[Path, Path, Path], ExtractedPackage]
+GateRunner = Callable[[Path, Path, Mapping[str, Any]], GateOutcome]
+BackendLoader = Callable[[Path, Mapping[str, Any]], Backend]
+
+
+def read_package_default(tar_path: Path, keyring_dir: Path, staging_dir: Path) -> ExtractedPackage:
+    """Verify + extract with the package reader (agent.package), compat checked here."""
+    # The package area's reader; imported here so OTA imports stay light.
+    pkg: Any = importlib.import_module("agent.package")
+
+    keyring = pkg.Keyring.load(keyring_dir)
+    verified = pkg.read_package(tar_path, keyring, staging_dir)
+    root = Path(verified.root)
+    manifest = json.loads((root / "manifest.json").read_bytes())
+    from agent.runtime import installed_runtimes
+
+    pkg.check_compat(verified.manifest, __version__, None, installed_runtimes())
+    return ExtractedPackage(root=root, manifest=manifest, model_path=Path(verified.model_path))
+
+
+def run_gate_default(
+    baseline: Path, candidate: Path, manifest: Mapping[str, Any], golden_dir: Path | None = None
+) -> GateOutcome:
+    """The golden-set gate (agent.ota.golden) on this device's golden set."""
+    from agent.ota import golden
+
+    if golden_dir is None:
+        raise StateError("OTA: no golden set configured (ota.golden_dir)")
+    report = golden.run_gate(baseline, candidate, golden_dir, package_gate=manifest.get("gate"))
+    data = report.to_dict()
+    failed = [str(c) for c in data.get("failed", [])] if isinstance(data, dict) else []
+    reason = "gate passed" if report.passed else f"gate failed: {', '.join(failed) or 'see report'}"
+    return GateOutcome(passed=bool(report.passed), report=data, reason=reason)
+
+
+def load_package_backend(package_dir: Path, manifest: Mapping[str, Any]) -> Backend:
+    """Load the model of an installed/extracted package with the runtime its manifest names."""
+    runtime = manifest.get("runtime", {})
+    kind = str(runtime.get("kind", "onnx"))
+    model = package_dir / str(runtime.get("model", "model.onnx"))
+    return load_backend(model, RUNTIME_BACKEND.get(kind, "auto"))
+
+
+def preprocess_from_manifest(manifest: Mapping[str, Any]) -> PreprocessConfig:
+    pre = manifest.get("preprocess") or {}
+    known = {"resize", "layout", "color_order", "mean", "std", "scale"}
+    values: dict[str, Any] = {}
+    for key, value in pre.items():
+        if key in known:
+            values[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return PreprocessConfig(**values)
+    except TypeError:
+        return PreprocessConfig()
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What a channel check decided."""
+
+    take: bool
+    reason: str
+    document: ChannelDocument | None = None
+    bucket: int | None = None
+    package_ref: TargetRef | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = self.document
+        return {
+            "take": self.take,
+            "reason": self.reason,
+            "channel": doc.channel if doc else None,
+            "version": doc.version if doc else None,
+            "percent": doc.percent if doc else None,
+            "bucket": self.bucket,
+        }
+
+
+@dataclass
+class OTAService:
+    """The device side of OTA; one per state directory.
+
+    ``slot`` (a ModelSlot) is set when a daemon runs: activation then loads and warms the
+    new model beside the live one and swaps it between two frames.
+    """
+
+    config: AgentConfig
+    recorder: Any = None
+    slot: Any = None
+    read_package: PackageReader = read_package_default
+    gate: GateRunner | None = None
+    load_model: BackendLoader = load_package_backend
+    system_clock: Callable[[], float] = time.time
+    probation_policy: ProbationPolicy | None = None
+    _watch: ProbationWatch | None = field(default=None, init=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+
+    def __post_init__(self) -> None:
+        self.state_dir = self.config.state_dir
+        self.staging_dir = self.state_dir / "staging"
+        self.journal = Journal(self.state_dir / "state.db")
+        ota = self.config.ota
+        if self.probation_policy is None:
+            self.probation_policy = ProbationPolicy(
+                min_frames=ota.probation_frames, min_s=ota.probation_s
+            )
+
+    def close(self) -> None:
+        self.journal.close()
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, entry: JournalEntry) -> None:
+        attrs = {
+            "state": entry.state.value,
+            "package": entry.package,
+            "version": entry.version,
+            "from_version": entry.from_version,
+            "reason": entry.reason,
+            "channel": entry.channel,
+        }
+        log.info("OTA %s %s %s: %s", entry.state.value, entry.package, entry.version, entry.reason)
+        if self.recorder is not None:
+            try:
+                self.recorder.event("ota.state", attrs)
+            except Exception as exc:  # telemetry must never stop an update
+                log.warning("telemetry event failed: %s", exc)
+
+    def _enter(self, state: OTAState, **kwargs: Any) -> JournalEntry:
+        entry = self.journal.enter(state, **kwargs)
+        self._emit(entry)
+        return entry
+
+    # ------------------------------------------------------------------ queries
+
+    def device_id(self) -> str:
+        if self.config.device_id:
+            return self.config.device_id
+        path = self.state_dir / "device_id"
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError:
+            raise StateError(f"{path}: no device id (run edge-agent provision)") from None
+
+    def current_manifest(self, which: str = install.CURRENT) -> Mapping[str, Any] | None:
+        pkg_dir = install.resolve(self.state_dir, which)
+        if pkg_dir is None:
+            return None
+        try:
+            data: Mapping[str, Any] = json.loads((pkg_dir / "manifest.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def current_version(self) -> str:
+        manifest = self.current_manifest()
+        return str(manifest["version"]) if manifest else ""
+
+    # ------------------------------------------------------------------ start-up
+
+    def recover(self) -> str:
+        """Finish or undo whatever the journal says was in flight; returns what was done."""
+        with self._lock:
+            last = self.journal.last()
+            self._clean_staging_extracts()
+            if last is None or last.state in AT_REST:
+                return "nothing in flight"
+            action = RECOVERY[last.state]
+            key = f"attempts:{last.package}-{last.version}"
+            if action is Recovery.CONTINUE_PROBATION:
+                restarts = int(last.detail.get("restarts", 0)) + 1
+                if crash_loop_tripped(restarts, self.config.ota.crash_loop_limit):
+                    self.rollback(
+                        f"crash loop: {restarts} restarts during probation", automatic=True
+                    )
+                    return "rolled back (crash loop)"
+                self._enter(
+                    OTAState.PROBATION,
+                    reason=f"restart {restarts} during probation",
+                    detail={"restarts": restarts},
+                )
+                return "probation continues"
+            attempts = int(self.journal.get_value(key) or 0) + 1
+            self.journal.set_value(key, str(attempts))
+            if action is Recovery.UNDO_ACTIVATION:
+                before = last.detail.get("links_before") or {}
+                install.restore_links(
+                    self.state_dir,
+                    install.Links(before.get("current"), before.get("previous")),
+                )
+                reason = f"interrupted during activation (attempt {attempts}); links restored"
+                self._enter(OTAState.ROLLED_BACK, reason=reason)
+                if attempts >= self.config.ota.crash_loop_limit:
+                    self._record_refusal(last, f"activation interrupted {attempts} times")
+                return "activation undone"
+            if attempts >= self.config.ota.crash_loop_limit and last.version:
+                reason = f"interrupted {attempts} times in {last.state.value}; refused"
+                self._enter(OTAState.REJECTED, reason=reason)
+                self._record_refusal(last, reason)
+                return "refused after repeated interruptions"
+            self._enter(
+                OTAState.IDLE,
+                reason=f"interrupted in {last.state.value} (attempt {attempts}); will retry",
+            )
+            return "abandoned"
+
+    def _record_refusal(self, entry: JournalEntry, reason: str) -> None:
+        channel_key = str(entry.detail.get("channel_key", "local"))
+        self.journal.record_refusal(entry.package, entry.version, channel_key, reason)
+
+    def _clean_staging_extracts(self) -> None:
+        if not self.staging_dir.is_dir():
+            return
+        for entry in self.staging_dir.iterdir():
+            if entry.name.startswith(STAGING_EXTRACT_PREFIX):
+                install.remove_tree(entry)
+
+    # ------------------------------------------------------------------ install
+
+    def install_file(self, tar_path: Path, channel: ChannelDocument | None = None) -> JournalEntry:
+        """Verify -> compat -> gate -> activate one package file; ends in PROBATION.
+
+        A refusal is journaled (REJECTED, with the reason), recorded so the same version
+        is not retried until the channel changes, and re-raised for the caller.
+        """
+        with self._lock:
+            channel_key = channel.fingerprint if channel else "local"
+            from_version = self.current_version()
+            self._enter(
+                OTAState.VERIFYING,
+                package=channel.package if channel else "",
+                version=channel.version if channel else "",
+                from_version=from_version,
+                channel=channel.channel if channel else "",
+                reason=f"verifying {tar_path.name}",
+                detail={"channel_key": channel_key, "file": str(tar_path)},
+            )
+            extract_dir = self.staging_dir / f"{STAGING_EXTRACT_PREFIX}{time.time_ns()}"
+            try:
+                extract_dir.mkdir(parents=True)
+                pkg = self.read_package(tar_path, self._keyring_dir(), extract_dir)
+                kill_point("verify.extracted")
+                self._check_release(pkg, channel)
+            except RefusedError as exc:
+                self._refuse(str(exc), channel_key)
+                raise
+            except OSError as exc:
+                install.remove_tree(extract_dir)
+                reason = f"cannot extract {tar_path.name}: {exc.strerror or exc}"
+                self._enter(OTAState.IDLE, reason=reason)
+                raise OTAError(f"{tar_path}: {reason}") from None
+            except EdgeAgentError as exc:
+                install.remove_tree(extract_dir)
+                self._enter(OTAState.IDLE, reason=str(exc))
+                raise
+            self._enter(
+                OTAState.GATING,
+                package=pkg.name,
+                version=pkg.version,
+                reason="running the golden-set gate",
+            )
+            try:
+                outcome = self._run_gate(pkg)
+            except EdgeAgentError as exc:
+                self._refuse(f"gate could not run: {exc}", channel_key, pkg=pkg)
+                raise GateFailedError(
+                    f"{pkg.name} {pkg.version}: gate could not run ({exc})"
+                ) from None
+            kill_point("gate.done")
+            if not outcome.passed:
+                self._refuse(outcome.reason, channel_key, pkg=pkg)
+                raise GateFailedError(f"{pkg.name} {pkg.version}: {outcome.reason}")
+            return self._activate(pkg, outcome, channel_key)
+
+    def _keyring_dir(self) -> Path:
+        return self.state_dir / "keyring"
+
+    def _check_release(self, pkg: ExtractedPackage, channel: ChannelDocument | None) -> None:
+        floor = self.journal.mark(f"release.{pkg.name}")
+        if channel is not None and (pkg.name, pkg.version) != (channel.package, channel.version):
+            raise RepositoryError(
+                f"channel {channel.channel} names {channel.package} {channel.version} but the "
+                f"package is {pkg.name} {pkg.version}"
+            )
+        reverting = channel is not None and pkg.version in channel.revert_versions
+        if pkg.release_counter <= floor and not reverting:
+            current = self.current_manifest()
+            if current and current.get("version") == pkg.version:
+                raise DowngradeError(f"{pkg.name} {pkg.version} is already installed")
+            raise DowngradeError(
+                f"{pkg.name} {pkg.version}: release_counter {pkg.release_counter} is not above "
+                f"the floor {floor} (older or replayed release)"
+            )
+
+    def _refuse(self, reason: str, channel_key: str, pkg: ExtractedPackage | None = None) -> None:
+        kwargs: dict[str, Any] = {}
+        if pkg is not None:
+            kwargs = {"package": pkg.name, "version": pkg.version}
+        entry = self._enter(OTAState.REJECTED, reason=reason, **kwargs)
+        self.journal.record_refusal(entry.package, entry.version, channel_key, reason)
+        if pkg is not None:
+            install.remove_tree(
+                pkg.root.parent if pkg.root.parent != self.staging_dir else pkg.root
+            )
+        self._clean_staging_extracts()
+
+    def _run_gate(self, pkg: ExtractedPackage) -> GateOutcome:
+        baseline = install.resolve(self.state_dir, install.CURRENT)
+        if baseline is None and self.config.model.path is not None:
+            baseline = self.config.model.path
+        if baseline is None:
+            outcome = GateOutcome(
+                True,
+                {"skipped": "no current model to compare"},
+                "first install: no current model to compare",
+            )
+        elif self.gate is not None:
+            outcome = self.gate(baseline, pkg.root, pkg.manifest)
+        else:
+            outcome = run_gate_default(baseline, pkg.root, pkg.manifest, self.config.ota.golden_dir)
+        self.journal.set_value(
+            LAST_GATE_REPORT,
+            json.dumps(
+                {
+                    "version": pkg.version,
+                    "passed": outcome.passed,
+                    "reason": outcome.reason,
+                    "report": dict(outcome.report),
+                },
+                default=str,
+            ),
+        )
+        if self.recorder is not None:
+            try:
+                self.recorder.event(
+                    "ota.gate_report",
+                    {
+                        "version": pkg.version,
+                        "passed": outcome.passed,
+                        "report": dict(outcome.report),
+                    },
+                )
+            except Exception as exc:  # telemetry must never stop an update
+                log.warning("telemetry event failed: %s", exc)
+        return outcome
+
+    def _activate(
+        self, pkg: ExtractedPackage, outcome: GateOutcome, channel_key: str
+    ) -> JournalEntry:
+        dir_name = install.package_dir_name(pkg.name, pkg.version)
+        links_before = install.read_links(self.state_dir)
+        self._enter(
+            OTAState.ACTIVATING,
+            reason="loading and switching",
+            detail={"links_before": links_before.to_dict(), "dir": dir_name},
+        )
+        # Load and warm before any link moves: a model that cannot load changes nothing.
+        try:
+            backend = self.load_model(pkg.root, pkg.manifest)
+            backend.warmup(max(1, self.config.model.warmup_runs))
+        except EdgeAgentError as exc:
+            self._enter(OTAState.ROLLED_BACK, reason=f"new model failed to load: {exc}")
+            self.journal.record_refusal(pkg.name, pkg.version, channel_key, f"load failed: {exc}")
+            install.remove_tree(pkg.root)
+            raise ModelError(f"{pkg.name} {pkg.version}: failed to load ({exc})") from None
+        kill_point("activate.loaded")
+        final_dir = install.place_package(self.state_dir, pkg.root, dir_name)
+        install.switch_to(self.state_dir, dir_name)
+        kill_point("activate.switched")
+        if self.slot is not None:
+            self._hot_swap(backend, final_dir, pkg.manifest)
+        else:
+            backend.close()
+        baseline = Baseline.from_gate_report(outcome.report)
+        entry = self._enter(
+            OTAState.PROBATION,
+            reason="watching the new model",
+            detail={
+                "restarts": 0,
+                "probation_baseline": {
+                    "latency_p95_ms": baseline.latency_p95_ms,
+                    "confidence_mean": baseline.confidence_mean,
+                },
+            },
+        )
+        self._start_watch(entry)
+        self._clean_staging_extracts()
+        return entry
+
+    def _hot_swap(self, backend: Backend, package_dir: Path, manifest: Mapping[str, Any]) -> None:
+        from agent.pipeline.slot import ActiveModel
+
+        model = ActiveModel(
+            backend=backend,
+            name=str(manifest.get("name", package_dir.name)),
+            version=str(manifest.get("version", "")),
+            preprocess=preprocess_from_manifest(manifest),
+            labels=tuple(str(x) for x in manifest.get("labels", [])),
+            manifest=manifest,
+        )
+        old = self.slot.swap(model)
+        if old is not None and old.backend is not backend:
+            # The frame that read the old model may still be running on it; the backend
+            # is closed lazily by GC, not here.
+            pass
+
+    # ------------------------------------------------------------------ probation
+
+    def _start_watch(self, entry: JournalEntry) -> None:
+        assert self.probation_policy is not None
+        base = entry.detail.get("probation_baseline") or {}
+        self._watch = ProbationWatch(
+            self.probation_policy,
+            Baseline.from_gate_report({"probation_baseline": base}),
+            started_s=self.system_clock(),
+        )
+
+    def observe_frame(
+        self, latency_s: float, confidence: float | None, error: bool = False
+    ) -> Verdict:
+        """Feed one frame of the live model; ends probation (commit or rollback) when due."""
+        watch = self._watch
+        if watch is None:
+            return Verdict.PASSED
+        if error or confidence is None:
+            watch.observe_error()
+        else:
+            watch.observe(latency_s, confidence)
+        result = watch.judge(self.system_clock())
+        if result.verdict is not Verdict.PENDING:
+            self._finish_probation(result)
+        return result.verdict
+
+    def resume_probation(self) -> bool:
+        """After recover(): re-arm the watch when the journal is in PROBATION."""
+        last = self.journal.last()
+        if last is None or last.state is not OTAState.PROBATION:
+            return False
+        self._start_watch(last)
+        return True
+
+    def _finish_probation(self, result: ProbationResult) -> None:
+        with self._lock:
+            self._watch = None
+            last = self.journal.last()
+            if last is None or last.state is not OTAState.PROBATION:
+                return
+            if result.verdict is Verdict.PASSED:
+                self.commit(result.reason)
+            else:
+                self.rollback(f"probation failed: {result.reason}", automatic=True)
+
+    def commit(self, reason: str = "probation passed") -> JournalEntry:
+        with self._lock:
+            manifest = self.current_manifest()
+            entry = self._enter(OTAState.COMMITTED, reason=reason)
+            if manifest is not None:
+                kill_point("commit.saved")
+                self.journal.raise_mark(
+                    f"release.{manifest['name']}", int(manifest.get("release_counter", 0))
+                )
+                self.journal.delete_value(f"attempts:{entry.package}-{entry.version}")
+            install.prune_models(self.state_dir)
+            return entry
+
+    # ------------------------------------------------------------------ rollback
+
+    def rollback(self, reason: str = "operator asked", automatic: bool = False) -> JournalEntry:
+        """Switch back to ``previous`` (on disk and, with a daemon, in the live slot)."""
+        with self._lock:
+            self._watch = None
+            prev_dir = install.resolve(self.state_dir, install.PREVIOUS)
+            prev_manifest = self.current_manifest(install.PREVIOUS)
+            if prev_dir is None or prev_manifest is None:
+                raise StateError(f"{self.state_dir}: no previous model to roll back to")
+            bad = self.journal.last()
+            backend = None
+            if self.slot is not None:
+                backend = self.load_model(prev_dir, prev_manifest)
+                backend.warmup(max(1, self.config.model.warmup_runs))
+            from_version = self.current_version()
+            install.swap_current_previous(self.state_dir)
+            kill_point("rollback.switched")
+            if backend is not None:
+                self._hot_swap(backend, prev_dir, prev_manifest)
+            entry = self._enter(
+                OTAState.ROLLED_BACK,
+                package=str(prev_manifest.get("name", "")),
+                version=str(prev_manifest.get("version", "")),
+                from_version=from_version,
+                reason=reason,
+            )
+            if automatic and bad is not None and bad.version:
+                self._record_refusal(bad, reason)
+            return entry
+
+    # ------------------------------------------------------------------ channel
+
+    def channel_client(self) -> ChannelClient:
+        url = self.config.ota.repository_url
+        if not url:
+            raise StateError("OTA: no repository_url in the ota section of the config")
+        limits = FetchLimits(
+            proxy_url=self.config.ota.proxy_url,
+            min_bytes_per_s=self.config.ota.min_bytes_per_s,
+            total_deadline_s=self.config.ota.download_deadline_s,
+        )
+        http = HttpFetcher(limits)
+        clock = LastKnownGoodClock(self.journal, self.system_clock)
+        return ChannelClient(self.state_dir, url, self.journal, http, clock)
+
+    def check(self, client: ChannelClient | None = None) -> CheckResult:
+        """Look at the channel and decide whether to take its release (journals CHECKING)."""
+        with self._lock:
+            ota = self.config.ota
+            self._enter(
+                OTAState.CHECKING,
+                channel=ota.channel,
+                package="",
+                version="",
+                reason="checking the channel",
+            )
+            client = client or self.channel_client()
+            try:
+                state = client.fetch_channel(ota.channel)
+            except (RefusedError, FetchError, StateError) as exc:
+                self._enter(OTAState.IDLE, reason=f"check failed: {exc}")
+                raise
+            doc = state.document
+            decision = self._decide(doc)
+            if decision.take:
+                decision = CheckResult(True, decision.reason, doc, decision.bucket, state.package)
+            if not decision.take:
+                self._enter(
+                    OTAState.IDLE, reason=decision.reason, package=doc.package, version=doc.version
+                )
+            return decision
+
+    def _decide(self, doc: ChannelDocument) -> CheckResult:
+        ota = self.config.ota
+        device = self.device_id()
+        bucket = rollout_bucket(device, doc.salt)
+
+        def no(reason: str) -> CheckResult:
+            return CheckResult(False, reason, doc, bucket)
+
+        if doc.aborted:
+            return no("rollout aborted")
+        if doc.paused:
+            return no("rollout paused")
+        if ota.pin_version and doc.version != ota.pin_version:
+            return no(f"pinned to {ota.pin_version}")
+        if doc.version == self.current_version():
+            return no("up to date")
+        if not in_rollout(device, doc.salt, doc.percent):
+            return no(f"not in rollout (bucket {bucket} >= {doc.percent * 100:.0f})")
+        refused = self.journal.refusal(doc.package, doc.version, doc.fingerprint)
+        if refused:
+            return no(f"refused earlier: {refused}")
+        floor = self.journal.mark(f"release.{doc.package}")
+        if doc.release_counter <= floor and doc.version not in doc.revert_versions:
+            return no(f"release_counter {doc.release_counter} is not above the floor {floor}")
+        return CheckResult(True, f"taking {doc.package} {doc.version}", doc, bucket)
+
+    def update_now(self, client: ChannelClient | None = None) -> CheckResult:
+        """Check, and when the channel offers this device a release, download and install it."""
+        client = client or self.channel_client()
+        decision = self.check(client)
+        if not decision.take or decision.document is None or decision.package_ref is None:
+            return decision
+        doc, ref = decision.document, decision.package_ref
+        with self._lock:
+            self._enter(
+                OTAState.DOWNLOADING,
+                package=doc.package,
+                version=doc.version,
+                from_version=self.current_version(),
+                channel=doc.channel,
+                reason=f"downloading {doc.target}",
+                detail={"channel_key": doc.fingerprint},
+            )
+            try:
+                path = download_target(
+                    client.http,
+                    ref,
+                    self.staging_dir,
+                    reserve_bytes=self.config.ota.reserve_free_bytes,
+                )
+            except RefusedError as exc:
+                self._refuse(str(exc), doc.fingerprint)
+                raise
+            except (FetchError, OTAError) as exc:
+                # Network trouble: the partial file stays in staging for a Range resume.
+                self._enter(OTAState.IDLE, reason=f"download failed: {exc}")
+                raise
+        self.install_file(path, channel=doc)
+        path.unlink(missing_ok=True)
+        return decision
+
+    # ------------------------------------------------------------------ poll loop
+
+    def poll_forever(self, stop: threading.Event, rng: random.Random | None = None) -> None:
+        """Check the channel every poll interval (with jitter) until ``stop`` is set."""
+        ota = self.config.ota
+        while not stop.is_set():
+            try:
+                self.update_now()
+            except EdgeAgentError as exc:
+                log.warning("OTA update: %s", exc)
+            except Exception:  # the poll thread must outlive any one bad update
+                log.exception("OTA update failed unexpectedly")
+            stop.wait(poll_delay_s(ota.poll_interval_s, ota.poll_jitter_s, rng))
+
+
+def clear_staging(state_dir: Path) -> None:
+    """Remove everything in staging/ (used by tests and `provision --reset`)."""
+    shutil.rmtree(state_dir / "staging", ignore_errors=True)
