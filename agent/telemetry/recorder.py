@@ -1,0 +1,315 @@
+"""TelemetryRecorder: what the daemon calls; never blocks, one writer thread does the I/O."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.config import TelemetryConfig
+from agent.telemetry.clock import CheckedClock
+from agent.telemetry.identity import read_boot_id
+from agent.telemetry.sampler import IntervalSummary, is_sampled, mask_pii
+from agent.telemetry.store import (
+    CRITICAL_EVENT_PREFIXES,
+    PRIORITY_CRITICAL,
+    PRIORITY_NAMES,
+    PRIORITY_SAMPLE,
+    PRIORITY_SUMMARY,
+    NewRecord,
+    TelemetryStore,
+    is_corrupt,
+    is_locked,
+)
+from agent.telemetry.uploader import UploadLoop
+
+log = logging.getLogger(__name__)
+
+# Rows kept in memory while the database is locked or being replaced; samples go first.
+MAX_PENDING_ROWS = 20000
+
+_Observation = tuple[int, float, int, float, Any, int, int]
+_Event = tuple[str, dict[str, Any], int, int, int]
+
+
+def event_priority(name: str, priority: str) -> int:
+    level = PRIORITY_NAMES.get(priority)
+    if level is None:
+        log.warning("telemetry event %s: unknown priority %r, using 'event'", name, priority)
+        level = PRIORITY_NAMES["event"]
+    if name.startswith(CRITICAL_EVENT_PREFIXES):
+        # OTA, governor (thermal), errors and the store's own events are evicted last.
+        level = max(level, PRIORITY_CRITICAL)
+    return level
+
+
+class TelemetryRecorder:
+    """Feeds the telemetry store from the daemon without ever blocking the caller.
+
+    Calls only append to bounded in-memory queues (no lock, no I/O). A writer thread
+    turns them into rows: sampled inference results, interval summaries and events, and
+    inserts each cycle's rows in one transaction. When the observation queue is full new
+    observations are dropped and counted; events have their own queue.
+    """
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        device_id: str,
+        db_path: Path,
+        *,
+        boot_id: str | None = None,
+        clock: CheckedClock | None = None,
+        wall_ns: Callable[[], int] = time.time_ns,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        start_uploader: bool = True,
+        max_page_count: int | None = None,
+    ) -> None:
+        self.config = config
+        self.device_id = device_id
+        self.db_path = db_path
+        self.boot_id = boot_id or read_boot_id()
+        self._wall_ns = wall_ns
+        self._monotonic_ns = monotonic_ns
+        self._clock = clock or CheckedClock()
+        self._observations: collections.deque[_Observation] = collections.deque()
+        self._events: collections.deque[_Event] = collections.deque()
+        self._queue_max = config.queue_max
+        self._dropped_observations = 0
+        self._dropped_events = 0
+        self._reported_drops = (0, 0)
+        self._gauges: tuple[dict[str, float], str, float] = ({}, "", 0.0)
+        self._pending: list[NewRecord] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._closed = False
+        self.store = TelemetryStore(
+            db_path,
+            device_id,
+            self.boot_id,
+            max_bytes=config.max_bytes,
+            synchronous=config.synchronous,
+            max_page_count=max_page_count,
+        )
+        last_good = self.store.get_meta("last_good_unix_ns")
+        if last_good:
+            self._clock.raise_floor(int(last_good))
+        for target in self.store.quarantined_to:
+            self.event("telemetry.db_quarantined", {"path": str(db_path), "moved_to": target.name})
+        now_mono = monotonic_ns()
+        self._summary = IntervalSummary(wall_ns(), now_mono)
+        self._writer = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
+        self._writer.start()
+        self._uploader: UploadLoop | None = None
+        if start_uploader and config.endpoint:
+            self._uploader = UploadLoop(config, db_path, device_id, self.boot_id)
+            self._uploader.start()
+
+    # -- the caller's side: append only ---------------------------------------------------
+
+    def event(self, name: str, attrs: Mapping[str, Any], priority: str = "event") -> None:
+        """Record an event (ota.state, governor.step, error, ...); never blocks."""
+        if len(self._events) >= self._queue_max:
+            self._dropped_events += 1
+            return
+        level = event_priority(name, priority)
+        self._events.append((name, dict(attrs), level, self._wall_ns(), self._monotonic_ns()))
+        if level >= PRIORITY_CRITICAL:
+            self._wake.set()
+
+    def observe_inference(
+        self,
+        seq: int,
+        latency_s: float,
+        top_class: int,
+        confidence: float,
+        meta: Mapping[str, Any],
+    ) -> None:
+        """One inference result: counted in the interval summary, kept if sampled."""
+        if len(self._observations) >= self._queue_max:
+            self._dropped_observations += 1
+            return
+        self._observations.append(
+            (seq, latency_s, top_class, confidence, meta, self._wall_ns(), self._monotonic_ns())
+        )
+
+    def set_gauges(self, temps_c: Mapping[str, float], governor_state: str, fps_cap: float) -> None:
+        """Latest temperatures and governor state, reported in the next summary."""
+        self._gauges = (dict(temps_c), governor_state, float(fps_cap))
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Write what is queued now (tests and shutdown); True when the queues emptied."""
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self._observations and not self._events and not self._pending:
+                return True
+            self._wake.set()
+            time.sleep(0.01)
+        return False
+
+    def kick_upload(self) -> None:
+        if self._uploader is not None:
+            self._uploader.kick()
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return {"observations": self._dropped_observations, "events": self._dropped_events}
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write the last partial summary and everything queued; stop the threads."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._wake.set()
+        self._writer.join(timeout_s)
+        if self._uploader is not None:
+            self._uploader.stop(timeout_s)
+        if not self._writer.is_alive():
+            self.store.close()
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                self._cycle(final=stopping)
+            except Exception:  # the writer must survive any one bad cycle
+                log.exception("telemetry writer cycle failed")
+            if stopping:
+                return
+            self._wake.wait(self.config.flush_interval_s)
+            self._wake.clear()
+
+    def _cycle(self, final: bool) -> None:
+        records = self._pending
+        self._pending = []
+        cfg = self.config
+        summary = self._summary
+        while self._observations:
+            seq, latency_s, top_class, confidence, meta, wall, mono = self._observations.popleft()
+            summary.observe(latency_s, top_class, confidence)
+            if is_sampled(seq, cfg.sample_rate):
+                attrs = {
+                    "frame_seq": seq,
+                    "latency_ms": round(latency_s * 1000.0, 4),
+                    "top_class": top_class,
+                    "confidence": round(float(confidence), 6),
+                    "meta": mask_pii(meta, cfg.pii_fields) if cfg.pii_fields else dict(meta),
+                }
+                records.append(
+                    self._record("sample", PRIORITY_SAMPLE, "inference.sample", attrs, wall, mono)
+                )
+        while self._events:
+            name, attrs, level, wall, mono = self._events.popleft()
+            records.append(self._record("event", level, name, attrs, wall, mono))
+        for jump in self._clock.take_jumps():
+            attrs = {
+                "delta_s": round(jump.delta_ns / 1e9, 3),
+                "wall_unix_ns": jump.wall_unix_ns,
+                "expected_unix_ns": jump.expected_unix_ns,
+            }
+            records.append(
+                self._record("event", PRIORITY_CRITICAL, "clock.jump", attrs, *self._now())
+            )
+        temps, governor_state, fps_cap = self._gauges
+        summary.observe_temps(temps)
+        wall, mono = self._now()
+        due = (mono - summary.start_mono_ns) / 1e9 >= cfg.summary_interval_s
+        if due or (final and summary.latencies_s):
+            attrs = summary.finish(wall, mono, temps, governor_state, fps_cap)
+            attrs["telemetry_counters"] = self._loss_counters()
+            records.append(
+                self._record("summary", PRIORITY_SUMMARY, "inference.summary", attrs, wall, mono)
+            )
+            self._summary = IntervalSummary(wall, mono)
+        self._write(records)
+
+    def _loss_counters(self) -> dict[str, int]:
+        counters: dict[str, int] = {}
+        with contextlib.suppress(sqlite3.Error):
+            counters = {
+                k: v
+                for k, v in self.store.counters().items()
+                if k.startswith(("evicted.", "dropped", "quarantined."))
+            }
+        counters["dropped_queue.observation"] = self._dropped_observations
+        counters["dropped_queue.event"] = self._dropped_events
+        return counters
+
+    def _now(self) -> tuple[int, int]:
+        return self._wall_ns(), self._monotonic_ns()
+
+    def _record(
+        self, row_type: Any, priority: int, name: str, attrs: dict[str, Any], wall: int, mono: int
+    ) -> NewRecord:
+        stamp = self._clock.check(wall, mono)
+        return NewRecord(
+            row_type,
+            priority,
+            name,
+            stamp.time_unix_ns,
+            stamp.observed_unix_ns,
+            stamp.clock_ok,
+            attrs,
+        )
+
+    def _write(self, records: list[NewRecord]) -> None:
+        drops = (self._dropped_observations, self._dropped_events)
+        if drops != self._reported_drops:
+            delta = {
+                "dropped_queue.observation": drops[0] - self._reported_drops[0],
+                "dropped_queue.event": drops[1] - self._reported_drops[1],
+            }
+            try:
+                self.store.add_counters(delta)
+                self._reported_drops = drops
+            except (sqlite3.Error, OSError):
+                pass  # reported in the next cycle
+        if not records:
+            return
+        try:
+            self.store.append_resilient(records)
+        except sqlite3.Error as exc:
+            if is_corrupt(exc):
+                target = self.store.recover_from_corruption(str(exc))
+                wall, mono = self._now()
+                attrs = {"path": str(self.db_path), "moved_to": target.name, "error": str(exc)}
+                records.append(
+                    self._record(
+                        "event", PRIORITY_CRITICAL, "telemetry.db_quarantined", attrs, wall, mono
+                    )
+                )
+                self.store.append_resilient(records)
+                return
+            if is_locked(exc):
+                log.warning("telemetry database locked; keeping %d rows in memory", len(records))
+            else:
+                log.error(
+                    "telemetry write failed (%s); keeping %d rows in memory", exc, len(records)
+                )
+            self._keep_pending(records)
+
+    def _keep_pending(self, records: list[NewRecord]) -> None:
+        overflow = len(records) - MAX_PENDING_ROWS
+        if overflow > 0:
+            # Keep every event; drop the oldest samples, then summaries, and count them.
+            drop: set[int] = set()
+            for level in (PRIORITY_SAMPLE, PRIORITY_SUMMARY):
+                for index, rec in enumerate(records):
+                    if len(drop) < overflow and rec.priority == level:
+                        drop.add(index)
+            dropped: dict[str, int] = {}
+            for index in drop:
+                dropped[records[index].type] = dropped.get(records[index].type, 0) + 1
+            records = [rec for index, rec in enumerate(records) if index not in drop]
+            self.store.count_dropped(dropped, prefix="dropped_pending")
+        self._pending = records

@@ -1,0 +1,65 @@
+"""Read-only telemetry status for `edge-agent status` and `telemetry status`; never raises."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+
+def _file_bytes(db_path: Path) -> int:
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            total += Path(f"{db_path}{suffix}").stat().st_size
+    return total
+
+
+def telemetry_status(db_path: Path) -> dict[str, Any]:
+    """Rows by type, backlog, quarantined rows, loss counters and last upload of a store.
+
+    Opens the file read-only (never creates it); a missing or unreadable file gives a
+    dict with "exists" False or an "error" string instead of an exception.
+    """
+    db_path = Path(db_path)
+    status: dict[str, Any] = {"db_path": str(db_path), "exists": db_path.exists()}
+    if not status["exists"]:
+        return status
+    status["file_bytes"] = _file_bytes(db_path)
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=2.0)
+    except sqlite3.Error as exc:
+        status["error"] = f"cannot open: {exc}"
+        return status
+    try:
+        rows = {"event": 0, "summary": 0, "sample": 0}
+        for row_type, count in conn.execute("SELECT type, COUNT(*) FROM records GROUP BY type"):
+            rows[str(row_type)] = int(count)
+        status["rows"] = rows
+        backlog, quarantined, oldest, newest, backlog_bytes = conn.execute(
+            "SELECT COALESCE(SUM(quarantined = 0), 0), COALESCE(SUM(quarantined), 0),"
+            " MIN(time_unix_ns), MAX(time_unix_ns),"
+            " COALESCE(SUM(CASE WHEN quarantined = 0 THEN size_bytes END), 0) FROM records"
+        ).fetchone()
+        status.update(
+            backlog_rows=int(backlog),
+            backlog_bytes=int(backlog_bytes),
+            quarantined_rows=int(quarantined),
+            oldest_unix_ns=oldest,
+            newest_unix_ns=newest,
+        )
+        status["counters"] = {
+            str(k): int(v)
+            for k, v in conn.execute("SELECT name, value FROM counters ORDER BY name")
+        }
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        last_ok = meta.get("upload.last_ok_unix_ns")
+        status["last_upload_ok_unix_ns"] = int(last_ok) if last_ok else None
+        status["last_upload_error"] = meta.get("upload.last_error")
+        status["last_quarantine_reason"] = meta.get("last_quarantine_reason")
+    except sqlite3.Error as exc:
+        status["error"] = f"cannot read: {exc}"
+    finally:
+        conn.close()
+    return status
