@@ -1,9 +1,136 @@
-"""CLI commands for the daemon area (filled in by its issue)."""
+"""CLI commands of the daemon: `run` (the long-running agent) and `status` (its live figures)."""
 
 from __future__ import annotations
 
-from agent.commands import SubParsers
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.commands import SubParsers, add_command
+from agent.config import load_config
+from agent.errors import EXIT_OK, EXIT_REFUSED, StateError
+
+DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
 def add_commands(sub: SubParsers) -> None:
-    """Add this area's subcommands (none yet)."""
+    """Add `run` and `status`."""
+    p = add_command(
+        sub,
+        "run",
+        cmd_run,
+        "Run the inference daemon (systemd runs this; SIGTERM stops it, SIGHUP reloads)",
+        "edge-agent run --config docs/examples/agent.yaml",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="agent config YAML (e.g. /etc/edge-agent/agent.yaml)",
+    )
+    p = add_command(
+        sub,
+        "status",
+        cmd_status,
+        "Show the running daemon's model, FPS, latency, temperatures and governor state",
+        "edge-agent status --state-dir /var/lib/edge-agent --json",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read the state dir (and status path) from this config",
+    )
+    where.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"the daemon's state dir (default {DEFAULT_STATE_DIR})",
+    )
+    p.add_argument("--json", action="store_true", help="print the status file as JSON")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import run_daemon
+
+    return run_daemon(args.config)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
+def format_status(snap: dict[str, Any], running: bool) -> str:
+    """The status file as a few readable lines."""
+    model = snap.get("model") or {}
+    lat = snap.get("latency_ms") or {}
+    gov = snap.get("governor") or {}
+    temps = snap.get("temps_c") or {}
+    age_s = time.time() - float(snap.get("updated", 0))
+    state = snap.get("state", "?") if running else f"not running (last {snap.get('state', '?')})"
+    source = snap.get("source") or {}
+    lines = [
+        f"state:      {state}, pid {snap.get('pid')}, up {_fmt(snap.get('uptime_s'), ' s')}"
+        f", updated {age_s:.1f} s ago",
+        f"model:      {model.get('name', '-')} {model.get('version', '-')} "
+        f"({model.get('backend', '-')}, {model.get('model', '-')})",
+        f"fps:        {_fmt(snap.get('fps'))} (cap {_fmt(snap.get('fps_cap'))}), "
+        f"frames {snap.get('frames', 0)}, errors {snap.get('errors', 0)}, "
+        f"dropped {snap.get('dropped', 0)}",
+        f"latency:    p50 {_fmt(lat.get('p50'), ' ms')}, p95 {_fmt(lat.get('p95'), ' ms')}, "
+        f"p99 {_fmt(lat.get('p99'), ' ms')}",
+        "temps:      " + (", ".join(f"{k} {v} C" for k, v in temps.items()) or "no sensors"),
+        f"governor:   {gov.get('state', 'off')}"
+        + (f" ({gov['reason']})" if gov.get("reason") else ""),
+        f"source:     {source.get('name', '-')} ({source.get('state', '-')})",
+    ]
+    if snap.get("power_w") is not None:
+        lines.append(
+            f"power:      {snap['power_w']} W, "
+            f"{_fmt(snap.get('energy_per_inference_j'), ' J')}/inference"
+        )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        cfg = load_config(args.config)
+        path = cfg.status.path or cfg.state_dir / "status.json"
+    else:
+        path = (args.state_dir or DEFAULT_STATE_DIR) / "status.json"
+    try:
+        snap = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        sys.stderr.write(f"Error: {path}: no status file (is the daemon running?)\n")
+        return EXIT_REFUSED
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{path}: cannot read the status file ({exc})") from None
+    if not isinstance(snap, dict):
+        raise StateError(f"{path}: the status file is not a JSON object")
+    interval_s = float(snap.get("interval_s") or 1.0)
+    fresh = time.time() - float(snap.get("updated", 0)) <= max(5.0, 5 * interval_s)
+    running = snap.get("state") not in ("stopped",) and fresh and _pid_alive(snap.get("pid"))
+    if args.json:
+        print(json.dumps({**snap, "running": running}, indent=1))
+    else:
+        print(format_status(snap, running))
+    # like `systemctl status`/LSB: 3 means "not running"
+    return EXIT_OK if running else EXIT_REFUSED

@@ -1,0 +1,829 @@
+"""The daemon: builds source, model, governor and sinks from config and runs the frame loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+from agent.config import AgentConfig, PreprocessConfig, load_config
+from agent.control import ControlServer
+from agent.errors import (
+    ConfigError,
+    EdgeAgentError,
+    InputDataError,
+    ModelError,
+    RuntimeFaultError,
+    StateError,
+)
+from agent.health.governor import PAUSED, GovernorThread
+from agent.pipeline.postprocess import detections, top_k
+from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest
+from agent.pipeline.scheduler import FrameScheduler
+from agent.pipeline.sinks import Sink, open_sink
+from agent.pipeline.slot import ActiveModel, ModelSlot
+from agent.pipeline.sources import Frame, Source, open_source
+from agent.runtime import BackendOptions, load_backend
+from agent.sdnotify import Notifier
+from agent.textio import write_atomic
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = 1 << 20
+LATENCY_WINDOW = 2048
+# the frame loop waits at most this long for a frame, so it stays responsive to signals
+READ_TIMEOUT_S = 0.2
+# a sleeping loop wakes at least this often to check for stop and reload requests
+SLEEP_SLICE_S = 0.1
+# with no systemd watchdog, a loop silent this long is reported as stalled in status
+STALL_S = 10.0
+RUNTIME_FOR_KIND = {"onnx": "auto", "tflite": "litert", "tensorrt": "tensorrt"}
+
+
+def status_path(config: AgentConfig) -> Path:
+    return config.status.path or config.state_dir / "status.json"
+
+
+def control_socket_path(config: AgentConfig) -> Path:
+    return config.status.control_socket or config.state_dir / "control.sock"
+
+
+def read_manifest(package_dir: Path) -> dict[str, Any]:
+    """The manifest of an installed package directory, as plain data."""
+    path = package_dir / "manifest.json"
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ModelError(f"{path}: manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: installed package has no manifest.json") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: manifest is not a JSON object")
+    return data
+
+
+class LoopStats:
+    """Counters and a latency window the frame loop feeds cheaply; read by the status thread."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.batches = 0
+        self.errors = 0
+        self.bad_frames = 0
+        self.latencies_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.last_error = ""
+        self._fps_mark = (time.monotonic(), 0)
+        self.fps = 0.0
+
+    def update_fps(self, now: float) -> float:
+        t0, n0 = self._fps_mark
+        if now - t0 >= 0.5:
+            self.fps = (self.frames - n0) / (now - t0)
+            self._fps_mark = (now, self.frames)
+        return self.fps
+
+    def latency_ms(self) -> dict[str, float | None]:
+        window = np.fromiter(tuple(self.latencies_s), dtype=np.float64)
+        if window.size == 0:
+            return {"p50": None, "p95": None, "p99": None, "mean": None}
+        p50, p95, p99 = np.percentile(window, [50, 95, 99]) * 1000.0
+        return {
+            "p50": round(float(p50), 3),
+            "p95": round(float(p95), 3),
+            "p99": round(float(p99), 3),
+            "mean": round(float(window.mean()) * 1000.0, 3),
+        }
+
+
+class Daemon:
+    """One running agent. Other parts extend it through ``control.register`` and ``slot``.
+
+    Public for the OTA service (``agent.ota.service.attach(daemon)``): ``config``,
+    ``state_dir``, ``slot``, ``control``, ``telemetry`` (a TelemetryRecorder or None),
+    ``stats.frames``, ``load_package(dir)``, ``swap_model(new)``, ``event(name, attrs)``
+    and ``add_shutdown_hook(fn)``.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.state_dir = config.state_dir
+        self.slot = ModelSlot()
+        self.stats = LoopStats()
+        self.notifier = notifier or Notifier()
+        self.control = ControlServer(control_socket_path(config))
+        self.telemetry: Any = None
+        self.scheduler = FrameScheduler(config.scheduler.fps_cap, clock=clock, sleep=self._sleep)
+        self.governor: GovernorThread | None = None
+        self.source: Source | None = None
+        self.sinks: tuple[Sink, ...] = ()
+        self._clock = clock
+        self._stop_requested = False
+        self._reload_requested = False
+        self._reload_lock = threading.Lock()
+        self._pending_source: Source | None = None
+        self._retired: list[ActiveModel] = []
+        self._preprocessor_for: tuple[ActiveModel, Preprocessor] | None = None
+        self._last_snapshot: dict[str, Any] | None = None
+        self._shutdown_hooks: list[Callable[[], None]] = []
+        self._heartbeat = clock()
+        self._started_wall = time.time()
+        self._state = "starting"
+        self._status_thread: threading.Thread | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self._ota: Any = None
+        self._last_warn: dict[str, float] = {}
+        self.last_reload: dict[str, Any] | None = None
+        self.exit_reason = ""
+
+    # ------------------------------------------------------------------ models
+
+    def _backend_options(self, precision: str = "fp32") -> BackendOptions:
+        m = self.config.model
+        return BackendOptions(
+            intra_op_threads=m.intra_op_threads,
+            providers=m.providers,
+            engine_cache_dir=m.engine_cache_dir,
+            precision=precision,
+        )
+
+    def load_package(self, package_dir: Path) -> ActiveModel:
+        """Load and warm the model of an installed package directory (not yet active)."""
+        manifest = read_manifest(package_dir)
+        where = str(package_dir / "manifest.json")
+        runtime = manifest.get("runtime") or {}
+        if not isinstance(runtime, dict) or not isinstance(runtime.get("model"), str):
+            raise ModelError(f"{where}: runtime.model is missing")
+        model_path = (package_dir / runtime["model"]).resolve()
+        if package_dir.resolve() not in model_path.parents:
+            raise ModelError(f"{where}: runtime.model points outside the package")
+        kind = str(runtime.get("kind", "onnx"))
+        backend_name = RUNTIME_FOR_KIND.get(kind)
+        if backend_name is None:
+            raise ModelError(f"{where}: unknown runtime.kind {kind!r}")
+        pre_data = dict(manifest.get("preprocess") or {})
+        if manifest.get("task") in ("classification", "detection"):
+            pre_data["task"] = manifest["task"]
+        pre = preprocess_from_manifest(pre_data, where)
+        labels = manifest.get("labels") or ()
+        if isinstance(labels, str):
+            labels = (package_dir / labels).read_text(encoding="utf-8").splitlines()
+        backend = load_backend(
+            model_path, backend_name, self._backend_options(str(runtime.get("precision", "fp32")))
+        )
+        backend.warmup(self.config.model.warmup_runs)
+        return ActiveModel(
+            backend=backend,
+            name=str(manifest.get("name", package_dir.name)),
+            version=str(manifest.get("version", "0.0.0")),
+            preprocess=pre,
+            labels=tuple(str(x) for x in labels),
+            manifest=manifest,
+        )
+
+    def load_configured_model(self, config: AgentConfig | None = None) -> ActiveModel:
+        """Load and warm the model named by config.model.path."""
+        cfg = config or self.config
+        path = cfg.model.path
+        if path is None:
+            raise ConfigError(
+                f"model.path: no model configured and no installed package at "
+                f"{cfg.state_dir / 'current'}"
+            )
+        backend = load_backend(path, cfg.model.backend, self._backend_options())
+        backend.warmup(cfg.model.warmup_runs)
+        return ActiveModel(
+            backend=backend,
+            name=path.stem,
+            version="local",
+            preprocess=cfg.preprocess,
+            labels=cfg.model.labels,
+        )
+
+    def load_initial_model(self) -> ActiveModel:
+        current = self.state_dir / "current"
+        if current.exists():
+            try:
+                model = self.load_package(current.resolve())
+                log.info(
+                    "model: %s %s from the installed package %s",
+                    model.name,
+                    model.version,
+                    current.resolve(),
+                )
+                return model
+            except EdgeAgentError as exc:
+                if self.config.model.path is None:
+                    raise
+                log.error("installed package unusable (%s); falling back to model.path", exc)
+                self.event("error", {"where": "load_package", "message": str(exc)})
+        model = self.load_configured_model()
+        log.info("model: %s from %s", model.name, self.config.model.path)
+        return model
+
+    def swap_model(self, new: ActiveModel) -> ActiveModel | None:
+        """Make ``new`` (already loaded and warm) the active model between two frames."""
+        old = self.slot.swap(new)
+        if old is not None:
+            self._retired.append(old)
+        log.info("model: now %s %s", new.name, new.version)
+        return old
+
+    def _preprocessor(self, model: ActiveModel) -> Preprocessor:
+        cached = self._preprocessor_for
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        pre = Preprocessor(model.preprocess, model.backend.inputs[0])
+        self._preprocessor_for = (model, pre)
+        return pre
+
+    # ------------------------------------------------------------------ events
+
+    def event(self, name: str, attrs: Mapping[str, Any]) -> None:
+        """Record an event in telemetry (when on); never raises."""
+        if self.telemetry is None:
+            return
+        try:
+            self.telemetry.event(name, dict(attrs))
+        except Exception as exc:
+            self._warn_once("telemetry", f"telemetry event failed: {exc}")
+
+    def _warn_once(self, key: str, message: str, every_s: float = 60.0) -> None:
+        now = time.monotonic()
+        if now - self._last_warn.get(key, -1e9) >= every_s:
+            self._last_warn[key] = now
+            log.warning("%s", message)
+
+    def add_shutdown_hook(self, hook: Callable[[], None]) -> None:
+        self._shutdown_hooks.append(hook)
+
+    # ------------------------------------------------------------------ start / stop
+
+    def _start_telemetry(self) -> None:
+        cfg = self.config.telemetry
+        if not cfg.enabled:
+            return
+        if importlib.util.find_spec("agent.telemetry.recorder") is None:
+            log.warning("telemetry: agent.telemetry.recorder is not installed; telemetry off")
+            return
+        from agent.telemetry.recorder import TelemetryRecorder
+
+        device_id = self.config.device_id
+        if device_id is None:
+            id_file = self.state_dir / "device_id"
+            try:
+                device_id = id_file.read_text(encoding="utf-8").strip() or None
+            except OSError:
+                device_id = None
+        db_path = cfg.db_path or self.state_dir / "telemetry.db"
+        self.telemetry = TelemetryRecorder(cfg, device_id or socket.gethostname(), db_path)
+
+    def _attach_ota(self) -> None:
+        if not self.config.ota.enabled:
+            return
+        if importlib.util.find_spec("agent.ota.service") is None:
+            log.warning("ota: enabled but agent.ota.service is not installed; OTA off")
+            return
+        module = importlib.import_module("agent.ota.service")
+        self._ota = module.attach(self)
+
+    def _open_sinks(self, config: AgentConfig) -> tuple[Sink, ...]:
+        sinks: list[Sink] = []
+        try:
+            for sink_cfg in config.sinks:
+                sinks.append(open_sink(sink_cfg))
+        except BaseException:
+            for s in sinks:
+                s.close(0.5)
+            raise
+        return tuple(sinks)
+
+    def _open_source(self, config: AgentConfig, model: ActiveModel) -> Source:
+        spec = model.backend.inputs[0]
+        return open_source(config.source, spec.shape, model.preprocess.layout)
+
+    def start(self) -> None:
+        """Load the model, open everything, and tell systemd we are ready."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        model = self.load_initial_model()
+        self.slot.swap(model)
+        self.source = self._open_source(self.config, model)
+        self.sinks = self._open_sinks(self.config)
+        self._start_telemetry()
+        self.governor = GovernorThread(
+            self.config.governor,
+            self.config.scheduler.fps_cap,
+            self.scheduler.set_cap,
+            on_event=self.event,
+        )
+        self.governor.start()
+        self.control.register("status", lambda _req: {"status": self.status_snapshot()})
+        self.control.register("reload", lambda _req: self.reload())
+        self.control.start()
+        self._attach_ota()
+        self._start_prometheus()
+        self._state = "running"
+        self._heartbeat = self._clock()
+        self.write_status()
+        self._status_thread = threading.Thread(
+            target=self._status_forever, name="status", daemon=True
+        )
+        self._status_thread.start()
+        self.event(
+            "daemon.start",
+            {"version": __version__, "model": model.name, "model_version": model.version},
+        )
+        self.notifier.ready(self._status_line())
+        log.info(
+            "edge-agent %s running: %s %s, source %s, fps cap %g",
+            __version__,
+            model.name,
+            model.version,
+            self.source.name,
+            self.scheduler.fps_cap,
+        )
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask the frame loop to finish (signal-safe: only sets a flag)."""
+        self.exit_reason = self.exit_reason or reason
+        self._stop_requested = True
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.request_reload()
+        else:
+            self.request_stop(signal.Signals(signum).name)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def run(self) -> int:
+        """Start, loop until SIGTERM/SIGINT or the source ends, drain, and return 0."""
+        if threading.current_thread() is threading.main_thread():
+            self.install_signal_handlers()
+        try:
+            self.start()
+            self.loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """Drain the sinks within scheduler.drain_timeout_s and release everything."""
+        if self._state == "stopped":
+            return
+        self._state = "stopping"
+        self.notifier.stopping()
+        self._stop_requested = True
+        deadline = time.monotonic() + self.config.scheduler.drain_timeout_s
+        for hook in self._shutdown_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        if self._ota is not None and hasattr(self._ota, "close"):
+            try:
+                self._ota.close()
+            except Exception:
+                log.exception("ota: close failed")
+        if self.governor is not None:
+            self.governor.stop()
+        self.control.stop()
+        for sink in self.sinks:
+            sink.close(max(0.0, deadline - time.monotonic()))
+        if self._status_thread is not None:
+            self._status_thread.join(2.0)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self.source is not None:
+            self.source.close()
+        self._state = "stopped"
+        try:
+            self.write_status()
+        except OSError as exc:
+            log.warning("status: cannot write the final status (%s)", exc)
+        if self.telemetry is not None:
+            self.event(
+                "daemon.stop",
+                {"reason": self.exit_reason or "stopped", "frames": self.stats.frames},
+            )
+            try:
+                self.telemetry.close(max(0.5, deadline - time.monotonic()))
+            except Exception:
+                log.exception("telemetry: close failed")
+        self.notifier.close()
+        log.info(
+            "edge-agent stopped (%s) after %d frames",
+            self.exit_reason or "stopped",
+            self.stats.frames,
+        )
+
+    # ------------------------------------------------------------------ the frame loop
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep in slices so a stop request is seen within SLEEP_SLICE_S (no busy wait)."""
+        end = time.monotonic() + seconds
+        while not self._stop_requested:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, SLEEP_SLICE_S))
+
+    def _read_batch(self, source: Source) -> list[Frame]:
+        first = source.read(READ_TIMEOUT_S)
+        if first is None:
+            return []
+        frames = [first]
+        max_batch = self.config.scheduler.max_batch
+        if max_batch > 1:
+            until = time.monotonic() + self.config.scheduler.max_wait_ms / 1000.0
+            while len(frames) < max_batch:
+                left = until - time.monotonic()
+                frame = source.read(max(0.0, left))
+                if frame is None:
+                    break
+                frames.append(frame)
+        return frames
+
+    def loop(self) -> None:
+        """Run frames until asked to stop; each frame reads the model slot exactly once."""
+        scheduler = self.scheduler
+        stats = self.stats
+        telemetry = self.telemetry
+        while not self._stop_requested:
+            self._heartbeat = self._clock()
+            if self._pending_source is not None:
+                old_source, self.source = self.source, self._pending_source
+                self._pending_source = None
+                if old_source is not None:
+                    old_source.close()
+            source = self.source
+            assert source is not None
+            governor = self.governor
+            if governor is not None and governor.paused:
+                self._state = "paused"
+                scheduler.restart()
+                self._sleep(SLEEP_SLICE_S)
+                continue
+            self._state = "running"
+            scheduler.wait()
+            frames = self._read_batch(source)
+            if not frames:
+                if source.exhausted:
+                    log.info("source %s finished; stopping", source.name)
+                    self.request_stop("source finished")
+                continue
+            if len(frames) > 1:
+                scheduler.charge(len(frames) - 1)
+            model = self.slot.current()
+            if self._retired:
+                self._close_retired()
+            try:
+                x = self._preprocessor(model).batch(frames)
+                started = time.perf_counter()
+                outputs = model.backend.run(x)
+                latency_s = time.perf_counter() - started
+            except (InputDataError, RuntimeFaultError) as exc:
+                stats.errors += 1
+                stats.last_error = str(exc)
+                if isinstance(exc, InputDataError):
+                    stats.bad_frames += len(frames)
+                self._warn_once(f"frame:{type(exc).__name__}", f"frame skipped: {exc}", 30.0)
+                self.event("error", {"where": "frame", "message": str(exc)})
+                continue
+            stats.latencies_s.append(latency_s)
+            stats.batches += 1
+            stats.frames += len(frames)
+            self._emit(model, frames, outputs, latency_s, telemetry)
+
+    def _emit(
+        self,
+        model: ActiveModel,
+        frames: Sequence[Frame],
+        outputs: Sequence[Any],
+        latency_s: float,
+        telemetry: Any,
+    ) -> None:
+        pre = model.preprocess
+        sinks = self.sinks
+        for row, frame in enumerate(frames):
+            result: dict[str, Any] = {
+                "seq": frame.seq,
+                "ts": round(frame.captured_s, 3),
+                "source": frame.source,
+                "model": model.name,
+                "version": model.version,
+                "latency_ms": round(latency_s * 1000.0, 3),
+            }
+            if pre.task == "detection":
+                found = detections(
+                    outputs, pre.score_threshold, pre.iou_threshold, model.labels, row
+                )
+                result["detections"] = found
+                top_class = int(found[0]["class"]) if found else -1
+                confidence = float(found[0]["score"]) if found else 0.0
+            else:
+                best = top_k(outputs[0][row], pre.top_k, model.labels)
+                result["top"] = best
+                top_class, confidence = int(best[0]["class"]), float(best[0]["score"])
+            for sink in sinks:
+                sink.put(result)
+            if telemetry is not None:
+                try:
+                    telemetry.observe_inference(
+                        frame.seq,
+                        latency_s,
+                        top_class,
+                        confidence,
+                        {"model": model.name, "version": model.version},
+                    )
+                except Exception as exc:
+                    self._warn_once("telemetry", f"telemetry observe failed: {exc}")
+
+    def _close_retired(self) -> None:
+        # the loop is between frames, so no retired model is in use any more
+        retired, self._retired = self._retired, []
+        for old in retired:
+            try:
+                old.backend.close()
+            except Exception:
+                log.exception("closing the previous model failed")
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply what changed; a bad config is refused, old kept."""
+        with self._reload_lock:
+            try:
+                result = self._reload()
+            except EdgeAgentError as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+                self.last_reload = {"ok": False, "error": str(exc), "at": time.time()}
+                self.event("error", {"where": "reload", "message": str(exc)})
+                return {"ok": False, "error": f"reload refused: {exc}"}
+            self.last_reload = {**result, "at": time.time()}
+            return result
+
+    def _reload(self) -> dict[str, Any]:
+        if self.config_path is None:
+            raise ConfigError("reload: the daemon was not started from a config file")
+        new = load_config(self.config_path)
+        old = self.config
+        changed: list[str] = []
+        restart: list[str] = []
+        for name in ("state_dir", "telemetry", "status", "ota", "device_id"):
+            if getattr(new, name) != getattr(old, name):
+                restart.append(name)
+        model: ActiveModel | None = None
+        package_active = self.slot.current().manifest is not None
+        if not package_active and (new.model != old.model or new.preprocess != old.preprocess):
+            model = self.load_configured_model(new)
+            changed.append("model")
+        sinks = self._open_sinks(new) if new.sinks != old.sinks else None
+        source: Source | None = None
+        if new.source != old.source or model is not None:
+            try:
+                source = self._open_source(new, model or self.slot.current())
+            except BaseException:
+                for s in sinks or ():
+                    s.close(0.5)
+                raise
+        # everything new is built: now apply, between frames
+        self.config = dataclasses.replace(
+            new,
+            state_dir=old.state_dir,
+            status=old.status,
+            telemetry=old.telemetry,
+            ota=old.ota,
+            device_id=old.device_id,
+        )
+        if model is not None:
+            self.swap_model(model)
+        if source is not None:
+            self._pending_source = source
+            changed.append("source")
+        if sinks is not None:
+            old_sinks, self.sinks = self.sinks, sinks
+            for s in old_sinks:
+                s.close(new.scheduler.drain_timeout_s)
+            changed.append("sinks")
+        if new.scheduler != old.scheduler:
+            self.scheduler.set_cap(new.scheduler.fps_cap)
+            changed.append("scheduler")
+        if new.governor != old.governor or new.scheduler.fps_cap != old.scheduler.fps_cap:
+            if self.governor is not None:
+                self.governor.stop()
+            self.governor = GovernorThread(
+                new.governor, new.scheduler.fps_cap, self.scheduler.set_cap, on_event=self.event
+            )
+            self.scheduler.set_cap(new.scheduler.fps_cap)
+            self.governor.start()
+            if new.governor != old.governor:
+                changed.append("governor")
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level)
+            changed.append("log_level")
+        log.info(
+            "reloaded %s: changed %s%s",
+            self.config_path,
+            ", ".join(changed) or "nothing",
+            f"; needs a restart: {', '.join(restart)}" if restart else "",
+        )
+        return {"ok": True, "changed": changed, "restart_needed": restart}
+
+    # ------------------------------------------------------------------ status
+
+    def _status_line(self) -> str:
+        model = self.slot.current()
+        return (
+            f"{model.name} {model.version}: {self.stats.fps:.1f} fps (cap "
+            f"{self.scheduler.fps_cap:g}), {self.stats.frames} frames"
+        )
+
+    def status_snapshot(self) -> dict[str, Any]:
+        now = self._clock()
+        stats = self.stats
+        fps = stats.update_fps(now)
+        gov = self.governor.snapshot() if self.governor is not None else {"enabled": False}
+        power = gov.get("total_power_w")
+        model = self.slot.current() if not self.slot.is_empty() else None
+        state = self._state
+        stalled = now - self._heartbeat > self._watchdog_budget_s()
+        if stalled and state == "running":
+            state = "stalled"
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "state": state,
+            "updated": round(time.time(), 3),
+            "started": round(self._started_wall, 3),
+            "uptime_s": round(time.time() - self._started_wall, 1),
+            "interval_s": self.config.status.interval_s,
+            "model": model.describe() if model else None,
+            "fps": round(fps, 2),
+            "fps_cap": self.scheduler.fps_cap,
+            "latency_ms": stats.latency_ms(),
+            "frames": stats.frames,
+            "errors": stats.errors,
+            "bad_frames": stats.bad_frames,
+            "last_error": stats.last_error,
+            "late_frames": self.scheduler.late_frames,
+            "resyncs": self.scheduler.resyncs,
+            "dropped": sum(s.dropped for s in self.sinks),
+            "sinks": [s.stats() for s in self.sinks],
+            "source": {"name": self.source.name, "state": self.source.state()}
+            if self.source
+            else None,
+            "governor": gov,
+            "temps_c": gov.get("temps_c", {}),
+            "power_w": power,
+            "energy_per_inference_j": round(power / fps, 4) if power and fps > 0 else None,
+            "swaps": self.slot.swaps,
+            "last_reload": self.last_reload,
+            "config": str(self.config_path) if self.config_path else None,
+            "control_socket": str(self.control.sock_path),
+        }
+
+    def _watchdog_budget_s(self) -> float:
+        wd = self.notifier.watchdog_s
+        return max(wd / 2, 1.0) if wd else STALL_S
+
+    def write_status(self) -> dict[str, Any]:
+        snap = self.status_snapshot()
+        write_atomic(
+            status_path(self.config), (json.dumps(snap, indent=1, default=str) + "\n").encode()
+        )
+        self._last_snapshot = snap
+        return snap
+
+    def _status_tick(self) -> None:
+        snap = self.write_status()
+        # Feed the watchdog only while the frame loop is alive: a hung inference must make
+        # systemd restart us rather than be hidden by this thread.
+        if self._clock() - self._heartbeat <= self._watchdog_budget_s():
+            self.notifier.watchdog()
+        self.notifier.status(self._status_line())
+        if self.telemetry is not None:
+            try:
+                self.telemetry.set_gauges(
+                    snap.get("temps_c") or {},
+                    snap["governor"].get("state", "off"),
+                    float(self.scheduler.fps_cap),
+                )
+            except Exception as exc:
+                self._warn_once("telemetry", f"telemetry gauges failed: {exc}")
+
+    def _status_forever(self) -> None:
+        interval_s = self.config.status.interval_s
+        next_tick = time.monotonic()
+        while not self._stop_requested:
+            if self._reload_requested:
+                self._reload_requested = False
+                threading.Thread(target=self.reload, name="reload", daemon=True).start()
+            if time.monotonic() >= next_tick:
+                next_tick += interval_s
+                try:
+                    self._status_tick()
+                except Exception as exc:
+                    self._warn_once("status", f"status: cannot write ({exc})")
+            time.sleep(min(SLEEP_SLICE_S, max(0.0, next_tick - time.monotonic())))
+
+    # ------------------------------------------------------------------ prometheus
+
+    def _start_prometheus(self) -> None:
+        port = self.config.status.prometheus_port
+        if not port:
+            return
+        daemon = self
+
+        class MetricsHandler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/metrics":
+                    self.send_error(404)
+                    return
+                body = prometheus_text(
+                    getattr(daemon, "_last_snapshot", None) or daemon.status_snapshot()
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        try:
+            self._http = ThreadingHTTPServer(("127.0.0.1", port), MetricsHandler)
+        except OSError as exc:
+            raise StateError(
+                f"status.prometheus_port {port}: cannot listen ({exc.strerror})"
+            ) from None
+        threading.Thread(target=self._http.serve_forever, name="prometheus", daemon=True).start()
+
+
+def prometheus_text(snap: Mapping[str, Any]) -> str:
+    """The status figures in the Prometheus text exposition format."""
+    model = snap.get("model") or {}
+    labels = f'model="{model.get("name", "")}",version="{model.get("version", "")}"'
+    lines = [
+        "# TYPE edge_agent_fps gauge",
+        f"edge_agent_fps{{{labels}}} {snap.get('fps', 0)}",
+        "# TYPE edge_agent_fps_cap gauge",
+        f"edge_agent_fps_cap {snap.get('fps_cap', 0)}",
+        "# TYPE edge_agent_frames_total counter",
+        f"edge_agent_frames_total {snap.get('frames', 0)}",
+        "# TYPE edge_agent_errors_total counter",
+        f"edge_agent_errors_total {snap.get('errors', 0)}",
+        "# TYPE edge_agent_sink_dropped_total counter",
+        f"edge_agent_sink_dropped_total {snap.get('dropped', 0)}",
+        "# TYPE edge_agent_latency_ms gauge",
+    ]
+    for q, value in (snap.get("latency_ms") or {}).items():
+        if value is not None and q.startswith("p"):
+            lines.append(f'edge_agent_latency_ms{{quantile="0.{q[1:]}"}} {value}')
+    lines.append("# TYPE edge_agent_temperature_c gauge")
+    for zone, temp in (snap.get("temps_c") or {}).items():
+        lines.append(f'edge_agent_temperature_c{{zone="{zone}"}} {temp}')
+    paused = 1 if (snap.get("governor") or {}).get("state") == PAUSED else 0
+    lines += ["# TYPE edge_agent_paused gauge", f"edge_agent_paused {paused}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_daemon(config_path: Path) -> int:
+    """`edge-agent run`: load the config and run until stopped."""
+    config = load_config(config_path)
+    logging.getLogger().setLevel(config.log_level)
+    return Daemon(config, config_path).run()
+
+
+__all__ = ["Daemon", "PreprocessConfig", "prometheus_text", "read_manifest", "run_daemon"]

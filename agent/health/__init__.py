@@ -1,0 +1,1 @@
+"""Board health: thermal zones, throttle flags, power rails, and the governor that acts on them."""

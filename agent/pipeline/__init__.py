@@ -1,0 +1,1 @@
+"""The frame pipeline: sources, preprocessing, pacing, postprocessing, sinks, the model slot."""

@@ -1,0 +1,107 @@
+"""Turns model outputs into results: top-k with labels, or boxes with score threshold and NMS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def softmax(logits: npt.NDArray[Any]) -> FloatArray:
+    """Row-wise softmax, stable for large logits."""
+    x = np.asarray(logits, dtype=np.float32)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    out: FloatArray = e / e.sum(axis=-1, keepdims=True)
+    return out
+
+
+def looks_like_probabilities(row: npt.NDArray[Any]) -> bool:
+    """True when a row already sums to 1 with values in [0, 1] (a softmax head)."""
+    return bool(row.min() >= 0.0 and row.max() <= 1.0 and abs(float(row.sum()) - 1.0) < 1e-3)
+
+
+def top_k(scores: npt.NDArray[Any], k: int = 1, labels: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The k best classes of one output row, with probabilities and labels."""
+    row = np.asarray(scores, dtype=np.float32).reshape(-1)
+    probs = row if looks_like_probabilities(row) else softmax(row)
+    k = max(1, min(k, row.size))
+    best = np.argsort(-probs, kind="stable")[:k]
+    out = []
+    for idx in best:
+        i = int(idx)
+        item: dict[str, Any] = {"class": i, "score": round(float(probs[i]), 6)}
+        if i < len(labels):
+            item["label"] = labels[i]
+        out.append(item)
+    return out
+
+
+def iou(box: FloatArray, boxes: FloatArray) -> FloatArray:
+    """Intersection over union of one (x1, y1, x2, y2) box with many."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    out: FloatArray = inter / np.maximum(area + areas - inter, 1e-9)
+    return out
+
+
+def nms(boxes: FloatArray, scores: FloatArray, iou_threshold: float) -> list[int]:
+    """Greedy non-maximum suppression; returns kept indices, best score first."""
+    order = list(np.argsort(-scores, kind="stable"))
+    keep: list[int] = []
+    while order:
+        i = int(order.pop(0))
+        keep.append(i)
+        if not order:
+            break
+        rest = np.array(order)
+        overlaps = iou(boxes[i], boxes[rest])
+        order = [int(j) for j, o in zip(rest, overlaps) if o <= iou_threshold]
+    return keep
+
+
+def detections(
+    outputs: Sequence[npt.NDArray[Any]],
+    score_threshold: float = 0.25,
+    iou_threshold: float = 0.45,
+    labels: Sequence[str] = (),
+    row: int = 0,
+) -> list[dict[str, Any]]:
+    """Boxes of one image from a detector's outputs, filtered by score and per-class NMS.
+
+    Accepts either one tensor [N, K, 6] of (x1, y1, x2, y2, score, class) or three tensors
+    boxes [N, K, 4], scores [N, K], classes [N, K].
+    """
+    if len(outputs) >= 3:
+        boxes = np.asarray(outputs[0][row], dtype=np.float32).reshape(-1, 4)
+        scores = np.asarray(outputs[1][row], dtype=np.float32).reshape(-1)
+        classes = np.asarray(outputs[2][row]).reshape(-1).astype(np.int64)
+    else:
+        flat = np.asarray(outputs[0][row], dtype=np.float32).reshape(-1, 6)
+        boxes, scores, classes = flat[:, :4], flat[:, 4], flat[:, 5].astype(np.int64)
+    mask = scores >= score_threshold
+    boxes, scores, classes = boxes[mask], scores[mask], classes[mask]
+    found: list[dict[str, Any]] = []
+    for cls in np.unique(classes):
+        idx = np.flatnonzero(classes == cls)
+        for k in nms(boxes[idx], scores[idx], iou_threshold):
+            j = idx[k]
+            item: dict[str, Any] = {
+                "class": int(cls),
+                "score": round(float(scores[j]), 6),
+                "box": [round(float(v), 3) for v in boxes[j]],
+            }
+            if int(cls) < len(labels):
+                item["label"] = labels[int(cls)]
+            found.append(item)
+    found.sort(key=lambda d: -float(d["score"]))
+    return found

@@ -1,0 +1,281 @@
+"""Result sinks (JSONL with rotation, stdout, HTTP, MQTT) behind bounded drop-oldest queues."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from agent.config import SinkConfig
+from agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# a failing sink logs at most one warning per this many seconds
+WARN_EVERY_S = 30.0
+
+
+class Sink:
+    """A bounded queue in front of a writer thread: put() never blocks the frame loop.
+
+    When the queue is full the oldest item is dropped and counted: for live inference the
+    newest result is worth more than a backlog. Subclasses implement ``write_one``.
+    """
+
+    kind = "sink"
+
+    def __init__(self, name: str, queue_size: int = 1000) -> None:
+        self.name = name
+        self._queue: deque[Mapping[str, Any]] = deque()
+        self._max = max(1, queue_size)
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = False
+        self.dropped = 0
+        self.written = 0
+        self.failed = 0
+        self._last_warn = 0.0
+        self._thread = threading.Thread(
+            target=self._drain_forever, name=f"sink-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def put(self, item: Mapping[str, Any]) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            if len(self._queue) >= self._max:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(item)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + (1 if self._busy else 0)
+
+    def _drain_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                item = self._queue.popleft()
+                self._busy = True
+            try:
+                self.write_one(item)
+                self.written += 1
+            except Exception as exc:  # a sink fault must not kill its thread
+                self.failed += 1
+                now = time.monotonic()
+                if now - self._last_warn >= WARN_EVERY_S:
+                    self._last_warn = now
+                    log.warning(
+                        "sink %s: write failed (%s); %d failed so far", self.name, exc, self.failed
+                    )
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def write_one(self, item: Mapping[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Write what is queued for up to ``timeout_s``, then stop. True if all was written."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        drained = not self._thread.is_alive()
+        if not drained:
+            with self._cond:
+                left = len(self._queue)
+                self.dropped += left
+                self._queue.clear()
+            log.warning(
+                "sink %s: gave up draining after %.1f s (%d results dropped)",
+                self.name,
+                timeout_s,
+                left,
+            )
+        self.release()
+        return drained
+
+    def release(self) -> None:
+        """Free the sink's resources (files, connections)."""
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "written": self.written,
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "queued": self.pending(),
+        }
+
+
+def _line(item: Mapping[str, Any]) -> str:
+    return json.dumps(item, separators=(",", ":"), sort_keys=False) + "\n"
+
+
+class StdoutSink(Sink):
+    """One JSON line per result on stdout (journald keeps it under systemd)."""
+
+    kind = "stdout"
+
+    def __init__(self, queue_size: int = 1000, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        super().__init__("stdout", queue_size)
+
+    def write_one(self, item: Mapping[str, Any]) -> None:
+        stream = self._stream or sys.stdout
+        stream.write(_line(item))
+        stream.flush()
+
+
+class JsonlSink(Sink):
+    """JSON lines in a file, rotated at ``max_bytes``, keeping ``backups`` old files (.1, .2)."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: Path, max_bytes: int, backups: int, queue_size: int = 1000) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh: TextIO | None = path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"sink {path}: cannot open for writing ({exc.strerror})") from None
+        self._size = self._fh.tell()
+        self.rotations = 0
+        super().__init__(f"jsonl:{path.name}", queue_size)
+
+    def _rotate(self) -> None:
+        assert self._fh is not None
+        self._fh.close()
+        for i in range(self.backups, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            newer = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
+            if newer.exists():
+                if i == self.backups:
+                    older.unlink(missing_ok=True)
+                os.replace(newer, older)
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        self._fh = self.path.open("a", encoding="utf-8")
+        self._size = 0
+        self.rotations += 1
+
+    def write_one(self, item: Mapping[str, Any]) -> None:
+        line = _line(item)
+        data_bytes = len(line.encode("utf-8"))
+        if self._size and self._size + data_bytes > self.max_bytes:
+            self._rotate()
+        assert self._fh is not None
+        self._fh.write(line)
+        # flush per line: a reader (or a power cut) sees whole lines, not a 8 KiB buffer
+        self._fh.flush()
+        self._size += data_bytes
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class HttpSink(Sink):
+    """POSTs each result as JSON to a webhook, with a timeout; failures are counted, not raised."""
+
+    kind = "http"
+
+    def __init__(
+        self, url: str, timeout_s: float, headers: Mapping[str, str], queue_size: int = 1000
+    ) -> None:
+        import requests
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"sink url {url!r}: expected http:// or https://")
+        self.url = url
+        self.timeout_s = timeout_s
+        self._session = requests.Session()
+        self._session.headers.update({"Content-Type": "application/json", **dict(headers)})
+        super().__init__(f"http:{parts.netloc}", queue_size)
+
+    def write_one(self, item: Mapping[str, Any]) -> None:
+        resp = self._session.post(self.url, data=_line(item), timeout=self.timeout_s)
+        if resp.status_code >= 300:
+            raise OSError(f"HTTP {resp.status_code} from {self.url}")
+
+    def release(self) -> None:
+        self._session.close()
+
+
+class MqttSink(Sink):
+    """Publishes each result to an MQTT topic (paho-mqtt, extra ``mqtt``)."""
+
+    kind = "mqtt"
+
+    def __init__(
+        self, url: str, topic: str, qos: int, timeout_s: float, queue_size: int = 1000
+    ) -> None:
+        try:
+            import paho.mqtt.client as mqtt
+        except ImportError:
+            raise ConfigError(
+                "sink mqtt: needs paho-mqtt (pip install 'edge-agent[mqtt]')"
+            ) from None
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ConfigError(f"sink url {url!r}: expected mqtt://host:port")
+        self.topic = topic
+        self.qos = qos
+        self.timeout_s = timeout_s
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)  # type: ignore[attr-defined]  # paho re-exports it untyped
+        # connect in the background and keep reconnecting: a broker that is down at start
+        # must not stop the agent
+        self._client.connect_async(parts.hostname, parts.port or 1883)
+        self._client.loop_start()
+        super().__init__(f"mqtt:{parts.hostname}", queue_size)
+
+    def write_one(self, item: Mapping[str, Any]) -> None:
+        if not self._client.is_connected():
+            raise OSError("not connected to the MQTT broker")
+        info = self._client.publish(self.topic, _line(item).strip(), qos=self.qos)
+        if self.qos > 0:
+            info.wait_for_publish(self.timeout_s)
+
+    def release(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def open_sink(config: SinkConfig) -> Sink:
+    """Build one configured sink."""
+    if config.kind == "stdout":
+        return StdoutSink(config.queue_size)
+    if config.kind == "jsonl":
+        if config.path is None:
+            raise ConfigError("sinks: a jsonl sink needs a path")
+        return JsonlSink(config.path, config.max_bytes, config.backups, config.queue_size)
+    if config.kind == "http":
+        return HttpSink(config.url or "", config.timeout_s, config.headers, config.queue_size)
+    return MqttSink(
+        config.url or "",
+        config.topic or "edge-agent/results",
+        config.qos,
+        config.timeout_s,
+        config.queue_size,
+    )
