@@ -1,9 +1,304 @@
-"""CLI commands for the ota area (filled in by its issue)."""
+"""CLI commands for OTA on the device: provision, install, update, rollback (and ota_status)."""
 
 from __future__ import annotations
 
-from agent.commands import SubParsers
+import argparse
+import dataclasses
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.commands import SubParsers, add_command
+from agent.config import AgentConfig, load_config
+from agent.errors import OTAError, StateError, UsageError
+from agent.textio import write_atomic
+
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.yaml")
+CONTROL_TIMEOUT_S = 600.0
 
 
 def add_commands(sub: SubParsers) -> None:
-    """Add this area's subcommands (none yet)."""
+    """Add provision, install, update and rollback."""
+    p = add_command(
+        sub,
+        "provision",
+        _provision,
+        "put the trusted TUF root, the release keyring and the device id on this device",
+        "edge-agent provision --state-dir /var/lib/edge-agent --tuf-root root.json "
+        "--keyring keys/ --device-id pi-0042",
+    )
+    _add_common(p)
+    p.add_argument("--tuf-root", type=Path, required=True, help="the repository's root.json")
+    p.add_argument(
+        "--keyring",
+        type=Path,
+        required=True,
+        help="folder with keyring.json and the release keys' *.pub.json",
+    )
+    p.add_argument("--device-id", required=True, help="this device's id (rollout membership)")
+
+    p = add_command(
+        sub,
+        "install",
+        _install,
+        "install a package file (USB or local) through the same checks as an OTA update",
+        "edge-agent install /media/usb/digits-1.1.0.tar",
+    )
+    _add_common(p)
+    p.add_argument("package", type=Path, help="a signed package .tar")
+
+    p = add_command(
+        sub,
+        "update",
+        _update,
+        "check the channel and (with --now) download and install what it offers",
+        "edge-agent update --check --config /etc/edge-agent/agent.yaml",
+    )
+    _add_common(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--check", action="store_true", help="only say what would happen")
+    group.add_argument("--now", action="store_true", help="take the offered release now")
+
+    p = add_command(
+        sub,
+        "rollback",
+        _rollback,
+        "switch back to the previous installed model",
+        "edge-agent rollback --state-dir /var/lib/edge-agent",
+    )
+    _add_common(p)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, default=None, help=f"agent config (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--state-dir", type=Path, default=None, help="override the config's state_dir")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def load_agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The config named by --config (or the default file when present), with --state-dir."""
+    path = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    cfg = load_config(path) if path is not None else AgentConfig()
+    if args.state_dir is not None:
+        cfg = dataclasses.replace(cfg, state_dir=args.state_dir.resolve())
+    return cfg
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], line: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(line)
+
+
+# ---------------------------------------------------------------------------- provision
+
+
+def _provision(args: argparse.Namespace) -> int:
+    cfg = load_agent_config(args)
+    state = cfg.state_dir
+    root_bytes = _read_small(args.tuf_root, 512 << 10)
+    try:
+        from tuf.api.metadata import Metadata
+
+        md: Any = Metadata.from_bytes(root_bytes)
+        if md.signed.type != "root":
+            raise ValueError(f"a {md.signed.type} file, not root")
+        md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+    except Exception as exc:  # tuf raises many types for bad input
+        raise UsageError(f"{args.tuf_root}: not a valid self-signed TUF root ({exc})") from None
+    if not args.keyring.is_dir() or not (args.keyring / "keyring.json").is_file():
+        raise UsageError(f"{args.keyring}: expected a folder with keyring.json")
+    package = importlib.import_module("agent.package.keys")
+    package.Keyring.load(args.keyring)  # refuse a broken keyring before copying it
+    device_id = args.device_id.strip()
+    if not device_id or "\n" in device_id or len(device_id) > 128:
+        raise UsageError(f"--device-id {args.device_id!r}: expected 1..128 characters, one line")
+    try:
+        (state / "tuf").mkdir(parents=True, exist_ok=True)
+        write_atomic(state / "tuf" / "root.json", root_bytes)
+        keyring_dir = state / "keyring"
+        keyring_dir.mkdir(parents=True, exist_ok=True)
+        for src in sorted(args.keyring.iterdir()):
+            if src.name == "keyring.json" or src.name.endswith(".pub.json"):
+                write_atomic(keyring_dir / src.name, _read_small(src, 64 << 10))
+        write_atomic(state / "device_id", (device_id + "\n").encode())
+    except OSError as exc:
+        raise StateError(f"{state}: cannot provision ({exc.strerror})") from None
+    _print(
+        args,
+        {"state_dir": str(state), "device_id": device_id, "tuf_root_version": md.signed.version},
+        f"provisioned {state}: device {device_id}, TUF root v{md.signed.version}, keyring copied",
+    )
+    return 0
+
+
+def _read_small(path: Path, max_bytes: int) -> bytes:
+    try:
+        if path.stat().st_size > max_bytes:
+            raise UsageError(f"{path}: larger than {max_bytes} bytes")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+# ---------------------------------------------------------------------------- daemon link
+
+
+def _ask_daemon(state_dir: Path, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Send a request to the running daemon; None when no daemon listens."""
+    sock = state_dir / "control.sock"
+    if not sock.exists():
+        return None
+    try:
+        control = importlib.import_module("agent.control")
+    except ImportError:
+        return None
+    try:
+        reply: dict[str, Any] = control.control_request(sock, request, CONTROL_TIMEOUT_S)
+    except (OSError, ConnectionError):
+        return None
+    except Exception as exc:  # a daemon that answers badly is not a reason to install twice
+        raise OTAError(f"{sock}: daemon did not answer ({exc})") from None
+    return reply
+
+
+def _daemon_result(args: argparse.Namespace, reply: dict[str, Any]) -> int:
+    if not reply.get("ok"):
+        code = int(reply.get("exit_code", 3))
+        sys.stderr.write(f"Error: {reply.get('error', 'daemon refused')} (daemon)\n")
+        return code
+    _print(args, reply, str(reply.get("message", "done (daemon)")))
+    return 0
+
+
+def _service(cfg: AgentConfig) -> Any:
+    from agent.ota.service import OTAService
+
+    service = OTAService(cfg)
+    service.recover()
+    return service
+
+
+# ---------------------------------------------------------------------------- install
+
+
+def _install(args: argparse.Namespace) -> int:
+    cfg = load_agent_config(args)
+    tar = args.package.resolve()
+    if not tar.is_file():
+        raise UsageError(f"{args.package}: file not found")
+    reply = _ask_daemon(cfg.state_dir, {"cmd": "install", "path": str(tar)})
+    if reply is not None:
+        return _daemon_result(args, reply)
+    service = _service(cfg)
+    try:
+        entry = service.install_file(tar)
+    finally:
+        service.close()
+    _print(
+        args,
+        entry.to_dict(),
+        f"installed {entry.package} {entry.version} (was {entry.from_version or 'none'}); "
+        f"state {entry.state.value}: probation runs when the daemon starts",
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- update
+
+
+def _update(args: argparse.Namespace) -> int:
+    cfg = load_agent_config(args)
+    if args.now:
+        reply = _ask_daemon(cfg.state_dir, {"cmd": "update"})
+        if reply is not None:
+            return _daemon_result(args, reply)
+    service = _service(cfg)
+    try:
+        result = service.update_now() if args.now else service.check()
+        state = service.journal.state().value
+    finally:
+        service.close()
+    data = {**result.to_dict(), "state": state}
+    verb = "installed" if (args.now and result.take) else "would take" if result.take else "no"
+    _print(args, data, f"{verb}: {result.reason} (state {state})")
+    return 0
+
+
+# ---------------------------------------------------------------------------- rollback
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    cfg = load_agent_config(args)
+    reply = _ask_daemon(cfg.state_dir, {"cmd": "rollback"})
+    if reply is not None:
+        return _daemon_result(args, reply)
+    service = _service(cfg)
+    try:
+        entry = service.rollback("operator asked")
+    finally:
+        service.close()
+    _print(
+        args,
+        entry.to_dict(),
+        f"rolled back to {entry.package} {entry.version} (from {entry.from_version})",
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def ota_status(state_dir: Path) -> dict[str, Any]:
+    """OTA fields for `edge-agent status --json`: versions, state, last gate report, refusal."""
+    from agent.ota import install
+    from agent.ota.journal import Journal
+    from agent.ota.service import LAST_GATE_REPORT
+
+    def version_of(which: str) -> str | None:
+        pkg_dir = install.resolve(state_dir, which)
+        if pkg_dir is None:
+            return None
+        try:
+            return str(json.loads((pkg_dir / "manifest.json").read_bytes()).get("version"))
+        except (OSError, ValueError):
+            return None
+
+    out: dict[str, Any] = {
+        "active_version": version_of(install.CURRENT),
+        "previous_version": version_of(install.PREVIOUS),
+        "state": "IDLE",
+        "last_change": None,
+        "last_gate_report": None,
+        "last_refusal": None,
+    }
+    if not (state_dir / "state.db").exists():
+        return out
+    journal = Journal(state_dir / "state.db")
+    try:
+        last = journal.last()
+        if last is not None:
+            out["state"] = last.state.value
+            out["last_change"] = {k: v for k, v in last.to_dict().items() if k != "detail"}
+        report = journal.get_value(LAST_GATE_REPORT)
+        out["last_gate_report"] = json.loads(report) if report else None
+        out["last_refusal"] = journal.last_refusal()
+    finally:
+        journal.close()
+    return out
+
+
+def remove_state(state_dir: Path) -> None:
+    """Wipe a state directory's OTA parts (tests and re-provisioning)."""
+    for name in ("models", "staging", "tuf", "keyring"):
+        shutil.rmtree(state_dir / name, ignore_errors=True)

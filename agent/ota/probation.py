@@ -54,6 +54,11 @@ class Baseline:
                 conf = _num(part.get("confidence_mean"))
                 if lat is not None or conf is not None:
                     return cls(latency_p95_ms=lat, confidence_mean=conf)
+        # The gate's own layout: metrics.latency.candidate.p95_ms
+        latency = (report.get("metrics") or {}).get("latency") or {}
+        cand = latency.get("candidate") if isinstance(latency, Mapping) else None
+        if isinstance(cand, Mapping):
+            return cls(latency_p95_ms=_num(cand.get("p95_ms")))
         return cls()
 
 

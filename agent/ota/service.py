@@ -88,18 +88,21 @@ BackendLoader = Callable[[Path, Mapping[str, Any]], Backend]
 
 
 def read_package_default(tar_path: Path, keyring_dir: Path, staging_dir: Path) -> ExtractedPackage:
-    """Verify + extract with the package reader (agent.package), compat checked here."""
-    # The package area's reader; imported here so OTA imports stay light.
-    pkg: Any = importlib.import_module("agent.package")
-
-    keyring = pkg.Keyring.load(keyring_dir)
-    verified = pkg.read_package(tar_path, keyring, staging_dir)
+    """Verify + extract with the package area's reader, then its compat check when present."""
+    # Imported here so OTA imports stay light and the package area can move its internals.
+    keys: Any = importlib.import_module("agent.package.keys")
+    reader: Any = importlib.import_module("agent.package.reader")
+    verified = reader.read_package(tar_path, keys.Keyring.load(keyring_dir), staging_dir)
     root = Path(verified.root)
     manifest = json.loads((root / "manifest.json").read_bytes())
-    from agent.runtime import installed_runtimes
+    package: Any = importlib.import_module("agent.package")
+    check_compat = getattr(package, "check_compat", None)
+    if check_compat is not None:
+        from agent.runtime import installed_runtimes
 
-    pkg.check_compat(verified.manifest, __version__, None, installed_runtimes())
-    return ExtractedPackage(root=root, manifest=manifest, model_path=Path(verified.model_path))
+        check_compat(verified.manifest, __version__, None, installed_runtimes())
+    model = root / str(manifest.get("runtime", {}).get("model", "model.onnx"))
+    return ExtractedPackage(root=root, manifest=manifest, model_path=model)
 
 
 def run_gate_default(
