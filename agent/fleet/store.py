@@ -1,0 +1,431 @@
+"""Server telemetry: OTLP/JSON parsing and SQLite rows de-duplicated by (device, boot, seq)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import InputDataError, TelemetryError, UsageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (
+  device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq INTEGER NOT NULL,
+  time_ns INTEGER NOT NULL, type TEXT NOT NULL, event_name TEXT NOT NULL,
+  body TEXT, attrs TEXT NOT NULL, received_s REAL NOT NULL,
+  PRIMARY KEY (device_id, boot_id, seq)
+);
+CREATE TABLE IF NOT EXISTS ota_states (
+  device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq INTEGER NOT NULL,
+  time_ns INTEGER NOT NULL, package TEXT, version TEXT, from_version TEXT,
+  state TEXT NOT NULL, reason TEXT, channel TEXT,
+  PRIMARY KEY (device_id, boot_id, seq)
+);
+CREATE INDEX IF NOT EXISTS ota_states_by_version ON ota_states (package, version, time_ns);
+CREATE TABLE IF NOT EXISTS metrics (
+  device_id TEXT NOT NULL, name TEXT NOT NULL, time_ns INTEGER NOT NULL,
+  value REAL, attrs TEXT NOT NULL,
+  PRIMARY KEY (device_id, name, time_ns, attrs)
+);
+CREATE TABLE IF NOT EXISTS devices (
+  device_id TEXT PRIMARY KEY, first_seen_s REAL NOT NULL, last_seen_s REAL NOT NULL
+);
+"""
+
+MAX_RECORDS_PER_REQUEST = 10_000
+MAX_ATTR_TEXT = 64 << 10
+
+
+class BadPayloadError(InputDataError):
+    """An OTLP request body does not follow the OTLP/JSON shape or our attribute contract."""
+
+
+@dataclass(frozen=True)
+class LogRow:
+    device_id: str
+    boot_id: str
+    seq: int
+    time_ns: int
+    type: str
+    event_name: str
+    body: str | None
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    device_id: str
+    name: str
+    time_ns: int
+    value: float | None
+    attrs: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------
+# OTLP/JSON parsing (pure)
+# ---------------------------------------------------------------------------------------
+
+
+def _any_value(value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise BadPayloadError(f"{where}: AnyValue must be an object")
+    if "stringValue" in value:
+        return str(value["stringValue"])
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "intValue" in value:
+        try:
+            return int(value["intValue"])  # OTLP/JSON sends 64-bit ints as strings
+        except (TypeError, ValueError):
+            raise BadPayloadError(f"{where}: intValue is not an integer") from None
+    if "doubleValue" in value:
+        try:
+            return float(value["doubleValue"])
+        except (TypeError, ValueError):
+            raise BadPayloadError(f"{where}: doubleValue is not a number") from None
+    if "arrayValue" in value:
+        items = (value["arrayValue"] or {}).get("values", [])
+        return [_any_value(v, where) for v in _list(items, where)]
+    if "kvlistValue" in value:
+        return _attributes((value["kvlistValue"] or {}).get("values", []), where)
+    if "bytesValue" in value:
+        return str(value["bytesValue"])
+    return None
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadPayloadError(f"{where}: expected a list")
+    return value
+
+
+def _attributes(items: Any, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in _list(items, where):
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            raise BadPayloadError(f"{where}: attribute without a string key")
+        out[item["key"]] = _any_value(item.get("value", {}), f"{where}.{item['key']}")
+    return out
+
+
+def _time_ns(record: Mapping[str, Any], where: str) -> int:
+    raw = record.get("timeUnixNano") or record.get("observedTimeUnixNano") or 0
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise BadPayloadError(f"{where}: timeUnixNano is not an integer") from None
+
+
+def _device_of(resource_attrs: Mapping[str, Any], record_attrs: Mapping[str, Any]) -> Any:
+    return record_attrs.get("edge_agent.device_id", resource_attrs.get("edge_agent.device_id"))
+
+
+def parse_otlp_logs(payload: Any) -> list[LogRow]:
+    """Rows from an ExportLogsServiceRequest in OTLP/JSON; every record needs our three ids."""
+    if not isinstance(payload, dict):
+        raise BadPayloadError("body: expected a JSON object")
+    rows: list[LogRow] = []
+    for i, rl in enumerate(_list(payload.get("resourceLogs"), "resourceLogs")):
+        where_r = f"resourceLogs[{i}]"
+        if not isinstance(rl, dict):
+            raise BadPayloadError(f"{where_r}: expected an object")
+        resource_attrs = _attributes((rl.get("resource") or {}).get("attributes"), where_r)
+        for j, sl in enumerate(_list(rl.get("scopeLogs"), f"{where_r}.scopeLogs")):
+            if not isinstance(sl, dict):
+                raise BadPayloadError(f"{where_r}.scopeLogs[{j}]: expected an object")
+            records = _list(sl.get("logRecords"), f"{where_r}.scopeLogs[{j}].logRecords")
+            for k, rec in enumerate(records):
+                where = f"{where_r}.scopeLogs[{j}].logRecords[{k}]"
+                if not isinstance(rec, dict):
+                    raise BadPayloadError(f"{where}: expected an object")
+                attrs = _attributes(rec.get("attributes"), where)
+                device_id = _device_of(resource_attrs, attrs)
+                boot_id = attrs.get("edge_agent.boot_id")
+                seq = attrs.get("edge_agent.seq")
+                if not isinstance(device_id, str) or not device_id:
+                    raise BadPayloadError(f"{where}: edge_agent.device_id is missing")
+                if not isinstance(boot_id, str) or not boot_id:
+                    raise BadPayloadError(f"{where}: edge_agent.boot_id is missing")
+                if not isinstance(seq, int) or isinstance(seq, bool):
+                    raise BadPayloadError(f"{where}: edge_agent.seq must be an integer")
+                body = rec.get("body")
+                body_value = _any_value(body, f"{where}.body") if body else None
+                rows.append(
+                    LogRow(
+                        device_id=device_id,
+                        boot_id=boot_id,
+                        seq=seq,
+                        time_ns=_time_ns(rec, where),
+                        type=str(attrs.get("edge_agent.type", "event")),
+                        event_name=str(attrs.get("event.name", "")),
+                        body=None if body_value is None else json.dumps(body_value)[:MAX_ATTR_TEXT],
+                        attrs=attrs,
+                    )
+                )
+                if len(rows) > MAX_RECORDS_PER_REQUEST:
+                    raise BadPayloadError(f"body: more than {MAX_RECORDS_PER_REQUEST} records")
+    return rows
+
+
+def parse_otlp_metrics(payload: Any) -> list[MetricRow]:
+    """Gauge and sum points (histograms as their sum) from an ExportMetricsServiceRequest."""
+    if not isinstance(payload, dict):
+        raise BadPayloadError("body: expected a JSON object")
+    rows: list[MetricRow] = []
+    for i, rm in enumerate(_list(payload.get("resourceMetrics"), "resourceMetrics")):
+        where_r = f"resourceMetrics[{i}]"
+        if not isinstance(rm, dict):
+            raise BadPayloadError(f"{where_r}: expected an object")
+        resource_attrs = _attributes((rm.get("resource") or {}).get("attributes"), where_r)
+        for j, sm in enumerate(_list(rm.get("scopeMetrics"), f"{where_r}.scopeMetrics")):
+            if not isinstance(sm, dict):
+                raise BadPayloadError(f"{where_r}.scopeMetrics[{j}]: expected an object")
+            for k, metric in enumerate(_list(sm.get("metrics"), f"{where_r}.metrics")):
+                where = f"{where_r}.scopeMetrics[{j}].metrics[{k}]"
+                if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
+                    raise BadPayloadError(f"{where}: metric without a name")
+                for kind in ("gauge", "sum", "histogram", "summary"):
+                    if kind in metric:
+                        data = metric[kind]
+                        break
+                else:
+                    raise BadPayloadError(f"{where}: no gauge, sum or histogram data")
+                if not isinstance(data, dict):
+                    raise BadPayloadError(f"{where}.{kind}: expected an object")
+                for n, point in enumerate(_list(data.get("dataPoints"), f"{where}.dataPoints")):
+                    pw = f"{where}.dataPoints[{n}]"
+                    if not isinstance(point, dict):
+                        raise BadPayloadError(f"{pw}: expected an object")
+                    attrs = _attributes(point.get("attributes"), pw)
+                    device_id = _device_of(resource_attrs, attrs)
+                    if not isinstance(device_id, str) or not device_id:
+                        raise BadPayloadError(f"{pw}: edge_agent.device_id is missing")
+                    raw = point.get("asDouble", point.get("asInt", point.get("sum")))
+                    try:
+                        value = None if raw is None else float(raw)
+                    except (TypeError, ValueError):
+                        raise BadPayloadError(f"{pw}: value is not a number") from None
+                    rows.append(
+                        MetricRow(device_id, metric["name"], _time_ns(point, pw), value, attrs)
+                    )
+                    if len(rows) > MAX_RECORDS_PER_REQUEST:
+                        raise BadPayloadError(f"body: more than {MAX_RECORDS_PER_REQUEST} points")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# SQLite store
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+
+
+def open_store(url: str) -> TelemetryStore:
+    """A store from a path or URL; PostgreSQL is the documented scale-out path, not built here."""
+    if url.startswith(("postgres://", "postgresql://")):
+        raise UsageError(
+            f"{url.split('@')[-1]}: PostgreSQL storage is not part of this build; "
+            "use a SQLite path (see docs/fleet.md, scaling out)"
+        )
+    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else url
+    return TelemetryStore(Path(path))
+
+
+class TelemetryStore:
+    """One SQLite file (WAL) shared by the request handlers and the rollout controller."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self._lock = threading.Lock()
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise TelemetryError(f"{db_path}: cannot open telemetry database ({exc})") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _touch_devices(self, device_ids: Iterable[str], now_s: float) -> None:
+        self._db.executemany(
+            "INSERT INTO devices VALUES (?, ?, ?) "
+            "ON CONFLICT(device_id) DO UPDATE SET last_seen_s = excluded.last_seen_s",
+            [(d, now_s, now_s) for d in set(device_ids)],
+        )
+
+    def insert_logs(self, rows: Sequence[LogRow], now_s: float | None = None) -> IngestResult:
+        now_s = time.time() if now_s is None else now_s
+        accepted = 0
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for row in rows:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            row.device_id,
+                            row.boot_id,
+                            row.seq,
+                            row.time_ns,
+                            row.type,
+                            row.event_name,
+                            row.body,
+                            json.dumps(row.attrs)[:MAX_ATTR_TEXT],
+                            now_s,
+                        ),
+                    )
+                    if cur.rowcount != 1:
+                        continue
+                    accepted += 1
+                    if row.event_name == "ota.state":
+                        self._insert_ota_state(row)
+                self._touch_devices((r.device_id for r in rows), now_s)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise TelemetryError(f"{self.db_path}: cannot store logs ({exc})") from None
+        return IngestResult(accepted, len(rows) - accepted)
+
+    def _insert_ota_state(self, row: LogRow) -> None:
+        def attr(key: str) -> str | None:
+            value = row.attrs.get(f"edge_agent.attr.{key}")
+            return None if value is None else str(value)
+
+        state = attr("state")
+        if state is None:
+            return
+        self._db.execute(
+            "INSERT OR IGNORE INTO ota_states VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.device_id,
+                row.boot_id,
+                row.seq,
+                row.time_ns,
+                attr("package"),
+                attr("version"),
+                attr("from_version"),
+                state.upper(),
+                attr("reason"),
+                attr("channel"),
+            ),
+        )
+
+    def insert_metrics(self, rows: Sequence[MetricRow], now_s: float | None = None) -> IngestResult:
+        now_s = time.time() if now_s is None else now_s
+        accepted = 0
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for row in rows:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO metrics VALUES (?, ?, ?, ?, ?)",
+                        (
+                            row.device_id,
+                            row.name,
+                            row.time_ns,
+                            row.value,
+                            json.dumps(row.attrs, sort_keys=True)[:MAX_ATTR_TEXT],
+                        ),
+                    )
+                    accepted += cur.rowcount == 1
+                self._touch_devices((r.device_id for r in rows), now_s)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise TelemetryError(f"{self.db_path}: cannot store metrics ({exc})") from None
+        return IngestResult(accepted, len(rows) - accepted)
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, args))
+            except sqlite3.Error as exc:
+                raise TelemetryError(f"{self.db_path}: query failed ({exc})") from None
+
+    # --- what the rollout controller and the status page read ---
+
+    def known_devices(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT device_id FROM devices ORDER BY device_id")]
+
+    def latest_states(self, package: str, version: str) -> dict[str, str]:
+        rows = self._query(
+            "SELECT device_id, state FROM ota_states WHERE package = ? AND version = ? "
+            "ORDER BY time_ns, rowid",
+            (package, version),
+        )
+        return {device: state for device, state in rows}
+
+    def count_rows(self, table: str) -> int:
+        if table not in ("logs", "metrics", "ota_states", "devices"):
+            raise UsageError(f"unknown table {table!r}")
+        return int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+    def state_counts(self, package: str) -> dict[tuple[str, str], int]:
+        """(version, state) -> devices whose newest event for that version is that state."""
+        rows = self._query(
+            "SELECT device_id, version, state FROM ota_states WHERE package = ? "
+            "ORDER BY time_ns, rowid",
+            (package,),
+        )
+        latest: dict[tuple[str, str], str] = {}
+        for device, version, state in rows:
+            latest[(device, version or "?")] = state
+        counts: dict[tuple[str, str], int] = {}
+        for (_, version), state in latest.items():
+            counts[(version, state)] = counts.get((version, state), 0) + 1
+        return counts
+
+    def version_timeline(
+        self, package: str, points: int = 40, now_ns: int | None = None
+    ) -> tuple[list[int], dict[str, list[int]]]:
+        """Devices running each version at `points` evenly spaced times (for the status chart).
+
+        A device runs `version` after COMMITTED and `from_version` after ROLLED_BACK.
+        """
+        rows = self._query(
+            "SELECT device_id, time_ns, version, from_version, state FROM ota_states "
+            "WHERE package = ? AND state IN ('COMMITTED', 'ROLLED_BACK') ORDER BY time_ns, rowid",
+            (package,),
+        )
+        if not rows:
+            return [], {}
+        start = rows[0][1]
+        end = max(now_ns or rows[-1][1], rows[-1][1])
+        step = max(1, (end - start) // max(1, points - 1))
+        times = [start + i * step for i in range(points)]
+        running: dict[str, str] = {}
+        series: dict[str, list[int]] = {}
+        index = 0
+        for ti, t in enumerate(times):
+            while index < len(rows) and rows[index][1] <= t:
+                device, _, version, from_version, state = rows[index]
+                now_version = version if state == "COMMITTED" else from_version
+                if now_version:
+                    running[device] = now_version
+                else:
+                    running.pop(device, None)
+                index += 1
+            counts: dict[str, int] = {}
+            for v in running.values():
+                counts[v] = counts.get(v, 0) + 1
+            for v in counts:
+                series.setdefault(v, [0] * len(times))
+            for v, values in series.items():
+                values[ti] = counts.get(v, 0)
+        return times, series
