@@ -70,6 +70,7 @@ class TelemetryRecorder:
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
         start_uploader: bool = True,
         max_page_count: int | None = None,
+        busy_timeout_s: float = 5.0,
     ) -> None:
         self.config = config
         self.device_id = device_id
@@ -96,6 +97,7 @@ class TelemetryRecorder:
             max_bytes=config.max_bytes,
             synchronous=config.synchronous,
             max_page_count=max_page_count,
+            busy_timeout_s=busy_timeout_s,
         )
         last_good = self.store.get_meta("last_good_unix_ns")
         if last_good:

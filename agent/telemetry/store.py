@@ -342,16 +342,14 @@ class TelemetryStore:
                     raise
                 log.warning("telemetry store full (%s), stage %d", exc, stage)
                 if stage == 0:
-                    self.evict_bytes(max(self.used_bytes() // 4, 64 << 10), reason="full")
-                elif stage == 1:
-                    self.evict_bytes(
-                        self.used_bytes(), max_priority=PRIORITY_SUMMARY, reason="full"
-                    )
-                    pending = self._drop(pending, PRIORITY_SUMMARY, result)
+                    # Make room by evicting old rows below the critical ones, then retry.
+                    amount = max(self.used_bytes() // 4, 64 << 10)
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        self.evict_bytes(amount, max_priority=PRIORITY_EVENT, reason="full")
                 else:
-                    pending = self._drop(
-                        pending, PRIORITY_CRITICAL if stage == 3 else PRIORITY_EVENT, result
-                    )
+                    # Still full: drop the new rows, lowest priority first, and count them.
+                    keep_above = (PRIORITY_SUMMARY, PRIORITY_EVENT, PRIORITY_CRITICAL)[stage - 1]
+                    pending = self._drop(pending, keep_above, result)
                 if not pending:
                     break
         self.count_dropped(result.dropped, prefix="dropped_full")
