@@ -1,9 +1,107 @@
-"""CLI commands for the gate area (filled in by its issue)."""
+"""CLI command `edge-agent gate`: run the golden-set regression gate on two models."""
 
 from __future__ import annotations
 
-from agent.commands import SubParsers
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.commands import SubParsers, add_command
+from agent.config import load_yaml_file
+from agent.errors import EXIT_OK, EXIT_REFUSED, ConfigError, UsageError
+from agent.runtime import BACKEND_NAMES
+from agent.textio import progress_printer, write_atomic
+
+EXAMPLE = (
+    "edge-agent gate --baseline agent/demo/models/digits_fp32.onnx "
+    "--candidate agent/demo/models/digits_int8.onnx --golden golden_local --report gate.json"
+)
+
+
+def _package_gate(text: str | None) -> dict[str, Any] | None:
+    """--package-gate takes inline JSON or a YAML/JSON file with the thresholds."""
+    if text is None:
+        return None
+    path = Path(text)
+    if path.is_file():
+        data = load_yaml_file(path)
+        where = str(path)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--package-gate: neither a file nor JSON ({exc.msg})") from None
+        where = "--package-gate"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of thresholds")
+    return data
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from agent.ota.golden import run_gate
+
+    show = progress_printer("gate") if sys.stderr.isatty() and not args.json else None
+    report = run_gate(
+        Path(args.baseline),
+        Path(args.candidate),
+        Path(args.golden),
+        policy=Path(args.policy) if args.policy else None,
+        package_gate=_package_gate(args.package_gate),
+        progress=show,
+        baseline_cache=Path(args.cache) if args.cache else None,
+        backend=args.backend,
+    )
+    data = report.to_dict()
+    if args.report:
+        try:
+            write_atomic(Path(args.report), (json.dumps(data, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise UsageError(f"{args.report}: cannot write the report ({exc.strerror})") from None
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(report.format_table())
+    return EXIT_OK if report.passed else EXIT_REFUSED
 
 
 def add_commands(sub: SubParsers) -> None:
-    """Add this area's subcommands (none yet)."""
+    """Add `gate`."""
+    parser = add_command(
+        sub,
+        "gate",
+        cmd_gate,
+        "Check a candidate model against the current one on the golden set "
+        "(exit 0 pass, 3 fail, 2 bad input).",
+        EXAMPLE,
+    )
+    parser.add_argument(
+        "--baseline", required=True, metavar="MODEL", help="current model: file or package dir"
+    )
+    parser.add_argument(
+        "--candidate", required=True, metavar="MODEL", help="new model: file or package dir"
+    )
+    parser.add_argument(
+        "--golden", required=True, metavar="DIR", help="golden set folder (inputs.npy, ...)"
+    )
+    parser.add_argument(
+        "--policy", metavar="FILE", help="thresholds YAML (default: DIR/policy.yaml if present)"
+    )
+    parser.add_argument(
+        "--package-gate",
+        metavar="JSON|FILE",
+        help="stricter thresholds as a package would ask (default: the candidate "
+        "package's manifest `gate`); loosening keys are ignored and reported",
+    )
+    parser.add_argument("--report", metavar="FILE.json", help="write the full JSON report here")
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="baseline output cache: reuse the current model's outputs and latencies from an "
+        "earlier gate on the same golden set and backend; store this run's",
+    )
+    parser.add_argument(
+        "--backend", choices=BACKEND_NAMES, default="auto", help="runtime (default: auto)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the JSON report, no table")

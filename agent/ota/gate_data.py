@@ -185,15 +185,14 @@ class GateModel:
 
 
 def _read_manifest(package_dir: Path) -> dict[str, Any]:
+    """The installed package's manifest as plain data, validated by agent.package when the
+    package part is present (it is optional here so the gate stands alone)."""
     try:
-        from agent.package import load_installed  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        load_installed = None
-    if load_installed is not None:
-        manifest = load_installed(package_dir)
-        raw = getattr(manifest, "raw", None) or getattr(manifest, "data", None)
-        if isinstance(raw, dict):
-            return raw
+        from agent.package import load_installed
+    except ImportError:  # pragma: no cover - only on a partial install
+        load_installed = None  # type: ignore[assignment]
+    if load_installed is not None and (package_dir / "manifest.json").is_file():
+        return load_installed(package_dir).to_dict()
     # Plain JSON: the package was verified when it was installed, this only reads it back.
     path = package_dir / "manifest.json"
     try:

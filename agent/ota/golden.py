@@ -410,7 +410,7 @@ def detection_checks(
 # ---------------------------------------------------------------------------------------
 
 
-def _as_model(source: ModelSource) -> tuple[GateModel, Backend | None]:
+def _as_model(source: ModelSource, backend: str) -> tuple[GateModel, Backend | None]:
     if isinstance(source, Backend):
         precision = "unknown"
         if source.name == "onnx":
@@ -418,7 +418,7 @@ def _as_model(source: ModelSource) -> tuple[GateModel, Backend | None]:
 
             precision = onnx_precision(source.path)
         return GateModel(source.path, source.name, precision, None), source
-    return resolve_model(Path(source)), None
+    return resolve_model(Path(source), backend), None
 
 
 def _resolve_policy(
@@ -442,6 +442,7 @@ def run_gate(
     package_gate: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
     baseline_cache: Path | str | None = None,
+    backend: str = "auto",
 ) -> GateReport:
     """Run both models on the golden set and check the candidate against the guard rails.
 
@@ -449,15 +450,17 @@ def run_gate(
     ``package_gate`` defaults to the candidate package's ``gate`` and may only tighten.
     With ``baseline_cache`` (a folder), the baseline's outputs, latencies and RSS come from
     an earlier run of the same model bytes on the same golden set and backend when there is
-    one, and both models' runs are stored for next time. Bad input raises a UsageError
-    (exit 2); a failed check does not raise: ``report.passed`` is False.
+    one, and both models' runs are stored for next time. ``backend`` picks the runtime for
+    model files ("auto": by file type; a package's runtime.kind wins under "auto").
+    Bad input raises a UsageError (exit 2); a failed check does not raise:
+    ``report.passed`` is False.
     """
     started = time.perf_counter()
     golden_dir = Path(golden_dir)
     golden = load_golden_set(golden_dir)
     device_policy = _resolve_policy(policy, golden_dir)
-    base_model, base_backend = _as_model(baseline)
-    cand_model, cand_backend = _as_model(candidate)
+    base_model, base_backend = _as_model(baseline, backend)
+    cand_model, cand_backend = _as_model(candidate, backend)
     if package_gate is None:
         package_gate = cand_model.package_gate
     effective, changes = apply_package_gate(device_policy, package_gate)
@@ -500,8 +503,8 @@ def run_gate(
     try:
         outs, lats, pass_growth = _interleaved_pass(to_run, golden.inputs, progress)
     finally:
-        for backend in owned:
-            backend.close()
+        for loaded in owned:
+            loaded.close()
 
     cand = _Measured(outs[-1], lats[-1], rss_added["candidate"] + max(0, pass_growth))
     if cached is not None:
