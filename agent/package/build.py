@@ -14,7 +14,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import load_yaml_file
-from agent.errors import ConfigError, ManifestError, ModelError, PackageError, UsageError
+from agent.errors import ConfigError, ManifestError, ModelError, UsageError
 from agent.package.keys import (
     KEYRING_NAME,
     Keyring,
@@ -270,8 +270,10 @@ def read_head(pkg: Path, limits: ReadLimits | None = None) -> PackageHead:
     limits = limits or ReadLimits()
     try:
         fh = pkg.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"{pkg}: package file not found") from None
     except OSError as exc:
-        raise PackageError(f"{pkg}: cannot open package ({exc.strerror})") from None
+        raise UsageError(f"{pkg}: cannot open package ({exc.strerror})") from None
     with fh:
         reader = TarReader(fh, limits.max_package_bytes)
         m_raw = _read_small_member(reader, MANIFEST_NAME, "first", limits.max_manifest_bytes)

@@ -111,6 +111,8 @@ def generate_key(
 def key_is_encrypted(path: Path) -> bool:
     try:
         head = path.read_bytes()[:100]
+    except FileNotFoundError:
+        raise UsageError(f"{path}: key file not found") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read key ({exc.strerror})") from None
     return b"ENCRYPTED" in head

@@ -26,6 +26,7 @@ from agent.errors import (
     PackageError,
     StateError,
     UnsafePackageError,
+    UsageError,
 )
 from agent.package.keys import Keyring, SignatureCheck, require_threshold
 from agent.package.manifest import (
@@ -87,9 +88,9 @@ def _open_source(source: Source, limits: ReadLimits) -> Iterator[tuple[BinaryIO,
         try:
             fh = path.open("rb")
         except FileNotFoundError:
-            raise PackageError(f"{path}: package file not found") from None
+            raise UsageError(f"{path}: package file not found") from None
         except OSError as exc:
-            raise PackageError(f"{path}: cannot open package ({exc.strerror})") from None
+            raise UsageError(f"{path}: cannot open package ({exc.strerror})") from None
         try:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
@@ -129,6 +130,11 @@ def _read_head(
     # Trust first: nothing in the manifest is looked at until the threshold is met.
     check = require_threshold(manifest_raw, sig_raw, keyring, role)
     manifest = parse_manifest(manifest_raw, MANIFEST_NAME, limits.max_manifest_bytes)
+    if manifest.total_bytes > limits.max_package_bytes:
+        raise UnsafePackageError(
+            f"{MANIFEST_NAME}: files declare {manifest.total_bytes} bytes, more than the "
+            f"{limits.max_package_bytes} allowed"
+        )
     return manifest_raw, sig_raw, check, manifest
 
 
