@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import hashlib
 import json
@@ -10,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import tarfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +16,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 # tuf and securesystemslib re-export these names without __all__, which mypy --strict flags.
@@ -56,7 +53,6 @@ ROLLOUT_ROLE = "rollout"
 PACKAGE_PATTERN = "packages/*"
 CHANNEL_PATTERN = "channels/*"
 MAX_METADATA_BYTES = 4 << 20
-MAX_MANIFEST_BYTES = 1 << 20
 MAX_CHANNEL_BYTES = 64 << 10
 CHANNEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SEMVER_RE = re.compile(
@@ -412,76 +408,30 @@ class PackageFacts:
     name: str
     version: str
     release_counter: int
-    signer_keyids: tuple[str, ...]
 
 
-def _read_tar_member(tar: tarfile.TarFile, name: str, max_bytes: int, where: Path) -> bytes:
-    try:
-        member = tar.getmember(name)
-    except KeyError:
-        raise ManifestError(f"{where}: package has no {name}") from None
-    if not member.isfile():
-        raise ManifestError(f"{where}: {name} is not a regular file")
-    if member.size > max_bytes:
-        raise ManifestError(f"{where}: {name} is {member.size} bytes, more than {max_bytes}")
-    fh = tar.extractfile(member)
-    if fh is None:  # pragma: no cover - isfile() was checked
-        raise ManifestError(f"{where}: cannot read {name}")
-    return fh.read()
+def verify_package_for_publish(tar_path: Path, repo: LoadedRepo) -> PackageFacts:
+    """The device's own check (agent.package.verify_package) against the keyring that the
+    repository's release delegation names: the same keys and the same threshold."""
+    from agent.package import Keyring, PublicKey, verify_package
+    from agent.package.keys import RoleKeys
 
-
-def verify_package_signatures(
-    tar_path: Path, trusted_hex: dict[str, str], threshold: int
-) -> PackageFacts:
-    """Check the manifest's detached signatures (threshold of distinct trusted keys) first,
-    then read the few manifest fields publish needs."""
-    try:
-        with tarfile.open(tar_path, "r:") as tar:
-            manifest_bytes = _read_tar_member(tar, "manifest.json", MAX_MANIFEST_BYTES, tar_path)
-            sig_bytes = _read_tar_member(tar, "manifest.sig.json", MAX_MANIFEST_BYTES, tar_path)
-    except FileNotFoundError:
-        raise UsageError(f"{tar_path}: package file not found") from None
-    except (tarfile.TarError, OSError) as exc:
-        raise ManifestError(f"{tar_path}: not a package tar ({exc})") from None
-    try:
-        sigs = json.loads(sig_bytes).get("signatures", [])
-    except (ValueError, AttributeError):
-        raise SignatureError(f"{tar_path}: manifest.sig.json is not valid JSON") from None
-    valid: set[str] = set()
-    for entry in sigs if isinstance(sigs, list) else []:
-        if not isinstance(entry, dict):
-            continue
-        keyid, sig = entry.get("keyid"), entry.get("sig")
-        if keyid not in trusted_hex or not isinstance(sig, str):
-            continue
-        try:
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(trusted_hex[keyid])).verify(
-                base64.b64decode(sig, validate=True), manifest_bytes
-            )
-        except (InvalidSignature, ValueError):
-            continue
-        valid.add(keyid)
-    if len(valid) < threshold:
-        raise SignatureError(
-            f"{tar_path}: {len(valid)} valid release signature(s), {threshold} required"
-        )
-    try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError:
-        raise ManifestError(f"{tar_path}: manifest.json is not valid JSON") from None
-    name, version, counter = (
-        manifest.get("name"),
-        manifest.get("version"),
-        manifest.get("release_counter"),
+    trusted, threshold = _release_keyring(repo)
+    keyring = Keyring(
+        roles={RELEASE_ROLE: RoleKeys(tuple(trusted), threshold)},
+        keys={
+            kid: PublicKey(kid, RELEASE_ROLE, Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)))
+            for kid, h in trusted.items()
+        },
+        source=f"{repo.base} release delegation",
     )
-    if not isinstance(name, str) or not CHANNEL_NAME_RE.match(name):
-        raise ManifestError(f"{tar_path}: manifest name {name!r} is not a valid package name")
-    if not isinstance(version, str):
-        raise ManifestError(f"{tar_path}: manifest version is missing")
-    semver_key(version)
-    if not isinstance(counter, int) or isinstance(counter, bool) or counter < 0:
-        raise ManifestError(f"{tar_path}: manifest release_counter must be a whole number >= 0")
-    return PackageFacts(name, version, counter, tuple(sorted(valid)))
+    if not tar_path.is_file():
+        raise UsageError(f"{tar_path}: package file not found")
+    manifest = verify_package(tar_path, keyring)
+    if not CHANNEL_NAME_RE.match(manifest.name):
+        raise ManifestError(f"{tar_path}: package name {manifest.name!r} is not usable in a path")
+    semver_key(manifest.version)
+    return PackageFacts(manifest.name, manifest.version, manifest.release_counter)
 
 
 def _release_keyring(repo: LoadedRepo) -> tuple[dict[str, str], int]:
@@ -545,8 +495,7 @@ def publish_package(
     with repo_lock(base):
         repo = load_repo(base)
         _check_offline_roles_fresh(repo, now)
-        trusted, threshold = _release_keyring(repo)
-        facts = verify_package_signatures(tar_path, trusted, threshold)
+        facts = verify_package_for_publish(tar_path, repo)
         if channel is not None:
             doc = read_channel(repo, channel)
             if doc is not None and doc.get("package") != facts.name:

@@ -1,93 +1,18 @@
-"""Shared helpers for the fleet tests: operator key folders and signed packages per CONTRACTS.md."""
+"""Fleet test fixtures; the helpers live in fleet_testlib.py (importable by the tests)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
-import json
-import tarfile
-from collections.abc import Sequence
+import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
-from agent.fleet.keys import OperatorKey, generate_key_files, load_key_dir
+# pytest runs with --import-mode=importlib, so put this folder on sys.path for fleet_testlib.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "agent" / "demo" / "models" / "digits_fp32.onnx"
+from fleet_testlib import make_key_dir
 
-
-def make_key_dir(out: Path, release_keys: int = 2) -> list[OperatorKey]:
-    """A full operator key folder: root, targets, snapshot, timestamp, rollout, release-N."""
-    for role in ("root", "targets", "snapshot", "timestamp", "rollout"):
-        generate_key_files(out, role, role)
-    for i in range(1, release_keys + 1):
-        generate_key_files(out, f"release-{i}", "release")
-    return load_key_dir(out)
-
-
-def _private_pem(key: OperatorKey) -> bytes:
-    return key.pub_path.with_name(key.pub_path.name[: -len(".pub.json")] + ".key").read_bytes()
-
-
-def sign_manifest(manifest_bytes: bytes, signing_keys: Sequence[OperatorKey]) -> bytes:
-    sigs = []
-    for key in signing_keys:
-        private = serialization.load_pem_private_key(_private_pem(key), password=None)
-        sig = private.sign(manifest_bytes)  # type: ignore[call-arg, union-attr, arg-type]
-        sigs.append({"keyid": key.keyid, "sig": base64.b64encode(sig).decode()})
-    return json.dumps({"signatures": sigs}).encode()
-
-
-def build_package(
-    out_dir: Path,
-    signing_keys: Sequence[OperatorKey],
-    name: str = "digits",
-    version: str = "1.0.0",
-    release_counter: int = 1,
-    model_bytes: bytes | None = None,
-) -> Path:
-    """A package tar laid out as CONTRACTS.md says, signed by the given release keys."""
-    model = model_bytes if model_bytes is not None else DEMO_MODEL.read_bytes()
-    manifest = {
-        "format": 1,
-        "name": name,
-        "version": version,
-        "release_counter": release_counter,
-        "created": "2026-11-23T12:00:00Z",
-        "task": "classification",
-        "runtime": {"kind": "onnx", "precision": "fp32", "model": "model.onnx"},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [None, 1, 8, 8]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [None, 10]}],
-        "labels": [str(i) for i in range(10)],
-        "compat": {"min_agent_version": "0.1.0", "hardware_classes": [], "runtime_features": []},
-        "files": [
-            {"path": "model.onnx", "sha256": hashlib.sha256(model).hexdigest(), "size": len(model)}
-        ],
-    }
-    manifest_bytes = json.dumps(manifest, indent=2).encode()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-{version}.tar"
-    with tarfile.open(path, "w") as tar:
-        for member, data in (
-            ("manifest.json", manifest_bytes),
-            ("manifest.sig.json", sign_manifest(manifest_bytes, signing_keys)),
-            ("model.onnx", model),
-        ):
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def tree_digest(base: Path) -> dict[str, str]:
-    """Every file under base with its sha256, to show a refused operation changed nothing."""
-    return {
-        str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(base.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
+from agent.fleet.keys import OperatorKey
 
 
 @pytest.fixture()
