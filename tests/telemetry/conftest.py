@@ -51,11 +51,12 @@ class Received:
 class OtlpReceiver:
     """A ThreadingHTTPServer that plays an OpenTelemetry Collector's OTLP/HTTP endpoint."""
 
-    def __init__(self, plan: Plan | None = None) -> None:
+    def __init__(self, plan: Plan | None = None, port: int = 0) -> None:
         self.plan: Plan = plan or (lambda path, index: "ok")
         self.received = Received()
         self.lock = threading.Lock()
         self.count = 0
+        self.stopped = False
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,7 +74,7 @@ class OtlpReceiver:
             def do_POST(self) -> None:
                 receiver.handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -83,6 +84,9 @@ class OtlpReceiver:
         return self
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         self.server.shutdown()
         self.server.server_close()
 
@@ -184,6 +188,21 @@ def receiver() -> Iterator[OtlpReceiver]:
     server = OtlpReceiver().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def make_receiver() -> Iterator[Callable[..., OtlpReceiver]]:
+    """make_receiver(plan=None, port=0) -> a started receiver, stopped after the test."""
+    started: list[OtlpReceiver] = []
+
+    def make(plan: Plan | None = None, port: int = 0) -> OtlpReceiver:
+        server = OtlpReceiver(plan, port).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture
