@@ -1,0 +1,147 @@
+#!/bin/sh
+# Builds edge-agent_<version>_<arch>.deb with dpkg-deb from a staging tree (venv in /opt).
+set -eu
+
+usage() {
+    cat <<'USAGE'
+Usage: packaging/deb/build.sh [options]
+
+Builds dist/edge-agent_<version>_<arch>.deb: the agent in a venv at /opt/edge-agent/venv,
+the systemd unit, /etc/edge-agent/agent.yaml (conffile), the edge-agent system user and
+/var/lib/edge-agent (created by postinst). Build on the target's distribution and
+architecture: the venv holds compiled wheels and links to that system's python3.
+
+Options:
+  --out DIR          where the .deb goes (default: dist/)
+  --wheel FILE       use this edge-agent wheel instead of building one
+  --python PATH      the target's python3 that the venv links to (default: /usr/bin/python3)
+  --jetson           venv with --system-site-packages; JetPack's onnxruntime-gpu and
+                     TensorRT are used instead of pip's onnxruntime (env EDGE_AGENT_JETSON=1)
+  --no-deps          install only the agent wheel, no dependencies (tests; or with --jetson
+                     when the system provides every dependency)
+  --wheelhouse DIR   install dependencies offline from this folder (pip --no-index)
+  --keep-stage       keep the staging tree (printed) for inspection
+  -h, --help         this text
+
+Example:
+  packaging/deb/build.sh --out dist && sudo apt install ./dist/edge-agent_0.1.0_arm64.deb
+USAGE
+}
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=../lib/common.sh
+. "$REPO/packaging/lib/common.sh"
+
+OUT_DIR=$REPO/dist
+WHEEL=""
+PYTHON=/usr/bin/python3
+JETSON=${EDGE_AGENT_JETSON:-0}
+NO_DEPS=0
+WHEELHOUSE=""
+KEEP_STAGE=0
+BUILD_PYTHON=${BUILD_PYTHON:-python3}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) OUT_DIR=${2:?--out needs a folder}; shift 2 ;;
+        --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
+        --python) PYTHON=${2:?--python needs a path}; shift 2 ;;
+        --jetson) JETSON=1; shift ;;
+        --no-deps) NO_DEPS=1; shift ;;
+        --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
+        --keep-stage) KEEP_STAGE=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; ea_die "unknown option $1 (packaging/deb/build.sh)" ;;
+    esac
+done
+
+command -v dpkg-deb >/dev/null || ea_die "dpkg-deb not found (apt install dpkg)"
+[ -x "$PYTHON" ] || ea_die "$PYTHON: no python3 there (use --python)"
+UNIT_SRC=$REPO/systemd/edge-agent.service
+[ -f "$UNIT_SRC" ] || ea_die "$UNIT_SRC: the systemd unit is missing"
+[ -z "$WHEEL" ] || [ -f "$WHEEL" ] || ea_die "$WHEEL: wheel not found"
+[ -z "$WHEELHOUSE" ] || [ -d "$WHEELHOUSE" ] || ea_die "$WHEELHOUSE: wheelhouse not found"
+
+VERSION=$(ea_project_version "$REPO")
+[ -n "$VERSION" ] || ea_die "$REPO/pyproject.toml: no version"
+ARCH=$(dpkg --print-architecture)
+PY_MINOR=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+
+WORK=$(mktemp -d)
+STAGE=$WORK/stage
+# shellcheck disable=SC2064  # expand now: the paths are fixed
+[ "$KEEP_STAGE" = 1 ] || trap "rm -rf '$WORK'" EXIT
+mkdir -p "$STAGE"
+
+if [ -z "$WHEEL" ]; then
+    WHEEL=$(ea_build_wheel "$REPO" "$WORK/wheel" "$BUILD_PYTHON")
+fi
+
+set --
+[ -n "$WHEELHOUSE" ] && set -- --no-index --find-links "$WHEELHOUSE"
+ea_make_venv "$STAGE/opt/edge-agent/venv" /opt/edge-agent/venv "$PYTHON" "$WHEEL" \
+    "$JETSON" "$NO_DEPS" "$@"
+# A venv's python is a symlink to the system interpreter it was made with; the package
+# depends on that exact python3.X, so the symlink must point at /usr/bin, not at a
+# pyenv or build-host path.
+case "$(readlink "$STAGE/opt/edge-agent/venv/bin/python")" in
+    /usr/bin/*|python3*) ;;
+    *) ea_log "warning: the venv's python links outside /usr/bin ($PYTHON); the .deb will not run elsewhere" ;;
+esac
+
+install -d "$STAGE/usr/bin"
+ln -s /opt/edge-agent/venv/bin/edge-agent "$STAGE/usr/bin/edge-agent"
+
+install -D -m 0644 "$UNIT_SRC" "$STAGE/lib/systemd/system/$EA_SERVICE"
+
+install -d -m 0755 "$STAGE/etc/edge-agent"
+"$STAGE/opt/edge-agent/venv/bin/python" -m agent.cli config init --out "$STAGE/etc/edge-agent/agent.yaml" >/dev/null 2>&1 \
+    || "$BUILD_PYTHON" -m agent.cli config init --out "$STAGE/etc/edge-agent/agent.yaml" >/dev/null \
+    || ea_die "cannot write the default config"
+chmod 0644 "$STAGE/etc/edge-agent/agent.yaml"
+
+DOC=$STAGE/usr/share/doc/edge-agent
+install -d "$DOC"
+install -m 0644 "$HERE/copyright" "$DOC/copyright"
+DATE_R=$(date -R -u -d "@${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}")
+printf 'edge-agent (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- edge-agent developers <edge-agent@localhost>  %s\n' \
+    "$VERSION" "$VERSION" "$DATE_R" | gzip -9n > "$DOC/changelog.gz"
+chmod 0644 "$DOC/changelog.gz"
+install -D -m 0644 "$HERE/lintian-overrides" "$STAGE/usr/share/lintian/overrides/edge-agent"
+
+install -d "$STAGE/DEBIAN"
+for script in postinst prerm postrm; do
+    install -m 0755 "$HERE/$script" "$STAGE/DEBIAN/$script"
+done
+echo /etc/edge-agent/agent.yaml > "$STAGE/DEBIAN/conffiles"
+
+FLAVOR="generic"
+[ "$JETSON" = 1 ] && FLAVOR="Jetson (uses JetPack's system onnxruntime-gpu and TensorRT)"
+SIZE_KB=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
+cat > "$STAGE/DEBIAN/control" <<CONTROL
+Package: edge-agent
+Version: $VERSION
+Architecture: $ARCH
+Maintainer: edge-agent developers <edge-agent@localhost>
+Installed-Size: $SIZE_KB
+Depends: python$PY_MINOR, adduser, init-system-helpers (>= 1.52)
+Recommends: systemd
+Section: misc
+Priority: optional
+Homepage: https://example.invalid/edge-agent
+Description: on-device inference agent with signed, gated OTA model updates
+ edge-agent runs a quantized model (ONNX Runtime, LiteRT, TensorRT) under an
+ FPS cap and a thermal governor, keeps telemetry in SQLite while offline, and
+ installs signed model packages only after a golden-set regression gate passes.
+ .
+ Build flavor: $FLAVOR. Python $PY_MINOR venv in /opt/edge-agent.
+CONTROL
+
+DEB=$OUT_DIR/edge-agent_${VERSION}_${ARCH}.deb
+# --root-owner-group: every file root:root without needing fakeroot or root.
+dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >&2
+[ "$KEEP_STAGE" = 1 ] && ea_log "staging tree kept: $STAGE"
+echo "$DEB"
