@@ -99,6 +99,7 @@ def place_package(state_dir: Path, extracted_root: Path, dir_name: str) -> Path:
     fsync_dir(models)
     kill_point("install.renamed")
     _make_read_only(dest)
+    kill_point("install.sealed")
     return dest
 
 

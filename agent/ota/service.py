@@ -248,6 +248,7 @@ class OTAService:
     def recover(self) -> str:
         """Finish or undo whatever the journal says was in flight; returns what was done."""
         with self._lock:
+            kill_point("recover.start")
             last = self.journal.last()
             self._clean_staging_extracts()
             if last is None or last.state in AT_REST:
@@ -385,6 +386,7 @@ class OTAService:
             kwargs = {"package": pkg.name, "version": pkg.version}
         entry = self._enter(OTAState.REJECTED, reason=reason, **kwargs)
         self.journal.record_refusal(entry.package, entry.version, channel_key, reason)
+        kill_point("refuse.recorded")
         if pkg is not None:
             install.remove_tree(
                 pkg.root.parent if pkg.root.parent != self.staging_dir else pkg.root
@@ -472,6 +474,7 @@ class OTAService:
         )
         self._start_watch(entry)
         self._clean_staging_extracts()
+        kill_point("activate.done")
         return entry
 
     def _hot_swap(self, backend: Backend, package_dir: Path, manifest: Mapping[str, Any]) -> None:
@@ -509,6 +512,7 @@ class OTAService:
         watch = self._watch
         if watch is None:
             return Verdict.PASSED
+        kill_point("probation.frame")
         if error or confidence is None:
             watch.observe_error()
         else:
@@ -547,7 +551,9 @@ class OTAService:
                     f"release.{manifest['name']}", int(manifest.get("release_counter", 0))
                 )
                 self.journal.delete_value(f"attempts:{entry.package}-{entry.version}")
+            kill_point("commit.floor_raised")
             install.prune_models(self.state_dir)
+            kill_point("commit.pruned")
             return entry
 
     # ------------------------------------------------------------------ rollback
@@ -566,6 +572,7 @@ class OTAService:
                 backend = self.load_model(prev_dir, prev_manifest)
                 backend.warmup(max(1, self.config.model.warmup_runs))
             from_version = self.current_version()
+            kill_point("rollback.ready")
             install.swap_current_previous(self.state_dir)
             kill_point("rollback.switched")
             if backend is not None:
@@ -596,8 +603,12 @@ class OTAService:
         clock = LastKnownGoodClock(self.journal, self.system_clock)
         return ChannelClient(self.state_dir, url, self.journal, http, clock)
 
-    def check(self, client: ChannelClient | None = None) -> CheckResult:
-        """Look at the channel and decide whether to take its release (journals CHECKING)."""
+    def check(self, client: ChannelClient | None = None, proceed: bool = False) -> CheckResult:
+        """Look at the channel and decide whether to take its release (journals CHECKING).
+
+        With ``proceed`` the journal stays in CHECKING for the caller's DOWNLOADING;
+        otherwise it returns to IDLE, with the decision as the reason.
+        """
         with self._lock:
             ota = self.config.ota
             self._enter(
@@ -617,7 +628,7 @@ class OTAService:
             decision = self._decide(doc)
             if decision.take:
                 decision = CheckResult(True, decision.reason, doc, decision.bucket, state.package)
-            if not decision.take:
+            if not decision.take or not proceed:
                 self._enter(
                     OTAState.IDLE, reason=decision.reason, package=doc.package, version=doc.version
                 )
@@ -652,7 +663,7 @@ class OTAService:
     def update_now(self, client: ChannelClient | None = None) -> CheckResult:
         """Check, and when the channel offers this device a release, download and install it."""
         client = client or self.channel_client()
-        decision = self.check(client)
+        decision = self.check(client, proceed=True)
         if not decision.take or decision.document is None or decision.package_ref is None:
             return decision
         doc, ref = decision.document, decision.package_ref

@@ -14,7 +14,7 @@ import tarfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -46,7 +46,9 @@ def _sign(manifest_bytes: bytes, keys: Sequence[OperatorKey]) -> bytes:
     for key in keys:
         pem = key.pub_path.with_name(key.pub_path.name[: -len(".pub.json")] + ".key").read_bytes()
         private: Any = serialization.load_pem_private_key(pem, password=None)
-        sigs.append({"keyid": key.keyid, "sig": base64.b64encode(private.sign(manifest_bytes)).decode()})
+        sigs.append(
+            {"keyid": key.keyid, "sig": base64.b64encode(private.sign(manifest_bytes)).decode()}
+        )
     return json.dumps({"signatures": sigs}).encode()
 
 
@@ -70,19 +72,33 @@ def build_package(
         "runtime": {"kind": "onnx", "precision": precision, "model": "model.onnx"},
         "inputs": [{"name": "input", "dtype": "float32", "shape": [None, 1, 8, 8]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [None, 10]}],
-        "preprocess": {"resize": [8, 8], "layout": "NCHW", "color_order": "GRAY",
-                       "mean": [0.0], "std": [1.0], "scale": 1.0},
+        "preprocess": {
+            "resize": [8, 8],
+            "layout": "NCHW",
+            "color_order": "GRAY",
+            "mean": [0.0],
+            "std": [1.0],
+            "scale": 1.0,
+        },
         "labels": [str(i) for i in range(10)],
         "compat": {"min_agent_version": "0.1.0", "hardware_classes": [], "runtime_features": []},
-        "files": [{"path": "model.onnx", "sha256": hashlib.sha256(model_bytes).hexdigest(),
-                   "size": len(model_bytes)}],
+        "files": [
+            {
+                "path": "model.onnx",
+                "sha256": hashlib.sha256(model_bytes).hexdigest(),
+                "size": len(model_bytes),
+            }
+        ],
     }
     raw = json.dumps(manifest, indent=2).encode()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{version}.tar"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for member, data in (("manifest.json", raw), ("manifest.sig.json", _sign(raw, keys)),
-                             ("model.onnx", model_bytes)):
+        for member, data in (
+            ("manifest.json", raw),
+            ("manifest.sig.json", _sign(raw, keys)),
+            ("model.onnx", model_bytes),
+        ):
             info = tarfile.TarInfo(member)
             info.size = len(data)
             info.mode = 0o644
@@ -114,8 +130,14 @@ class Device:
     def service(self, **kwargs: Any) -> OTAService:
         return OTAService(self.config, **kwargs)
 
-    def package(self, version: str, counter: int, model: str | bytes = "digits_fp32.onnx",
-                keys: Sequence[OperatorKey] | None = None, precision: str = "fp32") -> Path:
+    def package(
+        self,
+        version: str,
+        counter: int,
+        model: str | bytes = "digits_fp32.onnx",
+        keys: Sequence[OperatorKey] | None = None,
+        precision: str = "fp32",
+    ) -> Path:
         data = model if isinstance(model, bytes) else (DEMO / model).read_bytes()
         signers = keys if keys is not None else [k for k in self.keys if k.role == "release"]
         return build_package(self.packages, signers, version, counter, data, precision)
@@ -143,12 +165,21 @@ def make_device(tmp: Path, repository_url: str | None = None, **ota: Any) -> Dev
     golden = tmp / "golden"
     shutil.copytree(GOLDEN, golden)
     # Latency on 2 busy shared cores is noise; the gate's latency check is tested elsewhere.
-    policy = (golden / "policy.yaml").read_text().replace(
-        "latency_p95_slack_ms: 0.5", "latency_p95_slack_ms: 1000"
+    policy = (
+        (golden / "policy.yaml")
+        .read_text()
+        .replace("latency_p95_slack_ms: 0.5", "latency_p95_slack_ms: 1000")
     )
     (golden / "policy.yaml").write_text(policy)
-    ota_cfg = OTAConfig(enabled=True, repository_url=repository_url, golden_dir=golden,
-                        probation_frames=20, probation_s=0.0, reserve_free_bytes=0, **ota)
+    ota_cfg = OTAConfig(
+        enabled=True,
+        repository_url=repository_url,
+        golden_dir=golden,
+        probation_frames=20,
+        probation_s=0.0,
+        reserve_free_bytes=0,
+        **ota,
+    )
     cfg = AgentConfig(device_id="test-device-1", state_dir=state, ota=ota_cfg)
     return Device(tmp, state, keys, cfg, tmp / "packages")
 
@@ -180,7 +211,7 @@ def feed_frames(service: OTAService, frames: int, confidence: float = 0.9) -> No
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder with Range support; ``faults`` lets a test cut or corrupt replies."""
 
-    faults: dict[str, Any] = {}
+    faults: ClassVar[dict[str, Any]] = {}
 
     def log_message(self, *args: Any) -> None:
         pass

@@ -68,7 +68,11 @@ def test_wrong_key_package_is_refused_before_anything_is_written(device: Device)
 
 def test_model_that_fails_to_load_leaves_old_model(device: Device) -> None:
     _install_v1(device)
-    svc = device.service(gate=lambda b, c, m: __import__("agent.ota.service").ota.service.GateOutcome(True, {}, "forced"))
+    svc = device.service(
+        gate=lambda b, c, m: __import__("agent.ota.service").ota.service.GateOutcome(
+            True, {}, "forced"
+        )
+    )
     with pytest.raises(Exception):  # noqa: B017 - the reader or the loader refuses it
         svc.install_file(device.package("1.1.0", 2, b"\x08\x01garbage-not-onnx" * 10))
     assert svc.journal.state() in (OTAState.REJECTED, OTAState.ROLLED_BACK)
