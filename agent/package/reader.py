@@ -190,11 +190,11 @@ def _hash_member(
 
 def _admit_member(member: Member, expected: dict[str, FileEntry], seen: set[str]) -> FileEntry:
     name = member.name
+    if not member.is_regular:
+        raise UnsafePackageError(f"{name}: a {member.kind} in the package is refused")
     problem = check_relative_path(name)
     if problem:
         raise UnsafePackageError(f"tar member {name!r}: {problem}")
-    if not member.is_regular:
-        raise UnsafePackageError(f"{name}: a {member.kind} in the package is refused")
     if name in RESERVED_NAMES or name in seen:
         raise UnsafePackageError(f"{name}: duplicate member in the package")
     entry = expected.get(name)

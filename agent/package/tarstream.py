@@ -49,13 +49,13 @@ class Member:
 
 def _octal(field: bytes, what: str, offset: int) -> int:
     text = field.split(b"\x00", 1)[0].strip(b" ")
-    if field[:1] and field[0] & 0x80:
+    if field[:1] and field[0] & 0x80 and what == "size":
         # GNU base-256 numbers only appear for sizes over 8 GiB; no package is that big.
         raise UnsafePackageError(f"tar header at byte {offset}: base-256 {what} is refused")
     if not text:
         return 0
     if any(c not in b"01234567" for c in text):
-        raise PackageError(f"not a valid tar archive: bad {what} field at byte {offset}")
+        raise PackageError(f"not a tar archive: bad {what} field at byte {offset}")
     return int(text, 8)
 
 
