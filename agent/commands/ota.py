@@ -185,7 +185,7 @@ def _service(cfg: AgentConfig) -> Any:
     from agent.ota.service import OTAService
 
     service = OTAService(cfg)
-    service.recover()
+    service.recover(agent_start=False)
     return service
 
 
@@ -202,16 +202,32 @@ def _install(args: argparse.Namespace) -> int:
         return _daemon_result(args, reply)
     service = _service(cfg)
     try:
+        if service.journal.state().value == "PROBATION":
+            _probe(service, cfg)
         entry = service.install_file(tar)
+        # No daemon runs: probation is a frame-by-frame run on the golden inputs here.
+        verdict = _probe(service, cfg)
+        last = service.journal.last()
     finally:
         service.close()
+    assert last is not None
     _print(
         args,
-        entry.to_dict(),
+        {**last.to_dict(), "probation": verdict},
         f"installed {entry.package} {entry.version} (was {entry.from_version or 'none'}); "
-        f"state {entry.state.value}: probation runs when the daemon starts",
+        f"probation {verdict}: state {last.state.value}",
     )
-    return 0
+    return 0 if last.state.value == "COMMITTED" else 3
+
+
+def _probe(service: Any, cfg: AgentConfig) -> str:
+    golden = cfg.ota.golden_dir
+    if golden is None or not (golden / "inputs.npy").exists():
+        return "pending (no golden inputs; the daemon finishes it)"
+    from agent.textio import load_npy
+
+    inputs = load_npy(golden / "inputs.npy")[: cfg.ota.probation_frames]
+    return str(service.probe_offline(inputs).value)
 
 
 # ---------------------------------------------------------------------------- update

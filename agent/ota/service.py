@@ -245,8 +245,12 @@ class OTAService:
 
     # ------------------------------------------------------------------ start-up
 
-    def recover(self) -> str:
-        """Finish or undo whatever the journal says was in flight; returns what was done."""
+    def recover(self, agent_start: bool = True) -> str:
+        """Finish or undo whatever the journal says was in flight; returns what was done.
+
+        ``agent_start`` is False for a CLI command: it does not count as a restart of the
+        agent for the crash-loop breaker.
+        """
         with self._lock:
             kill_point("recover.start")
             last = self.journal.last()
@@ -256,6 +260,8 @@ class OTAService:
             action = RECOVERY[last.state]
             key = f"attempts:{last.package}-{last.version}"
             if action is Recovery.CONTINUE_PROBATION:
+                if not agent_start:
+                    return "probation in progress"
                 restarts = int(last.detail.get("restarts", 0)) + 1
                 if crash_loop_tripped(restarts, self.config.ota.crash_loop_limit):
                     self.rollback(
@@ -522,6 +528,46 @@ class OTAService:
             self._finish_probation(result)
         return result.verdict
 
+    def probe_offline(self, inputs: Any) -> Verdict:
+        """Probation without a daemon: run the live model on ``inputs`` (e.g. the golden set)
+        frame by frame, judging errors, latency and confidence; commits or rolls back."""
+        import numpy as np
+
+        last = self.journal.last()
+        if last is None or last.state is not OTAState.PROBATION:
+            return Verdict.PASSED
+        assert self.probation_policy is not None
+        policy = self.probation_policy
+        self.probation_policy = ProbationPolicy(
+            **{**policy.__dict__, "min_s": 0.0, "min_frames": min(policy.min_frames, len(inputs))}
+        )
+        try:
+            self._start_watch(last)
+        finally:
+            self.probation_policy = policy
+        pkg_dir = install.resolve(self.state_dir, install.CURRENT)
+        manifest = self.current_manifest()
+        if pkg_dir is None or manifest is None:
+            self.rollback("probation: current model missing", automatic=True)
+            return Verdict.FAILED
+        backend = self.load_model(pkg_dir, manifest)
+        verdict = Verdict.PENDING
+        for row in np.asarray(inputs, dtype=np.float32):
+            started = time.perf_counter()
+            try:
+                logits = np.asarray(backend.run(row[None])[0][0], dtype=np.float64)
+            except EdgeAgentError:
+                verdict = self.observe_frame(0.0, None, error=True)
+            else:
+                p = np.exp(logits - logits.max())
+                verdict = self.observe_frame(
+                    time.perf_counter() - started, float(p.max() / p.sum())
+                )
+            if verdict is not Verdict.PENDING:
+                break
+        backend.close()
+        return verdict
+
     def resume_probation(self) -> bool:
         """After recover(): re-arm the watch when the journal is in PROBATION."""
         last = self.journal.last()
@@ -713,3 +759,67 @@ class OTAService:
 def clear_staging(state_dir: Path) -> None:
     """Remove everything in staging/ (used by tests and `provision --reset`)."""
     shutil.rmtree(state_dir / "staging", ignore_errors=True)
+
+
+class AttachedOTA:
+    """The OTA service wired into a running daemon: control handlers plus the poll thread."""
+
+    def __init__(self, service: OTAService, poll: bool) -> None:
+        self.service = service
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if poll:
+            self._thread = threading.Thread(
+                target=service.poll_forever, args=(self._stop,), name="ota-poll", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        self.service.close()
+
+
+def _reply(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return {"ok": True, **work()}
+    except EdgeAgentError as exc:
+        return {"ok": False, "error": str(exc), "exit_code": exc.exit_code}
+
+
+def attach(daemon: Any) -> AttachedOTA:
+    """Register ``install``, ``update`` and ``rollback`` on the daemon's control socket,
+    recover the journal, re-arm probation, and start the poll loop when a repository is set.
+
+    The daemon should call ``attached.service.observe_frame(latency_s, confidence, error)``
+    once per frame so probation can end in a commit or a rollback.
+    """
+    service = OTAService(
+        daemon.config, recorder=getattr(daemon, "telemetry", None), slot=daemon.slot
+    )
+    done = service.recover()
+    log.info("OTA start-up: %s", done)
+    service.resume_probation()
+
+    def do_install(req: dict[str, Any]) -> dict[str, Any]:
+        path = Path(str(req.get("path", "")))
+        entry = service.install_file(path)
+        return {
+            "message": f"installed {entry.package} {entry.version}; on probation",
+            **entry.to_dict(),
+        }
+
+    def do_update(_req: dict[str, Any]) -> dict[str, Any]:
+        result = service.update_now()
+        return {"message": result.reason, **result.to_dict()}
+
+    def do_rollback(req: dict[str, Any]) -> dict[str, Any]:
+        entry = service.rollback(str(req.get("reason", "operator asked")))
+        return {"message": f"rolled back to {entry.package} {entry.version}", **entry.to_dict()}
+
+    daemon.control.register("install", lambda req: _reply(lambda: do_install(req)))
+    daemon.control.register("update", lambda req: _reply(lambda: do_update(req)))
+    daemon.control.register("rollback", lambda req: _reply(lambda: do_rollback(req)))
+    attached = AttachedOTA(service, poll=bool(daemon.config.ota.repository_url))
+    return attached
