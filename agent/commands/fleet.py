@@ -180,7 +180,7 @@ def _rollout_status(args: argparse.Namespace) -> int:
         st = _fetch_status(args.server, args.channel)
     else:
         from agent.fleet.rollout import load_state
-        from agent.fleet.server import rollout_status
+        from agent.fleet.status import rollout_status
         from agent.fleet.store import open_store
 
         if args.repo is None or args.db is None:
@@ -231,14 +231,14 @@ def _rollout_status(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from agent.fleet.server import ServerConfig, serve
-    from agent.fleet.store import open_store
-
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve needs the server extra: pip install 'edge-agent[server]'") from None
+    from agent.fleet.server import ServerConfig, serve
+    from agent.fleet.store import open_store
+
     if not (args.repo / "metadata" / "1.root.json").exists():
         raise UsageError(f"{args.repo}: not a repository (run repo init first)")
     config = ServerConfig(

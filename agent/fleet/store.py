@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS devices (
 """
 
 MAX_RECORDS_PER_REQUEST = 10_000
+# Idle and checking say nothing about an install, so they never hide a device's outcome.
+IDLE_STATES = "('IDLE', 'CHECKING')"
 MAX_ATTR_TEXT = 64 << 10
 
 
@@ -366,7 +368,7 @@ class TelemetryStore:
     def latest_states(self, package: str, version: str) -> dict[str, str]:
         rows = self._query(
             "SELECT device_id, state FROM ota_states WHERE package = ? AND version = ? "
-            "ORDER BY time_ns, rowid",
+            f"AND state NOT IN {IDLE_STATES} ORDER BY time_ns, rowid",
             (package, version),
         )
         return {device: state for device, state in rows}
@@ -380,7 +382,7 @@ class TelemetryStore:
         """(version, state) -> devices whose newest event for that version is that state."""
         rows = self._query(
             "SELECT device_id, version, state FROM ota_states WHERE package = ? "
-            "ORDER BY time_ns, rowid",
+            f"AND state NOT IN {IDLE_STATES} ORDER BY time_ns, rowid",
             (package,),
         )
         latest: dict[tuple[str, str], str] = {}

@@ -132,3 +132,68 @@ def device_fetch_channel(state_dir: Path, url: str, channel: str = "stable") -> 
         return ChannelClient(state_dir, url, journal).fetch_channel(channel)
     finally:
         journal.close()
+
+
+@contextlib.contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """The FastAPI app under a real uvicorn server on 127.0.0.1 (random port), in a thread."""
+    import socket
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def ota_record(
+    device_id: str,
+    seq: int,
+    state: str,
+    version: str,
+    time_ns: int,
+    boot_id: str = "boot-1",
+    from_version: str = "1.0.0",
+    package: str = "digits",
+) -> Any:
+    """One ota.state row as the device's telemetry store keeps it (agent.telemetry)."""
+    from agent.telemetry.store import StoredRecord
+
+    attrs = {
+        "state": state,
+        "package": package,
+        "version": version,
+        "from_version": from_version,
+        "reason": "",
+        "channel": "stable",
+    }
+    return StoredRecord(
+        id=seq,
+        device_id=device_id,
+        boot_id=boot_id,
+        seq=seq,
+        type="event",
+        priority=2,
+        name="ota.state",
+        time_unix_ns=time_ns,
+        observed_unix_ns=time_ns,
+        clock_ok=True,
+        attrs=attrs,
+        size_bytes=100,
+    )

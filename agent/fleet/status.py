@@ -1,0 +1,138 @@
+"""Rollout status as plain data, and the status page's HTML with an inline SVG chart."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from agent.fleet.rollout import RolloutState, count_reports, evaluate
+from agent.fleet.store import TelemetryStore
+
+
+def rollout_status(state: RolloutState, store: TelemetryStore, now: datetime) -> dict[str, Any]:
+    decision = evaluate(state, store, now)
+    counts = count_reports(state, store)
+    by_version_state = [
+        {"version": v, "state": s, "devices": n}
+        for (v, s), n in sorted(store.state_counts(state.package).items())
+    ]
+    return {
+        "channel": state.channel,
+        "package": state.package,
+        "version": state.version,
+        "stage": state.stage,
+        "stages_percent": list(state.policy.stages_percent),
+        "percent": state.percent,
+        "paused": state.paused,
+        "aborted": state.aborted,
+        "completed": state.completed,
+        "stage_started": state.stage_started,
+        "members_known": counts.members_known,
+        "committed": counts.committed,
+        "failed": counts.failed,
+        "in_progress": counts.in_progress,
+        "failure_rate": decision.failure_rate,
+        "max_failure_rate": state.policy.max_failure_rate,
+        "next_decision": decision.action,
+        "next_reason": decision.reason,
+        "soak_left_s": decision.soak_left_s,
+        "required_reports": decision.required_reports,
+        "devices_by_version_state": by_version_state,
+        "history": state.history[-20:],
+    }
+
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
+
+
+def render_chart_svg(times: Sequence[int], series: dict[str, list[int]], title: str) -> str:
+    """An inline SVG line chart of devices per version over time (no scripts, no CDN)."""
+    width, height, pad = 640, 240, 40
+    if not times:
+        return (
+            f'<svg class="versions-chart" width="{width}" height="60" role="img" '
+            f'aria-label="{html.escape(title)}"><text x="10" y="30">no device reports yet'
+            "</text></svg>"
+        )
+    peak = max([1, *(max(v) for v in series.values())])
+    span = max(1, times[-1] - times[0])
+
+    def xy(i: int, value: int) -> str:
+        x = pad + (times[i] - times[0]) / span * (width - 2 * pad)
+        y = height - pad - value / peak * (height - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    parts = [
+        f'<svg class="versions-chart" width="{width}" height="{height + 20 * len(series)}" '
+        f'role="img" aria-label="{html.escape(title)}">',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
+        'stroke="#444"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>',
+        f'<text x="4" y="{pad}" font-size="11">{peak}</text>',
+        f'<text x="4" y="{height - pad}" font-size="11">0</text>',
+        f'<text x="{pad}" y="{height - pad + 14}" font-size="11">{_fmt_ns(times[0])}</text>',
+        f'<text x="{width - pad - 110}" y="{height - pad + 14}" font-size="11">'
+        f"{_fmt_ns(times[-1])}</text>",
+    ]
+    for n, (version, values) in enumerate(sorted(series.items())):
+        color = _COLORS[n % len(_COLORS)]
+        points = " ".join(xy(i, v) for i, v in enumerate(values))
+        parts.append(
+            f'<polyline data-version="{html.escape(version)}" fill="none" stroke="{color}" '
+            f'stroke-width="2" points="{points}"/>'
+        )
+        ly = height + 20 * n
+        parts.append(f'<rect x="{pad}" y="{ly - 9}" width="10" height="10" fill="{color}"/>')
+        parts.append(
+            f'<text class="legend" x="{pad + 16}" y="{ly}" font-size="12">'
+            f"{html.escape(version)}: {values[-1]} devices now</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _fmt_ns(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render_status_page(statuses: Sequence[dict[str, Any]], charts: Sequence[str]) -> str:
+    rows = []
+    for st, chart in zip(statuses, charts):
+        state = (
+            "aborted"
+            if st["aborted"]
+            else "complete"
+            if st["completed"]
+            else ("paused" if st["paused"] else "running")
+        )
+        versions = "".join(
+            f"<tr><td>{html.escape(v['version'])}</td><td>{html.escape(v['state'])}</td>"
+            f"<td>{v['devices']}</td></tr>"
+            for v in st["devices_by_version_state"]
+        )
+        rows.append(
+            f'<section class="rollout" id="channel-{html.escape(st["channel"])}">'
+            f"<h2>{html.escape(st['channel'])}: {html.escape(st['package'])} "
+            f"{html.escape(st['version'])}</h2>"
+            '<table class="summary"><tr><th>state</th><th>stage</th><th>percent</th>'
+            "<th>committed</th><th>failed</th><th>failure rate</th><th>next</th>"
+            "<th>soak left</th></tr>"
+            f'<tr><td class="state">{state}</td><td>{st["stage"] + 1}/'
+            f'{len(st["stages_percent"])}</td><td class="percent">{st["percent"]:g}%</td>'
+            f'<td class="committed">{st["committed"]}</td><td class="failed">{st["failed"]}</td>'
+            f"<td>{st['failure_rate']:.1%}</td><td>{html.escape(st['next_decision'])}: "
+            f"{html.escape(st['next_reason'])}</td><td>{st['soak_left_s']:.0f} s</td></tr>"
+            "</table>"
+            '<table class="versions"><tr><th>version</th><th>state</th><th>devices</th></tr>'
+            f"{versions}</table>{chart}</section>"
+        )
+    body = "".join(rows) or "<p>No rollouts yet.</p>"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta http-equiv='refresh' content='15'><title>edge-agent fleet</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;"
+        "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}</style></head>"
+        f"<body><h1>edge-agent fleet status</h1>{body}</body></html>"
+    )
