@@ -59,9 +59,9 @@ class Member:
 class Forge:
     """Builds well-formed and hostile packages as raw bytes."""
 
-    keys: dict[str, SigningKey]
+    keys: dict[str, SigningKey] = field(repr=False)
     keyring_dir: Path
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def keyring(self) -> Keyring:
@@ -78,7 +78,12 @@ class Forge:
             "task": "classification",
             "runtime": {"kind": "onnx", "precision": "fp32", "model": "model.onnx"},
             "inputs": [
-                {"name": "input", "dtype": "float32", "shape": [None, 1, 8, 8], "quantization": None}
+                {
+                    "name": "input",
+                    "dtype": "float32",
+                    "shape": [None, 1, 8, 8],
+                    "quantization": None,
+                }
             ],
             "outputs": [
                 {"name": "logits", "dtype": "float32", "shape": [None, 10], "quantization": None}
@@ -138,9 +143,7 @@ def test_keys() -> dict[str, SigningKey]:
 def make_keyring(keys: dict[str, SigningKey], directory: Path, threshold: int = 2) -> Path:
     pubs = [public_of(keys[k], "release") for k in ("r1", "r2", "r3", "rv")]
     pubs.append(public_of(keys["ro1"], "rollout"))
-    keyring = build_keyring(
-        pubs, {"release": threshold, "rollout": 1}, revoked=[keys["rv"].keyid]
-    )
+    keyring = build_keyring(pubs, {"release": threshold, "rollout": 1}, revoked=[keys["rv"].keyid])
     write_keyring(keyring, directory)
     return directory
 

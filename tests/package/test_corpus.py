@@ -1,5 +1,7 @@
 """The hostile corpus: every malicious or broken package is refused with its exact error."""
 
+# ruff: noqa: E501 - the case tables read best one case per line
+
 from __future__ import annotations
 
 import json
@@ -10,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from .conftest import Forge, Member, npy_bytes, tree_snapshot
 
 from agent.errors import (
     CompatibilityError,
@@ -25,6 +26,8 @@ from agent.errors import (
 from agent.package import ReadLimits, ReleaseFloor, check_compat, read_package, verify_package
 from agent.package.manifest import Manifest
 from agent.package.tarstream import END_OF_ARCHIVE, tar_header
+
+from .conftest import Forge, Member, npy_bytes, tree_snapshot
 
 GIB = 1 << 30
 
@@ -130,7 +133,9 @@ def _sig_over_other(f: Forge) -> bytes:
 def _edited_after_signing(f: Forge) -> bytes:
     raw = (json.dumps(f.manifest(), indent=2) + "\n").encode()
     sig = f.sign(raw)
-    return f.package(manifest_raw=raw.replace(b'"release_counter": 3', b'"release_counter": 9'), sig_raw=sig)
+    return f.package(
+        manifest_raw=raw.replace(b'"release_counter": 3', b'"release_counter": 9'), sig_raw=sig
+    )
 
 
 def _sig_doc(sigs: object) -> bytes:
@@ -255,15 +260,14 @@ def test_hostile_package_is_refused(case: Case, forge: Forge, device: Path, tmp_
     pkg.write_bytes(case.build(forge))
     before = tree_snapshot(device)
     staging = device / "staging" / "digits-new"
-    with ReleaseFloor(device / "state.db") as floor:
-        with pytest.raises(EdgeAgentError) as info:
-            read_package(
-                pkg,
-                forge.keyring,
-                staging,
-                limits=case.limits,
-                check_manifest=_device_check(floor),
-            )
+    with ReleaseFloor(device / "state.db") as floor, pytest.raises(EdgeAgentError) as info:
+        read_package(
+            pkg,
+            forge.keyring,
+            staging,
+            limits=case.limits,
+            check_manifest=_device_check(floor),
+        )
     assert type(info.value) is case.error, f"{type(info.value).__name__}: {info.value}"
     assert case.fragment in str(info.value)
     assert "\n" not in str(info.value)
@@ -279,7 +283,9 @@ def test_hostile_package_is_refused(case: Case, forge: Forge, device: Path, tmp_
     assert not Path("/tmp/evil.txt").exists()
 
 
-def test_the_unmodified_forge_package_is_accepted(forge: Forge, device: Path, tmp_path: Path) -> None:
+def test_the_unmodified_forge_package_is_accepted(
+    forge: Forge, device: Path, tmp_path: Path
+) -> None:
     """The control case: without the attack, the same forge output is read fine."""
     pkg = tmp_path / "pkg.tar"
     pkg.write_bytes(forge.package())
