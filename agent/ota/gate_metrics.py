@@ -105,14 +105,13 @@ def per_slice_accuracy(
     labels: IntArray, predicted: IntArray, slices: npt.NDArray[Any]
 ) -> dict[str, dict[str, float]]:
     """Accuracy and row count per slice id (ids shown as strings for the JSON report)."""
-    out: dict[str, dict[str, float]] = {}
-    for slice_id in sorted(set(slices.tolist()), key=str):
-        mask = slices == slice_id
-        out[str(slice_id)] = {
-            "rows": int(mask.sum()),
-            "accuracy": accuracy(labels[mask], predicted[mask]),
-        }
-    return out
+    names, codes = np.unique(slices, return_inverse=True)
+    rows = np.bincount(codes, minlength=len(names))
+    correct = np.bincount(codes, weights=(labels == predicted), minlength=len(names))
+    return {
+        str(name): {"rows": int(rows[i]), "accuracy": float(correct[i] / rows[i])}
+        for i, name in enumerate(names.tolist())
+    }
 
 
 def classification_metrics(
@@ -120,10 +119,14 @@ def classification_metrics(
     labels: IntArray,
     slices: npt.NDArray[Any] | None = None,
     class_names: Sequence[str] | None = None,
+    probs: FloatArray | None = None,
 ) -> dict[str, Any]:
-    """Every single-model metric of one model's outputs over the golden set, as plain data."""
+    """Every single-model metric of one model's outputs over the golden set, as plain data.
+
+    ``probs`` may pass as_probabilities(outputs) when the caller already has it."""
     num_classes = int(outputs.shape[1])
-    probs = as_probabilities(outputs)
+    if probs is None:
+        probs = as_probabilities(outputs)
     predicted = probs.argmax(axis=1).astype(np.int64)
     cm = confusion_matrix(labels, predicted, num_classes)
     precision, recall, f1, support = precision_recall_f1(cm)
@@ -151,11 +154,14 @@ def classification_metrics(
 
 
 def agreement_metrics(
-    baseline_outputs: npt.NDArray[Any], candidate_outputs: npt.NDArray[Any]
+    baseline_outputs: npt.NDArray[Any],
+    candidate_outputs: npt.NDArray[Any],
+    baseline_probs: FloatArray | None = None,
+    candidate_probs: FloatArray | None = None,
 ) -> dict[str, float]:
     """How close the candidate's outputs are to the baseline's, row by row."""
-    pb = as_probabilities(baseline_outputs)
-    pc = as_probabilities(candidate_outputs)
+    pb = as_probabilities(baseline_outputs) if baseline_probs is None else baseline_probs
+    pc = as_probabilities(candidate_outputs) if candidate_probs is None else candidate_probs
     cos = row_cosine(baseline_outputs, candidate_outputs)
     return {
         "top1_agreement": top1_agreement(pb, pc),

@@ -66,9 +66,25 @@ class PolicyChange:
         return dataclasses.asdict(self)
 
 
+_POLICY_CACHE: dict[tuple[str, int, int], GatePolicy] = {}
+
+
 def load_policy(path: Path) -> GatePolicy:
-    """Read a policy.yaml; an unknown key or a bad value is a ConfigError naming it."""
-    return from_mapping(GatePolicy, load_yaml_file(path), source=str(path))
+    """Read a policy.yaml; an unknown key or a bad value is a ConfigError naming it.
+
+    Parsed once per file version (path, size, mtime): the OTA client gates often and the
+    pure-Python YAML parser is the slowest step of a small gate."""
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _POLICY_CACHE:
+        return _POLICY_CACHE[key]
+    policy = from_mapping(GatePolicy, load_yaml_file(path), source=str(path))
+    if key is not None:
+        _POLICY_CACHE[key] = policy
+    return policy
 
 
 def policy_from_mapping(data: Mapping[str, Any] | None, source: str = "<policy>") -> GatePolicy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import psutil
 
 from agent.errors import InputDataError, ModelError
 from agent.ota.gate_cache import BaselineCache, CachedRun
@@ -23,7 +25,7 @@ from agent.ota.gate_data import (
     resolve_model,
 )
 from agent.ota.gate_detection import mean_iou
-from agent.ota.gate_metrics import agreement_metrics, classification_metrics
+from agent.ota.gate_metrics import agreement_metrics, as_probabilities, classification_metrics
 from agent.ota.gate_policy import (
     GatePolicy,
     PolicyChange,
@@ -33,7 +35,7 @@ from agent.ota.gate_policy import (
 )
 from agent.runtime import load_backend, select_backend
 from agent.runtime.base import Backend, file_sha256
-from agent.runtime.bench import current_rss_bytes, latency_summary_ms
+from agent.runtime.bench import latency_summary_ms
 from agent.textio import format_table
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,10 @@ __all__ = [
 ModelSource = Backend | Path | str
 Progress = Callable[[float], None]
 
-WARMUP_RUNS = 5
+WARMUP_RUNS = 3
 # RSS is read every this many rows of the timed pass: often enough to catch growth,
 # rarely enough that psutil's cost stays out of the latencies.
-RSS_SAMPLE_EVERY_ROWS = 64
+RSS_SAMPLE_EVERY_ROWS = 128
 MB = float(1 << 20)
 
 
@@ -147,6 +149,17 @@ def _fmt(value: float | None) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+_PROCESS: psutil.Process | None = None
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size; the Process handle is kept (it is not free)."""
+    global _PROCESS
+    if _PROCESS is None or _PROCESS.pid != os.getpid():
+        _PROCESS = psutil.Process()
+    return int(_PROCESS.memory_info().rss)
+
+
 @dataclass
 class _Measured:
     """One model's outputs over the golden set, per-row latencies and RSS it added."""
@@ -201,32 +214,38 @@ def _interleaved_pass(
     """Run every row through every backend, one row at a time, alternating which goes first
     so a noisy moment hits both models alike. Returns outputs, latencies and RSS growth."""
     rows = len(inputs)
-    outputs: list[npt.NDArray[np.float32] | None] = [None] * len(backends)
-    latencies = [np.zeros(rows, dtype=np.float64) for _ in backends]
-    order = list(range(len(backends)))
+    runs = [b.run for b in backends]
+    # Outputs are copied into preallocated arrays: keeping each run's own array alive
+    # would make the runtime allocate fresh memory every call and slow the pass down.
+    firsts = [np.asarray(run(inputs[:1])[0]) for run in runs]
+    shapes = [f.shape for f in firsts]
+    outputs = [np.empty((rows, *f.shape[1:]), dtype=np.float32) for f in firsts]
+    latencies = [np.empty(rows, dtype=np.float64) for _ in backends]
+    # Both orders precomputed: the loop body stays as lean as a bare loop of run() calls.
+    orders = (tuple(range(len(runs))), tuple(reversed(range(len(runs)))))
     rss_start = rss_peak = current_rss_bytes()
     report_every = max(1, rows // 50)
     clock = time.perf_counter
     for row in range(rows):
         x = inputs[row : row + 1]
-        for i in order if row % 2 == 0 else order[::-1]:
+        for i in orders[row & 1]:
             t0 = clock()
-            y = backends[i].run(x)[0]
-            latencies[i][row] = clock() - t0
-            out = outputs[i]
-            if out is None:
-                out = np.zeros((rows, *np.shape(y)[1:]), dtype=np.float32)
-                outputs[i] = out
-            if np.shape(y)[1:] != out.shape[1:]:
+            y = runs[i](x)[0]
+            t1 = clock()
+            latencies[i][row] = t1 - t0
+            if y.shape != shapes[i]:
                 raise ModelError(f"{backends[i].path}: output shape changed between rows")
-            out[row] = y[0]
+            outputs[i][row] = y[0]
         if row % RSS_SAMPLE_EVERY_ROWS == 0:
             rss_peak = max(rss_peak, current_rss_bytes())
-        if progress is not None and (row % report_every == 0 or row == rows - 1):
-            progress((row + 1) / rows)
+            if progress is not None:
+                progress(row / rows)
+        elif progress is not None and row % report_every == 0:
+            progress(row / rows)
     rss_peak = max(rss_peak, current_rss_bytes())
-    done = [o if o is not None else np.zeros((0,), np.float32) for o in outputs]
-    return done, latencies, rss_peak - rss_start
+    if progress is not None:
+        progress(1.0)
+    return outputs, latencies, rss_peak - rss_start
 
 
 def _detect_precision(model: GateModel, backend: Backend | None) -> str:
@@ -546,6 +565,7 @@ def run_gate(
             cand_precision,
             base_backend_for_id=to_run[0] if cached is None else None,
         )
+    cand_info = cand_backend.describe()
     report = GateReport(
         passed=not any(c.failed for c in checks),
         checks=checks,
@@ -564,8 +584,8 @@ def run_gate(
                 "label": cand_model.label,
                 "sha256": cand_sha,
                 "precision": cand_precision,
-                "backend": cand_backend.describe().get("backend"),
-                "provider": cand_backend.describe().get("provider"),
+                "backend": cand_info.get("backend"),
+                "provider": cand_info.get("provider"),
             },
         },
         golden=golden.describe(),
@@ -617,9 +637,10 @@ def _judge(
             )
         classes = int(base.outputs.shape[1])
         check_labels_fit(golden, classes)
-        b = classification_metrics(base.outputs, golden.labels, golden.slices, class_names)
-        c = classification_metrics(cand.outputs, golden.labels, golden.slices, class_names)
-        agreement = agreement_metrics(base.outputs, cand.outputs)
+        pb, pc = as_probabilities(base.outputs), as_probabilities(cand.outputs)
+        b = classification_metrics(base.outputs, golden.labels, golden.slices, class_names, pb)
+        c = classification_metrics(cand.outputs, golden.labels, golden.slices, class_names, pc)
+        agreement = agreement_metrics(base.outputs, cand.outputs, pb, pc)
         metrics.update({"baseline": b, "candidate": c, "agreement": agreement})
         if golden.reference is not None and golden.reference.shape == cand.outputs.shape:
             # Informational: how far each model is from the trusted reference outputs.
