@@ -86,7 +86,8 @@ def _open_source(source: Source, limits: ReadLimits) -> Iterator[tuple[BinaryIO,
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
-            fh = path.open("rb")
+            # Unbuffered: readinto() then fills our chunk buffer with no extra copy.
+            fh = path.open("rb", buffering=0)
         except FileNotFoundError:
             raise UsageError(f"{path}: package file not found") from None
         except OSError as exc:
