@@ -131,7 +131,8 @@ def render_status_page(statuses: Sequence[dict[str, Any]], charts: Sequence[str]
     body = "".join(rows) or "<p>No rollouts yet.</p>"
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        "<meta http-equiv='refresh' content='15'><title>edge-agent fleet</title>"
+        "<meta http-equiv='refresh' content='15'><link rel='icon' href='data:,'>"
+        "<title>edge-agent fleet</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;"
         "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}</style></head>"
         f"<body><h1>edge-agent fleet status</h1>{body}</body></html>"
