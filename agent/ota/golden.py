@@ -521,6 +521,9 @@ def run_gate(
     to_run.append(cand_backend)
     try:
         outs, lats, pass_growth = _interleaved_pass(to_run, golden.inputs, progress)
+        cand_info = cand_backend.describe()
+        cand_id = backend_identity(cand_backend)
+        base_run_id = backend_identity(to_run[0]) if cached is None else None
     finally:
         for loaded in owned:
             loaded.close()
@@ -555,17 +558,10 @@ def run_gate(
     if cache is not None:
         cache_info["stored"] = _store_runs(
             cache,
-            golden,
-            cand_backend,
-            base_sha,
-            base,
-            base_precision,
-            cand_sha,
-            cand,
-            cand_precision,
-            base_backend_for_id=to_run[0] if cached is None else None,
+            golden.sha256,
+            (base_sha, base_run_id, base, base_precision),
+            (cand_sha, cand_id, cand, cand_precision),
         )
-    cand_info = cand_backend.describe()
     report = GateReport(
         passed=not any(c.failed for c in checks),
         checks=checks,
@@ -655,41 +651,31 @@ def _judge(
 
 def _store_runs(
     cache: BaselineCache,
-    golden: GoldenSet,
-    cand_backend: Backend,
-    base_sha: str,
-    base: _Measured,
-    base_precision: str,
-    cand_sha: str,
-    cand: _Measured,
-    cand_precision: str,
-    base_backend_for_id: Backend | None,
+    golden_sha256: str,
+    baseline: tuple[str, str | None, _Measured, str],
+    candidate: tuple[str, str | None, _Measured, str],
 ) -> list[str]:
-    """Store this run for next time: the baseline when it ran, and the candidate, which is
-    the next gate's baseline once it is activated."""
+    """Store this run for next time: the baseline when it ran (its backend id is None when
+    it came from the cache), and the candidate, the next gate's baseline once activated.
+    Each run is (model sha256, backend id, measured, precision)."""
     stored: list[str] = []
     try:
-        if base_backend_for_id is not None:
+        for role, (sha, backend_id, measured, precision) in (
+            ("baseline", baseline),
+            ("candidate", candidate),
+        ):
+            if backend_id is None or measured.from_cache:
+                continue
             cache.store(
-                base_sha,
-                golden.sha256,
-                backend_identity(base_backend_for_id),
-                base.outputs,
-                base.latencies_s,
-                base.rss_added_bytes,
-                {"precision": base_precision, "role": "baseline"},
+                sha,
+                golden_sha256,
+                backend_id,
+                measured.outputs,
+                measured.latencies_s,
+                measured.rss_added_bytes,
+                {"precision": precision, "role": role},
             )
-            stored.append("baseline")
-        cache.store(
-            cand_sha,
-            golden.sha256,
-            backend_identity(cand_backend),
-            cand.outputs,
-            cand.latencies_s,
-            cand.rss_added_bytes,
-            {"precision": cand_precision, "role": "candidate"},
-        )
-        stored.append("candidate")
+            stored.append(role)
     except OSError as exc:
         # A full or read-only disk must not turn a gate verdict into a crash.
         log.warning("gate cache %s not written: %s", cache.root, exc)

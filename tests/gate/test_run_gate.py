@@ -304,3 +304,19 @@ def test_cache_is_keyed_by_the_golden_set(
     labels = np.load(golden_dir / "labels.npy")
     other = make_golden(labels=np.roll(labels, 1))
     assert run_gate(*args, other, baseline_cache=cache).baseline_cache["used"] is False
+
+
+def test_unwritable_cache_does_not_change_the_verdict(
+    tmp_path: Path, demo_models: Path, golden_dir: Path
+):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    report = run_gate(
+        demo_models / "digits_fp32.onnx",
+        demo_models / "digits_int8.onnx",
+        golden_dir,
+        baseline_cache=blocker / "cache",
+    )
+    assert report.passed
+    assert report.baseline_cache["used"] is False
+    assert report.baseline_cache["stored"] == []
