@@ -297,6 +297,7 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
         "last_change": None,
         "last_gate_report": None,
         "last_refusal": None,
+        "release_floor": None,
     }
     if not (state_dir / "state.db").exists():
         return out
@@ -306,6 +307,11 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
         if last is not None:
             out["state"] = last.state.value
             out["last_change"] = {k: v for k, v in last.to_dict().items() if k != "detail"}
+        if last is not None and last.package:
+            from agent.package import ReleaseFloor
+
+            with ReleaseFloor(state_dir / "state.db") as floor:
+                out["release_floor"] = floor.get(last.package)
         report = journal.get_value(LAST_GATE_REPORT)
         out["last_gate_report"] = json.loads(report) if report else None
         out["last_refusal"] = journal.last_refusal()

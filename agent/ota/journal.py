@@ -241,6 +241,20 @@ class Journal:
             )
         return max(old, value)
 
+    def marks(self, prefix: str = "") -> dict[str, int]:
+        """Every high-water mark whose name starts with ``prefix``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, value FROM ota_marks WHERE substr(name, 1, ?) = ?",
+                (len(prefix), prefix),
+            ).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def delete_mark(self, name: str) -> None:
+        """Forget a mark (only for moving it elsewhere, e.g. floors to ReleaseFloor)."""
+        with self._write() as db:
+            db.execute("DELETE FROM ota_marks WHERE name = ?", (name,))
+
     def get_value(self, name: str) -> str | None:
         with self._lock:
             row = self._db.execute(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import random
@@ -12,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent import __version__
 from agent.config import AgentConfig, PreprocessConfig
@@ -43,7 +42,8 @@ from agent.ota.probation import (
     crash_loop_tripped,
 )
 from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
-from agent.runtime import load_backend
+from agent.package import ReleaseFloor, check_compat
+from agent.runtime import installed_runtimes, load_backend
 from agent.runtime.base import Backend
 
 log = logging.getLogger(__name__)
@@ -81,26 +81,42 @@ class GateOutcome:
     reason: str = ""
 
 
+# Runs on the verified manifest (agent.package.Manifest) before any file is extracted.
+ManifestCheck = Callable[[Any], None]
+
+
+class PackageReader(Protocol):
+    """Verify a package tar with the keyring, run ``check_manifest``, extract into staging."""
+
+    def __call__(
+        self,
+        tar_path: Path,
+        keyring_dir: Path,
+        staging_dir: Path,
+        check_manifest: ManifestCheck | None = None,
+    ) -> ExtractedPackage: ...
+
+
 # The edges that belong to other parts; injectable so tests and tools can swap them.
-PackageReader = Callable[[Path, Path, Path], ExtractedPackage]
 GateRunner = Callable[[Path, Path, Mapping[str, Any]], GateOutcome]
 BackendLoader = Callable[[Path, Mapping[str, Any]], Backend]
 
 
-def read_package_default(tar_path: Path, keyring_dir: Path, staging_dir: Path) -> ExtractedPackage:
-    """Verify + extract with the package area's reader, then its compat check when present."""
-    # Imported here so OTA imports stay light and the package area can move its internals.
-    keys: Any = importlib.import_module("agent.package.keys")
-    reader: Any = importlib.import_module("agent.package.reader")
-    verified = reader.read_package(tar_path, keys.Keyring.load(keyring_dir), staging_dir)
+def read_package_default(
+    tar_path: Path,
+    keyring_dir: Path,
+    staging_dir: Path,
+    check_manifest: ManifestCheck | None = None,
+) -> ExtractedPackage:
+    """Verify + extract with the package area's reader; ``check_manifest`` (compat, floor)
+    runs on the verified manifest before any file data is written."""
+    from agent.package import Keyring, read_package
+
+    verified = read_package(
+        tar_path, Keyring.load(keyring_dir), staging_dir, check_manifest=check_manifest
+    )
     root = Path(verified.root)
     manifest = json.loads((root / "manifest.json").read_bytes())
-    package: Any = importlib.import_module("agent.package")
-    check_compat = getattr(package, "check_compat", None)
-    if check_compat is not None:
-        from agent.runtime import installed_runtimes
-
-        check_compat(verified.manifest, __version__, None, installed_runtimes())
     model = root / str(manifest.get("runtime", {}).get("model", "model.onnx"))
     return ExtractedPackage(root=root, manifest=manifest, model_path=model)
 
@@ -125,6 +141,9 @@ def load_package_backend(package_dir: Path, manifest: Mapping[str, Any]) -> Back
     runtime = manifest.get("runtime", {})
     kind = str(runtime.get("kind", "onnx"))
     model = package_dir / str(runtime.get("model", "model.onnx"))
+    # Named per package so a test can make one model "crash the runtime on load" on every
+    # start (EDGE_AGENT_KILL_AT=model.load:digits-1.1.0) while other models load fine.
+    kill_point(f"model.load:{manifest.get('name', '')}-{manifest.get('version', '')}")
     return load_backend(model, RUNTIME_BACKEND.get(kind, "auto"))
 
 
@@ -191,6 +210,47 @@ class OTAService:
             self.probation_policy = ProbationPolicy(
                 min_frames=ota.probation_frames, min_s=ota.probation_s
             )
+        self._migrate_release_marks()
+
+    # ------------------------------------------------------------------ release floor
+
+    def _release_floor(self) -> ReleaseFloor:
+        # Opened per use: ReleaseFloor's SQLite connection belongs to the thread that made
+        # it, and the service runs on the poll thread and the control-socket threads.
+        return ReleaseFloor(self.state_dir / "state.db")
+
+    def release_floor(self, name: str) -> int:
+        """The committed release_counter floor for ``name`` (0 when none was committed)."""
+        with self._release_floor() as floor:
+            return floor.get(name) or 0
+
+    def _check_floor(self, name: str, version: str, counter: int, reverting: bool) -> None:
+        """DowngradeError unless ``counter`` is above the floor (or the channel signed a revert).
+
+        The package area's floor refuses a lower counter; an equal one is also refused
+        here: it is the committed release itself or a re-signed twin of it.
+        """
+        with self._release_floor() as floor:
+            floor.check(name, counter, allow_revert=reverting)
+            value = floor.get(name)
+        if value is not None and counter == value and not reverting:
+            if self.current_version() == version:
+                raise DowngradeError(f"{name} {version} is already installed")
+            raise DowngradeError(
+                f"{name} {version}: release_counter {counter} is not above the floor "
+                f"{value} (older or replayed release)"
+            )
+
+    def _migrate_release_marks(self) -> None:
+        """Move floors an older agent kept as journal marks (release.<name>) to ReleaseFloor."""
+        old = self.journal.marks(prefix="release.")
+        if not old:
+            return
+        with self._release_floor() as floor:
+            for mark, value in old.items():
+                floor.raise_to(mark[len("release.") :], value, "")
+        for mark in old:
+            self.journal.delete_mark(mark)
 
     def close(self) -> None:
         self.journal.close()
@@ -255,6 +315,10 @@ class OTAService:
             kill_point("recover.start")
             last = self.journal.last()
             self._clean_staging_extracts()
+            if last is not None and last.state is OTAState.COMMITTED:
+                # A kill between the COMMITTED row and the floor raise must not leave the
+                # floor low (a replayed older release would then pass).
+                self._finish_commit(last)
             if last is None or last.state in AT_REST:
                 return "nothing in flight"
             action = RECOVERY[last.state]
@@ -330,13 +394,26 @@ class OTAService:
                 detail={"channel_key": channel_key, "file": str(tar_path)},
             )
             extract_dir = self.staging_dir / f"{STAGING_EXTRACT_PREFIX}{time.time_ns()}"
+            # Filled by the manifest check, so a refusal before extraction still names
+            # the package and version it refused.
+            seen: dict[str, str] = {}
+
+            def check_manifest(manifest: Any) -> None:
+                seen.update(package=manifest.name, version=manifest.version)
+                self._check_manifest(manifest, channel)
+
             try:
                 extract_dir.mkdir(parents=True)
-                pkg = self.read_package(tar_path, self._keyring_dir(), extract_dir)
+                pkg = self.read_package(
+                    tar_path,
+                    self._keyring_dir(),
+                    extract_dir,
+                    check_manifest=check_manifest,
+                )
                 kill_point("verify.extracted")
                 self._check_release(pkg, channel)
             except RefusedError as exc:
-                self._refuse(str(exc), channel_key)
+                self._refuse(str(exc), channel_key, **seen)
                 raise
             except OSError as exc:
                 install.remove_tree(extract_dir)
@@ -369,27 +446,37 @@ class OTAService:
     def _keyring_dir(self) -> Path:
         return self.state_dir / "keyring"
 
+    def _check_manifest(self, manifest: Any, channel: ChannelDocument | None) -> None:
+        """Compat and anti-downgrade on the verified manifest, before anything is extracted."""
+        check_compat(manifest, __version__, self.config.ota.hardware_class, installed_runtimes())
+        reverting = channel is not None and manifest.version in channel.revert_versions
+        self._check_floor(manifest.name, manifest.version, manifest.release_counter, reverting)
+
     def _check_release(self, pkg: ExtractedPackage, channel: ChannelDocument | None) -> None:
-        floor = self.journal.mark(f"release.{pkg.name}")
+        """The extracted package is what the channel named and still above the floor."""
         if channel is not None and (pkg.name, pkg.version) != (channel.package, channel.version):
             raise RepositoryError(
                 f"channel {channel.channel} names {channel.package} {channel.version} but the "
                 f"package is {pkg.name} {pkg.version}"
             )
         reverting = channel is not None and pkg.version in channel.revert_versions
-        if pkg.release_counter <= floor and not reverting:
-            current = self.current_manifest()
-            if current and current.get("version") == pkg.version:
-                raise DowngradeError(f"{pkg.name} {pkg.version} is already installed")
-            raise DowngradeError(
-                f"{pkg.name} {pkg.version}: release_counter {pkg.release_counter} is not above "
-                f"the floor {floor} (older or replayed release)"
-            )
+        # Again after extraction: an injected reader may skip the hook, and the floor is
+        # cheap to read.
+        self._check_floor(pkg.name, pkg.version, pkg.release_counter, reverting)
 
-    def _refuse(self, reason: str, channel_key: str, pkg: ExtractedPackage | None = None) -> None:
+    def _refuse(
+        self,
+        reason: str,
+        channel_key: str,
+        pkg: ExtractedPackage | None = None,
+        package: str | None = None,
+        version: str | None = None,
+    ) -> None:
         kwargs: dict[str, Any] = {}
         if pkg is not None:
             kwargs = {"package": pkg.name, "version": pkg.version}
+        elif package is not None:
+            kwargs = {"package": package, "version": version or ""}
         entry = self._enter(OTAState.REJECTED, reason=reason, **kwargs)
         self.journal.record_refusal(entry.package, entry.version, channel_key, reason)
         kill_point("refuse.recorded")
@@ -588,19 +675,27 @@ class OTAService:
                 self.rollback(f"probation failed: {result.reason}", automatic=True)
 
     def commit(self, reason: str = "probation passed") -> JournalEntry:
+        """Journal COMMITTED, then raise the floor and prune (recover() redoes both)."""
         with self._lock:
             manifest = self.current_manifest()
-            entry = self._enter(OTAState.COMMITTED, reason=reason)
+            detail: dict[str, Any] = {}
             if manifest is not None:
-                kill_point("commit.saved")
-                self.journal.raise_mark(
-                    f"release.{manifest['name']}", int(manifest.get("release_counter", 0))
-                )
-                self.journal.delete_value(f"attempts:{entry.package}-{entry.version}")
-            kill_point("commit.floor_raised")
-            install.prune_models(self.state_dir)
-            kill_point("commit.pruned")
+                detail = {"release_counter": int(manifest.get("release_counter", 0))}
+            entry = self._enter(OTAState.COMMITTED, reason=reason, detail=detail)
+            kill_point("commit.saved")
+            self._finish_commit(entry)
             return entry
+
+    def _finish_commit(self, entry: JournalEntry) -> None:
+        """The work after a saved COMMITTED; idempotent, so a restart simply does it again."""
+        counter = entry.detail.get("release_counter")
+        if entry.package and isinstance(counter, int):
+            with self._release_floor() as floor:
+                floor.raise_to(entry.package, counter, entry.version)
+            self.journal.delete_value(f"attempts:{entry.package}-{entry.version}")
+        kill_point("commit.floor_raised")
+        install.prune_models(self.state_dir)
+        kill_point("commit.pruned")
 
     # ------------------------------------------------------------------ rollback
 
@@ -701,7 +796,7 @@ class OTAService:
         refused = self.journal.refusal(doc.package, doc.version, doc.fingerprint)
         if refused:
             return no(f"refused earlier: {refused}")
-        floor = self.journal.mark(f"release.{doc.package}")
+        floor = self.release_floor(doc.package)
         if doc.release_counter <= floor and doc.version not in doc.revert_versions:
             return no(f"release_counter {doc.release_counter} is not above the floor {floor}")
         return CheckResult(True, f"taking {doc.package} {doc.version}", doc, bucket)
@@ -788,6 +883,28 @@ def _reply(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"ok": False, "error": str(exc), "exit_code": exc.exit_code}
 
 
+# State dirs whose start-up recovery already ran in this process (see recover_at_start).
+_RECOVERED_AT_START: set[Path] = set()
+
+
+def recover_at_start(config: AgentConfig, recorder: Any = None) -> str:
+    """Finish or undo the journal's in-flight update BEFORE the daemon loads any model.
+
+    Call it first thing on start: a model that crashes the runtime process on load must
+    still have each restart counted, or the crash-loop breaker never rolls it back.
+    ``attach()`` later skips its own recovery for this state dir, so a restart is
+    counted once.
+    """
+    service = OTAService(config, recorder=recorder)
+    try:
+        done = service.recover(agent_start=True)
+    finally:
+        service.close()
+    _RECOVERED_AT_START.add(config.state_dir.resolve())
+    log.info("OTA start-up: %s", done)
+    return done
+
+
 def attach(daemon: Any) -> AttachedOTA:
     """Register ``install``, ``update`` and ``rollback`` on the daemon's control socket,
     recover the journal, re-arm probation, and start the poll loop when a repository is set.
@@ -798,8 +915,8 @@ def attach(daemon: Any) -> AttachedOTA:
     service = OTAService(
         daemon.config, recorder=getattr(daemon, "telemetry", None), slot=daemon.slot
     )
-    done = service.recover()
-    log.info("OTA start-up: %s", done)
+    if daemon.config.state_dir.resolve() not in _RECOVERED_AT_START:
+        log.info("OTA start-up: %s", service.recover())
     service.resume_probation()
 
     def do_install(req: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,7 @@ def build_package(
     model_bytes: bytes,
     precision: str = "fp32",
     name: str = "digits",
+    compat: dict[str, Any] | None = None,
 ) -> Path:
     """A package tar as CONTRACTS.md lays it out, signed by ``keys``."""
     manifest = {
@@ -81,7 +82,8 @@ def build_package(
             "scale": 1.0,
         },
         "labels": [str(i) for i in range(10)],
-        "compat": {"min_agent_version": "0.1.0", "hardware_classes": [], "runtime_features": []},
+        "compat": compat
+        or {"min_agent_version": "0.1.0", "hardware_classes": [], "runtime_features": []},
         "files": [
             {
                 "path": "model.onnx",
@@ -137,10 +139,13 @@ class Device:
         model: str | bytes = "digits_fp32.onnx",
         keys: Sequence[OperatorKey] | None = None,
         precision: str = "fp32",
+        compat: dict[str, Any] | None = None,
     ) -> Path:
         data = model if isinstance(model, bytes) else (DEMO / model).read_bytes()
         signers = keys if keys is not None else [k for k in self.keys if k.role == "release"]
-        return build_package(self.packages, signers, version, counter, data, precision)
+        return build_package(
+            self.packages, signers, version, counter, data, precision, compat=compat
+        )
 
 
 def write_keyring(keys: Sequence[OperatorKey], out: Path) -> Path:
@@ -187,6 +192,14 @@ def make_device(tmp: Path, repository_url: str | None = None, **ota: Any) -> Dev
 @pytest.fixture
 def device(tmp_path: Path) -> Device:
     return make_device(tmp_path)
+
+
+def release_floor(dev: Device, name: str = "digits") -> int | None:
+    """The device's committed release_counter floor (the package area's ReleaseFloor)."""
+    from agent.package import ReleaseFloor
+
+    with ReleaseFloor(dev.state_dir / "state.db") as floor:
+        return floor.get(name)
 
 
 def feed_frames(service: OTAService, frames: int, confidence: float = 0.9) -> None:
