@@ -13,10 +13,12 @@ architecture: the venv holds compiled wheels and links to that system's python3.
 
 Options:
   --out DIR          where the .deb goes (default: dist/)
+  --unit FILE        systemd unit to ship (default: systemd/edge-agent.service)
   --wheel FILE       use this edge-agent wheel instead of building one
   --python PATH      the target's python3 that the venv links to (default: /usr/bin/python3)
   --jetson           venv with --system-site-packages; JetPack's onnxruntime-gpu and
                      TensorRT are used instead of pip's onnxruntime (env EDGE_AGENT_JETSON=1)
+  --extras LIST      pip extras to add, comma-separated (default: litert; "" for none)
   --no-deps          install only the agent wheel, no dependencies (tests; or with --jetson
                      when the system provides every dependency)
   --wheelhouse DIR   install dependencies offline from this folder (pip --no-index)
@@ -31,6 +33,7 @@ USAGE
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=../lib/common.sh
+EA_LIB_DIR=$REPO/packaging/lib
 . "$REPO/packaging/lib/common.sh"
 
 OUT_DIR=$REPO/dist
@@ -38,16 +41,21 @@ WHEEL=""
 PYTHON=/usr/bin/python3
 JETSON=${EDGE_AGENT_JETSON:-0}
 NO_DEPS=0
+# LiteRT is the Raspberry Pi backend; its wheel exists for aarch64 and x86-64 Linux.
+EXTRAS=litert
 WHEELHOUSE=""
 KEEP_STAGE=0
 BUILD_PYTHON=${BUILD_PYTHON:-python3}
+UNIT_SRC=$REPO/systemd/edge-agent.service
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT_DIR=${2:?--out needs a folder}; shift 2 ;;
+        --unit) UNIT_SRC=${2:?--unit needs a file}; shift 2 ;;
         --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
         --python) PYTHON=${2:?--python needs a path}; shift 2 ;;
         --jetson) JETSON=1; shift ;;
+        --extras) EXTRAS=${2?--extras needs a list}; shift 2 ;;
         --no-deps) NO_DEPS=1; shift ;;
         --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
         --keep-stage) KEEP_STAGE=1; shift ;;
@@ -58,7 +66,6 @@ done
 
 command -v dpkg-deb >/dev/null || ea_die "dpkg-deb not found (apt install dpkg)"
 [ -x "$PYTHON" ] || ea_die "$PYTHON: no python3 there (use --python)"
-UNIT_SRC=$REPO/systemd/edge-agent.service
 [ -f "$UNIT_SRC" ] || ea_die "$UNIT_SRC: the systemd unit is missing"
 [ -z "$WHEEL" ] || [ -f "$WHEEL" ] || ea_die "$WHEEL: wheel not found"
 [ -z "$WHEELHOUSE" ] || [ -d "$WHEELHOUSE" ] || ea_die "$WHEELHOUSE: wheelhouse not found"
@@ -67,6 +74,9 @@ VERSION=$(ea_project_version "$REPO")
 [ -n "$VERSION" ] || ea_die "$REPO/pyproject.toml: no version"
 ARCH=$(dpkg --print-architecture)
 PY_MINOR=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+# The venv's site-packages is lib/python3.X: the package needs that exact minor version.
+PY_NEXT=$("$PYTHON" -c 'import sys; print("%d.%d" % (sys.version_info[0], sys.version_info[1] + 1))')
+MAINTAINER=${DEB_MAINTAINER:-edge-agent developers <edge-agent@example.org>}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 
@@ -83,7 +93,7 @@ fi
 set --
 [ -n "$WHEELHOUSE" ] && set -- --no-index --find-links "$WHEELHOUSE"
 ea_make_venv "$STAGE/opt/edge-agent/venv" /opt/edge-agent/venv "$PYTHON" "$WHEEL" \
-    "$JETSON" "$NO_DEPS" "$@"
+    "$JETSON" "$NO_DEPS" "$EXTRAS" "$@"
 # A venv's python is a symlink to the system interpreter it was made with; the package
 # depends on that exact python3.X, so the symlink must point at /usr/bin, not at a
 # pyenv or build-host path.
@@ -107,8 +117,8 @@ DOC=$STAGE/usr/share/doc/edge-agent
 install -d "$DOC"
 install -m 0644 "$HERE/copyright" "$DOC/copyright"
 DATE_R=$(date -R -u -d "@${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}")
-printf 'edge-agent (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- edge-agent developers <edge-agent@localhost>  %s\n' \
-    "$VERSION" "$VERSION" "$DATE_R" | gzip -9n > "$DOC/changelog.gz"
+printf 'edge-agent (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- %s  %s\n' \
+    "$VERSION" "$VERSION" "$MAINTAINER" "$DATE_R" | gzip -9n > "$DOC/changelog.gz"
 chmod 0644 "$DOC/changelog.gz"
 install -D -m 0644 "$HERE/lintian-overrides" "$STAGE/usr/share/lintian/overrides/edge-agent"
 
@@ -125,23 +135,24 @@ cat > "$STAGE/DEBIAN/control" <<CONTROL
 Package: edge-agent
 Version: $VERSION
 Architecture: $ARCH
-Maintainer: edge-agent developers <edge-agent@localhost>
+Maintainer: $MAINTAINER
 Installed-Size: $SIZE_KB
-Depends: python$PY_MINOR, adduser, init-system-helpers (>= 1.52)
+Depends: libc6 (>= 2.28), python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), adduser, init-system-helpers (>= 1.52)
 Recommends: systemd
 Section: misc
 Priority: optional
-Homepage: https://example.invalid/edge-agent
 Description: on-device inference agent with signed, gated OTA model updates
  edge-agent runs a quantized model (ONNX Runtime, LiteRT, TensorRT) under an
  FPS cap and a thermal governor, keeps telemetry in SQLite while offline, and
  installs signed model packages only after a golden-set regression gate passes.
  .
- Build flavor: $FLAVOR. Python $PY_MINOR venv in /opt/edge-agent.
+ Build flavor: $FLAVOR. Python $PY_MINOR venv in /opt/edge-agent
+ (extras: ${EXTRAS:-none}).
 CONTROL
 
 DEB=$OUT_DIR/edge-agent_${VERSION}_${ARCH}.deb
 # --root-owner-group: every file root:root without needing fakeroot or root.
-dpkg-deb --root-owner-group -Zxz --build "$STAGE" "$DEB" >&2
+# DEB_COMPRESSION=gzip builds faster (tests, CI); xz makes the smaller download.
+dpkg-deb --root-owner-group -Z"${DEB_COMPRESSION:-xz}" --build "$STAGE" "$DEB" >&2
 [ "$KEEP_STAGE" = 1 ] && ea_log "staging tree kept: $STAGE"
 echo "$DEB"

@@ -2,6 +2,8 @@
 # Sourced, not run. Every function prints what it does on stderr and fails loudly.
 
 EA_SERVICE=edge-agent.service
+# the folder of this file; the sourcing script sets it (sh has no BASH_SOURCE)
+EA_LIB_DIR=${EA_LIB_DIR:?set EA_LIB_DIR before sourcing common.sh}
 EA_USER=edge-agent
 # Groups the service user joins when the board has them: cameras (video), Jetson/Pi GPU
 # and codec nodes (render), and GPIO/I2C for boards that drive hardware.
@@ -30,12 +32,15 @@ ea_build_wheel() {
     ls -t "$2"/edge_agent-*.whl | head -n 1
 }
 
-# ea_make_venv VENV_DIR FINAL_DIR PYTHON WHEEL SYSTEM_SITE NO_DEPS [PIP_ARGS...]
+# ea_make_venv VENV_DIR FINAL_DIR PYTHON WHEEL SYSTEM_SITE NO_DEPS EXTRAS [PIP_ARGS...]
 # Creates a venv at VENV_DIR that will work once moved to FINAL_DIR (shebangs, activate
 # scripts and pyvenv.cfg rewritten; .pyc compiled with the final paths).
 ea_make_venv() {
-    _venv=$1 _final=$2 _python=$3 _wheel=$4 _system_site=$5 _no_deps=$6
-    shift 6
+    _venv=$1 _final=$2 _python=$3 _wheel=$4 _system_site=$5 _no_deps=$6 _extras=$7
+    shift 7
+    # pip takes extras on a file requirement as "file.whl[a,b]"
+    _wheel_req=$_wheel
+    [ -n "$_extras" ] && _wheel_req="$_wheel[$_extras]"
     _venv_args=""
     [ "$_system_site" = 1 ] && _venv_args="--system-site-packages"
     if [ ! -x "$_venv/bin/python" ]; then
@@ -50,25 +55,16 @@ ea_make_venv() {
         # JetPack ships onnxruntime-gpu (and TensorRT) system-wide; installing the CPU
         # onnxruntime wheel into the venv would shadow it, so every other dependency is
         # installed and onnxruntime is left to the system.
-        _reqs=$("$_venv/bin/python" - "$_wheel" <<'PY'
-import re, sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as whl:
-    meta = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
-    for line in whl.read(meta).decode().splitlines():
-        if line.startswith("Requires-Dist:") and "extra ==" not in line:
-            req = line.split(":", 1)[1].strip().split(";")[0].strip()
-            if re.split(r"[<>=!~ \[]", req)[0].lower() not in ("onnxruntime",):
-                print(req)
-PY
-)
+        _reqs=$("$_venv/bin/python" "$EA_LIB_DIR/wheel_requirements.py" "$_wheel" \
+            --extras "$_extras" --exclude onnxruntime) || ea_die "cannot read $_wheel"
         # shellcheck disable=SC2086  # one requirement per word, none contain spaces
-        "$_venv/bin/python" -m pip install --quiet --no-compile "$@" $(printf '%s\n' "$_reqs" | tr -d ' ') >&2 \
+        "$_venv/bin/python" -m pip install --quiet --no-compile "$@" $_reqs >&2 \
             || ea_die "pip install of the dependencies failed"
         "$_venv/bin/python" -m pip install --quiet --no-compile --no-deps --force-reinstall \
             "$@" "$_wheel" >&2 || ea_die "pip install failed ($_wheel)"
     else
-        "$_venv/bin/python" -m pip install --quiet --no-compile "$@" "$_wheel" >&2 \
-            || ea_die "pip install failed ($_wheel)"
+        "$_venv/bin/python" -m pip install --quiet --no-compile "$@" "$_wheel_req" >&2 \
+            || ea_die "pip install failed ($_wheel_req)"
     fi
     ea_relocate_venv "$_venv" "$_final"
 }
