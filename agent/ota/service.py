@@ -413,7 +413,9 @@ class OTAService:
                 kill_point("verify.extracted")
                 self._check_release(pkg, channel)
             except RefusedError as exc:
-                self._refuse(str(exc), channel_key, **seen)
+                self._refuse(
+                    str(exc), channel_key, package=seen.get("package"), version=seen.get("version")
+                )
                 raise
             except OSError as exc:
                 install.remove_tree(extract_dir)

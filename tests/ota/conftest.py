@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from agent.config import AgentConfig, OTAConfig
 from agent.fleet.keys import OperatorKey, generate_key_files, load_key_dir
+from agent.fleet.repo import RepoExpiry, init_repo, publish_package, write_channel
 from agent.ota.service import OTAService
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,6 +219,60 @@ def feed_frames(service: OTAService, frames: int, confidence: float = 0.9) -> No
         service.observe_frame(0.001, float(p.max()) if confidence > 0 else None)
 
 
+# ------------------------------------------------------------------ a TUF repository
+
+
+def channel_doc(
+    version: str, counter: int, percent: float = 100.0, salt: str = "s1", **extra: Any
+) -> dict[str, Any]:
+    """A channel document (CONTRACTS.md) naming digits ``version``."""
+    doc = {
+        "channel": "stable",
+        "package": "digits",
+        "release": {
+            "version": version,
+            "target": f"packages/digits-{version}.tar",
+            "release_counter": counter,
+        },
+        "rollout": {
+            "percent": percent,
+            "salt": salt,
+            "stage": 0,
+            "paused": False,
+            "aborted": False,
+        },
+        "revert_versions": [],
+        "updated": "2026-11-23T12:00:00Z",
+    }
+    doc.update(extra)
+    return doc
+
+
+def repo_device(tmp_path: Path, url: str, www: Path, **expiry: float) -> Device:
+    """A device provisioned with the root of a fresh TUF repository in ``www``."""
+    dev = make_device(tmp_path, repository_url=url)
+    init_repo(www, dev.keys, expiry=RepoExpiry(**expiry) if expiry else None)
+    roots = sorted((www / "metadata").glob("*root.json"))
+    (dev.state_dir / "tuf").mkdir()
+    shutil.copy(roots[0], dev.state_dir / "tuf" / "root.json")
+    return dev
+
+
+def publish_release(
+    dev: Device,
+    www: Path,
+    version: str,
+    counter: int,
+    model: str = "digits_fp32.onnx",
+    precision: str = "fp32",
+    **channel: Any,
+) -> None:
+    """Build, publish and point the stable channel at ``version``."""
+    tar = dev.package(version, counter, model, precision=precision)
+    publish_package(www, tar, dev.keys)
+    write_channel(www, channel_doc(version, counter, **channel), dev.keys)
+
+
 # ------------------------------------------------------------------ a static HTTP server
 
 
@@ -231,6 +286,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = Path(self.directory) / self.path.lstrip("/").split("?")[0]
+        self.faults.setdefault("requests", []).append((self.path, self.headers.get("Range")))
         if not path.is_file():
             self.send_error(404)
             return
@@ -240,7 +296,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
         start = 0
         rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes=") and fault != "no_range":
+        ignore_range = fault == "no_range" or self.faults.get("ignore_range")
+        if rng and rng.startswith("bytes=") and not ignore_range:
             start = int(rng[6:].split("-")[0])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")

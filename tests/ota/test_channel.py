@@ -11,61 +11,16 @@ from typing import Any
 import pytest
 
 from agent.errors import FetchError, IntegrityError, RepositoryError
-from agent.fleet.repo import RepoExpiry, init_repo, publish_package, write_channel
+from agent.fleet.repo import write_channel
 from agent.ota import install
 from agent.ota.channel import ChannelDocument
 from agent.ota.membership import in_rollout, rollout_bucket
 from agent.ota.states import OTAState
 
-from .conftest import Device, feed_frames, make_device
-
-
-def _channel(
-    version: str, counter: int, percent: float = 100.0, salt: str = "s1", **extra: Any
-) -> dict[str, Any]:
-    doc = {
-        "channel": "stable",
-        "package": "digits",
-        "release": {
-            "version": version,
-            "target": f"packages/digits-{version}.tar",
-            "release_counter": counter,
-        },
-        "rollout": {
-            "percent": percent,
-            "salt": salt,
-            "stage": 0,
-            "paused": False,
-            "aborted": False,
-        },
-        "revert_versions": [],
-        "updated": "2026-11-23T12:00:00Z",
-    }
-    doc.update(extra)
-    return doc
-
-
-def _repo_device(tmp_path: Path, url: str, www: Path, **expiry: float) -> Device:
-    dev = make_device(tmp_path, repository_url=url)
-    init_repo(www, dev.keys, expiry=RepoExpiry(**expiry) if expiry else None)
-    roots = sorted((www / "metadata").glob("*root.json"))
-    (dev.state_dir / "tuf").mkdir()
-    shutil.copy(roots[0], dev.state_dir / "tuf" / "root.json")
-    return dev
-
-
-def _publish(
-    dev: Device,
-    www: Path,
-    version: str,
-    counter: int,
-    model: str = "digits_fp32.onnx",
-    precision: str = "fp32",
-    **channel: Any,
-) -> None:
-    tar = dev.package(version, counter, model, precision=precision)
-    publish_package(www, tar, dev.keys)
-    write_channel(www, _channel(version, counter, **channel), dev.keys)
+from .conftest import channel_doc as _channel
+from .conftest import feed_frames
+from .conftest import publish_release as _publish
+from .conftest import repo_device as _repo_device
 
 
 def test_membership_is_stable_across_stages() -> None:
