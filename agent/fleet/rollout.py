@@ -384,9 +384,17 @@ def promote(
             _record(state, now, "complete", reason, **numbers)
             _save_state(base, state)
             return state
+        # Logged at the stage it leaves, with the numbers that stage earned.
+        _record(
+            state,
+            now,
+            "promote",
+            reason,
+            to_percent=state.policy.stages_percent[state.stage + 1],
+            **numbers,
+        )
         state.stage += 1
         state.stage_started = _iso(now)
-        _record(state, now, "promote", reason, **numbers)
         _publish(base, state, keys, now, expiry)
         return state
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import threading
 import time
 import zlib
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from agent.errors import EdgeAgentError, TelemetryError
@@ -27,6 +28,9 @@ from agent.fleet.store import BadPayloadError, TelemetryStore, parse_otlp_logs, 
 from agent.fleet.tokens import device_for_token, load_tokens
 
 log = logging.getLogger(__name__)
+
+METADATA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.json$")
+MAX_METADATA_RESPONSE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,28 @@ def create_app(
             controller.stop_event.set()
 
     app = FastAPI(title="edge-agent fleet server", lifespan=lifespan, docs_url=None, redoc_url=None)
-    for sub in ("metadata", "targets"):
-        folder = config.repo_dir / sub
-        folder.mkdir(parents=True, exist_ok=True)
-        app.mount(f"/{sub}", StaticFiles(directory=folder), name=sub)
+    metadata_dir = config.repo_dir / "metadata"
+    targets_dir = config.repo_dir / "targets"
+    targets_dir.mkdir(parents=True, exist_ok=True)
+
+    @app.get("/metadata/{name}")
+    def metadata_file(name: str) -> Response:
+        # timestamp.json and root.json are replaced in place: read each in one go, so a
+        # client never gets the old file's length with the new file's bytes.
+        if not METADATA_NAME_RE.match(name):
+            return JSONResponse({"error": "not found"}, status_code=404)
+        try:
+            with (metadata_dir / name).open("rb") as fh:
+                data = fh.read(MAX_METADATA_RESPONSE_BYTES + 1)
+        except OSError:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        if len(data) > MAX_METADATA_RESPONSE_BYTES:
+            return JSONResponse({"error": "metadata file too large"}, status_code=500)
+        cache = "no-cache" if name in ("timestamp.json", "root.json") else "max-age=300"
+        return Response(data, media_type="application/json", headers={"Cache-Control": cache})
+
+    # Target files are content-addressed (sha256 prefix) and never rewritten: serve statically.
+    app.mount("/targets", StaticFiles(directory=targets_dir), name="targets")
 
     def problem(status: int, message: str, request: Request) -> JSONResponse:
         client = request.client.host if request.client else "?"
