@@ -37,9 +37,9 @@ def run(
 def agent_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built once (the same function build.sh and install.sh use)."""
     out = tmp_path_factory.mktemp("wheel")
-    script = (
-        f'EA_LIB_DIR="{REPO}/packaging/lib"; . "{REPO}/packaging/lib/common.sh"; ea_build_wheel "{REPO}" "{out}" "{sys.executable}"'
-    )
+    lib = REPO / "packaging" / "lib"
+    script = f'EA_LIB_DIR="{lib}"; . "{lib}/common.sh"; '
+    script += f'ea_build_wheel "{REPO}" "{out}" "{sys.executable}"'
     done = run(["sh", "-c", script])
     assert done.returncode == 0, done.stderr
     wheel = Path(done.stdout.strip())
@@ -62,8 +62,10 @@ def fast_deb(tmp_path_factory: pytest.TempPathFactory, agent_wheel: Path) -> Pat
 def deb_tree(tmp_path_factory: pytest.TempPathFactory, fast_deb: Path) -> Path:
     """The fast .deb unpacked with dpkg -x (files) and dpkg-deb -e (DEBIAN/)."""
     root = tmp_path_factory.mktemp("root")
-    for argv in (["dpkg", "-x", str(fast_deb), str(root)],
-                 ["dpkg-deb", "-e", str(fast_deb), str(root / "DEBIAN")]):
+    for argv in (
+        ["dpkg", "-x", str(fast_deb), str(root)],
+        ["dpkg-deb", "-e", str(fast_deb), str(root / "DEBIAN")],
+    ):
         done = run(argv)
         assert done.returncode == 0, done.stderr
     return root
@@ -98,8 +100,12 @@ def make_jetson_tree(root: Path) -> Path:
     """A Jetson Orin Nano: several thermal zones and INA3221 rails in hwmon, no camera."""
     sysfs = root / "sys"
     for i, (kind, milli) in enumerate(
-        [("cpu-thermal", 51_500), ("gpu-thermal", 49_000), ("soc0-thermal", 50_250),
-         ("tj-thermal", 52_000)]
+        [
+            ("cpu-thermal", 51_500),
+            ("gpu-thermal", 49_000),
+            ("soc0-thermal", 50_250),
+            ("tj-thermal", 52_000),
+        ]
     ):
         thermal_zone(sysfs, i, kind, milli)
     chip = sysfs / "class" / "hwmon" / "hwmon1"

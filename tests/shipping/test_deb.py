@@ -75,9 +75,7 @@ def test_contents_owned_by_root(fast_deb: Path) -> None:
 
 
 def test_unpacked_tree(deb_tree: Path) -> None:
-    assert (deb_tree / "DEBIAN" / "conffiles").read_text().split() == [
-        "/etc/edge-agent/agent.yaml"
-    ]
+    assert (deb_tree / "DEBIAN" / "conffiles").read_text().split() == ["/etc/edge-agent/agent.yaml"]
     assert os.readlink(deb_tree / "usr/bin/edge-agent") == "/opt/edge-agent/venv/bin/edge-agent"
     # the venv links to the target's system python, not to the build host's
     python_link = os.readlink(deb_tree / "opt/edge-agent/venv/bin/python")
@@ -139,7 +137,9 @@ def test_unit_verifies_with_the_shipped_binary(deb_tree: Path, tmp_path: Path) -
     # verify against this host's systemd with ExecStart pointed at the unpacked copy (a
     # --root=tree verify would lack sysinit.target and /bin/kill)
     unit = tmp_path / "edge-agent.service"
-    unit.write_text(shipped.replace(f"ExecStart={binary}", f"ExecStart={deb_tree / target.lstrip('/')}"))
+    unit.write_text(
+        shipped.replace(f"ExecStart={binary}", f"ExecStart={deb_tree / target.lstrip('/')}")
+    )
     done = run(["systemd-analyze", "verify", str(unit)])
     assert done.returncode == 0, done.stderr + done.stdout
 
