@@ -267,7 +267,7 @@ def _rollback(args: argparse.Namespace) -> int:
     _print(
         args,
         entry.to_dict(),
-        f"rolled back to {entry.package} {entry.version} (from {entry.from_version})",
+        f"rolled back to {entry.package} {entry.from_version} (from {entry.version})",
     )
     return 0
 

@@ -714,17 +714,19 @@ class OTAService:
             if self.slot is not None:
                 backend = self.load_model(prev_dir, prev_manifest)
                 backend.warmup(max(1, self.config.model.warmup_runs))
-            from_version = self.current_version()
+            left = self.current_manifest() or {}
             kill_point("rollback.ready")
             install.swap_current_previous(self.state_dir)
             kill_point("rollback.switched")
             if backend is not None:
                 self._hot_swap(backend, prev_dir, prev_manifest)
+            # Like every ROLLED_BACK row (and as the fleet reads them): ``version`` is the
+            # release left behind, ``from_version`` the one the device runs again.
             entry = self._enter(
                 OTAState.ROLLED_BACK,
-                package=str(prev_manifest.get("name", "")),
-                version=str(prev_manifest.get("version", "")),
-                from_version=from_version,
+                package=str(left.get("name", prev_manifest.get("name", ""))),
+                version=str(left.get("version", "")),
+                from_version=str(prev_manifest.get("version", "")),
                 reason=reason,
             )
             if automatic and bad is not None and bad.version:
@@ -935,7 +937,11 @@ def attach(daemon: Any) -> AttachedOTA:
 
     def do_rollback(req: dict[str, Any]) -> dict[str, Any]:
         entry = service.rollback(str(req.get("reason", "operator asked")))
-        return {"message": f"rolled back to {entry.package} {entry.version}", **entry.to_dict()}
+        return {
+            "message": f"rolled back to {entry.package} {entry.from_version} "
+            f"(from {entry.version})",
+            **entry.to_dict(),
+        }
 
     daemon.control.register("install", lambda req: _reply(lambda: do_install(req)))
     daemon.control.register("update", lambda req: _reply(lambda: do_update(req)))

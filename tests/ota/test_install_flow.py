@@ -125,7 +125,9 @@ def test_operator_rollback_and_no_previous(device: Device) -> None:
     svc.install_file(device.package("1.1.0", 2, "digits_int8.onnx", precision="int8"))
     feed_frames(svc, 20)
     entry = svc.rollback()
-    assert entry.state is OTAState.ROLLED_BACK and entry.version == "1.0.0"
+    # As the fleet reads it: version is the release left, from_version the one running.
+    assert entry.state is OTAState.ROLLED_BACK
+    assert (entry.version, entry.from_version) == ("1.1.0", "1.0.0")
     assert install.read_links(device.state_dir) == install.Links("digits-1.0.0", "digits-1.1.0")
 
 
