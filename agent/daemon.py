@@ -41,7 +41,6 @@ from agent.pipeline.slot import ActiveModel, ModelSlot
 from agent.pipeline.sources import Frame, Source, open_source
 from agent.runtime import BackendOptions, load_backend
 from agent.sdnotify import Notifier
-from agent.textio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +77,19 @@ def read_manifest(package_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelError(f"{path}: manifest is not a JSON object")
     return data
+
+
+def write_status_file(path: Path, data: bytes) -> None:
+    """Replace the status file atomically but without fsync.
+
+    The status is rewritten every second and means nothing after a reboot, so a reader
+    must never see half a file (rename) but a power cut may lose the last second (no
+    fsync: one a second would cost CPU and wear an SD card for nothing).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 class LoopStats:
@@ -145,6 +157,8 @@ class Daemon:
         self._stop_requested = False
         self._reload_requested = False
         self._reload_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._status_lock = threading.Lock()
         self._pending_source: Source | None = None
         self._retired: list[ActiveModel] = []
         self._preprocessor_for: tuple[ActiveModel, Preprocessor] | None = None
@@ -156,6 +170,7 @@ class Daemon:
         self._status_thread: threading.Thread | None = None
         self._http: ThreadingHTTPServer | None = None
         self._ota: Any = None
+        self._ota_observe: Callable[..., Any] | None = None
         self._last_warn: dict[str, float] = {}
         self.last_reload: dict[str, Any] | None = None
         self.exit_reason = ""
@@ -302,14 +317,28 @@ class Daemon:
         db_path = cfg.db_path or self.state_dir / "telemetry.db"
         self.telemetry = TelemetryRecorder(cfg, device_id or socket.gethostname(), db_path)
 
-    def _attach_ota(self) -> None:
+    def _ota_module(self) -> Any:
         if not self.config.ota.enabled:
-            return
+            return None
         if importlib.util.find_spec("agent.ota.service") is None:
             log.warning("ota: enabled but agent.ota.service is not installed; OTA off")
+            return None
+        return importlib.import_module("agent.ota.service")
+
+    def _recover_ota(self) -> None:
+        # before any model loads: a package that crashes the process on load must still
+        # count toward the crash-loop breaker on every restart
+        module = self._ota_module()
+        if module is not None and hasattr(module, "recover_at_start"):
+            module.recover_at_start(self.config, self.telemetry)
+
+    def _attach_ota(self) -> None:
+        module = self._ota_module()
+        if module is None:
             return
-        module = importlib.import_module("agent.ota.service")
         self._ota = module.attach(self)
+        service = getattr(self._ota, "service", None)
+        self._ota_observe = getattr(service, "observe_frame", None)
 
     def _open_sinks(self, config: AgentConfig) -> tuple[Sink, ...]:
         sinks: list[Sink] = []
@@ -329,11 +358,12 @@ class Daemon:
     def start(self) -> None:
         """Load the model, open everything, and tell systemd we are ready."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._start_telemetry()
+        self._recover_ota()
         model = self.load_initial_model()
         self.slot.swap(model)
         self.source = self._open_source(self.config, model)
         self.sinks = self._open_sinks(self.config)
-        self._start_telemetry()
         self.governor = GovernorThread(
             self.config.governor,
             self.config.scheduler.fps_cap,
@@ -403,6 +433,7 @@ class Daemon:
         self._state = "stopping"
         self.notifier.stopping()
         self._stop_requested = True
+        self._wake.set()
         deadline = time.monotonic() + self.config.scheduler.drain_timeout_s
         for hook in self._shutdown_hooks:
             try:
@@ -481,6 +512,8 @@ class Daemon:
         telemetry = self.telemetry
         while not self._stop_requested:
             self._heartbeat = self._clock()
+            if self._reload_requested:
+                self._check_requests()
             if self._pending_source is not None:
                 old_source, self.source = self.source, self._pending_source
                 self._pending_source = None
@@ -519,11 +552,22 @@ class Daemon:
                     stats.bad_frames += len(frames)
                 self._warn_once(f"frame:{type(exc).__name__}", f"frame skipped: {exc}", 30.0)
                 self.event("error", {"where": "frame", "message": str(exc)})
+                self._observe_probation(0.0, None, error=True)
                 continue
             stats.latencies_s.append(latency_s)
             stats.batches += 1
             stats.frames += len(frames)
-            self._emit(model, frames, outputs, latency_s, telemetry)
+            confidence = self._emit(model, frames, outputs, latency_s, telemetry)
+            self._observe_probation(latency_s, confidence, error=False)
+
+    def _observe_probation(self, latency_s: float, confidence: float | None, error: bool) -> None:
+        observe = self._ota_observe
+        if observe is None:
+            return
+        try:
+            observe(latency_s, confidence, error)
+        except Exception as exc:  # OTA trouble must not stop inference
+            self._warn_once("ota-observe", f"ota: probation check failed: {exc}")
 
     def _emit(
         self,
@@ -532,9 +576,11 @@ class Daemon:
         outputs: Sequence[Any],
         latency_s: float,
         telemetry: Any,
-    ) -> None:
+    ) -> float:
+        """Send each frame's result to the sinks and telemetry; returns the last confidence."""
         pre = model.preprocess
         sinks = self.sinks
+        confidence = 0.0
         for row, frame in enumerate(frames):
             result: dict[str, Any] = {
                 "seq": frame.seq,
@@ -568,6 +614,7 @@ class Daemon:
                     )
                 except Exception as exc:
                     self._warn_once("telemetry", f"telemetry observe failed: {exc}")
+        return confidence
 
     def _close_retired(self) -> None:
         # the loop is between frames, so no retired model is in use any more
@@ -718,11 +765,12 @@ class Daemon:
         return max(wd / 2, 1.0) if wd else STALL_S
 
     def write_status(self) -> dict[str, Any]:
-        snap = self.status_snapshot()
-        write_atomic(
-            status_path(self.config), (json.dumps(snap, indent=1, default=str) + "\n").encode()
-        )
-        self._last_snapshot = snap
+        """Rewrite status.json atomically (one writer at a time: the temp name is per pid)."""
+        with self._status_lock:
+            snap = self.status_snapshot()
+            data = (json.dumps(snap, indent=1, default=str) + "\n").encode()
+            write_status_file(status_path(self.config), data)
+            self._last_snapshot = snap
         return snap
 
     def _status_tick(self) -> None:
@@ -743,19 +791,25 @@ class Daemon:
                 self._warn_once("telemetry", f"telemetry gauges failed: {exc}")
 
     def _status_forever(self) -> None:
+        # Wakes once per interval (not in slices; shutdown sets _wake to end it early),
+        # so an idle agent costs next to no CPU here.
         interval_s = self.config.status.interval_s
         next_tick = time.monotonic()
         while not self._stop_requested:
-            if self._reload_requested:
-                self._reload_requested = False
-                threading.Thread(target=self.reload, name="reload", daemon=True).start()
             if time.monotonic() >= next_tick:
                 next_tick += interval_s
                 try:
                     self._status_tick()
                 except Exception as exc:
                     self._warn_once("status", f"status: cannot write ({exc})")
-            time.sleep(min(SLEEP_SLICE_S, max(0.0, next_tick - time.monotonic())))
+            self._wake.wait(max(0.0, next_tick - time.monotonic()))
+            self._wake.clear()
+
+    def _check_requests(self) -> None:
+        """Act on flags set by signal handlers (which may only set flags)."""
+        if self._reload_requested:
+            self._reload_requested = False
+            threading.Thread(target=self.reload, name="reload", daemon=True).start()
 
     # ------------------------------------------------------------------ prometheus
 

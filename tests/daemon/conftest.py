@@ -47,14 +47,14 @@ class FakeSysfs:
         zone = self.root / "class" / "thermal" / f"thermal_zone{index}"
         zone.mkdir(parents=True, exist_ok=True)
         (zone / "type").write_text(kind + "\n")
-        value = temp_c if isinstance(temp_c, str) else str(int(round(temp_c * 1000)))
+        value = temp_c if isinstance(temp_c, str) else str(round(temp_c * 1000))
         (zone / "temp").write_text(value + "\n")
         return zone / "temp"
 
     def set_temp(self, index: int, temp_c: float) -> None:
         path = self.root / "class" / "thermal" / f"thermal_zone{index}" / "temp"
         tmp = path.with_name(".temp.tmp")
-        tmp.write_text(f"{int(round(temp_c * 1000))}\n")
+        tmp.write_text(f"{round(temp_c * 1000)}\n")
         tmp.replace(path)
 
     def hwmon(self, index: int, name: str, files: Mapping[str, str]) -> Path:
@@ -98,13 +98,20 @@ def make_config(tmp_path: Path, digits_model: Path) -> Callable[..., Path]:
         state = sections.pop("state_dir", None) or str(tmp_path / "st")
         data: dict[str, Any] = {
             "state_dir": state,
-            "model": {"path": str(digits_model), "warmup_runs": 1,
-                      "labels": [str(i) for i in range(10)]},
+            "model": {
+                "path": str(digits_model),
+                "warmup_runs": 1,
+                "labels": [str(i) for i in range(10)],
+            },
             "preprocess": {"resize": [8, 8], "color_order": "GRAY", "scale": 1 / 255},
             "source": {"kind": "synthetic"},
             "scheduler": {"fps_cap": 20, "drain_timeout_s": 2.0},
-            "governor": {"enabled": True, "sysfs_root": str(tmp_path / "sys"),
-                         "interval_s": 0.2, "use_psutil": False},
+            "governor": {
+                "enabled": True,
+                "sysfs_root": str(tmp_path / "sys"),
+                "interval_s": 0.2,
+                "use_psutil": False,
+            },
             "sinks": [{"kind": "jsonl", "path": str(tmp_path / "out" / "results.jsonl")}],
             "telemetry": {"enabled": False},
             "status": {"interval_s": 0.2},

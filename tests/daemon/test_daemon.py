@@ -43,7 +43,7 @@ def test_frames_reach_the_sink_and_status_is_written(
     make_config: Callable[..., Path], tmp_path: Path, helpers: Any
 ) -> None:
     cfg = make_config(scheduler={"fps_cap": 0}, source={"kind": "synthetic", "max_frames": 40})
-    daemon, thread, codes = start(cfg)
+    _daemon, thread, codes = start(cfg)
     thread.join(30)
     assert codes == [0]  # the source ended: a clean exit
     out = results(tmp_path / "out" / "results.jsonl")
@@ -82,11 +82,20 @@ def install_package(state: Path, model: Path, version: str = "1.2.0") -> Path:
     pkg.mkdir(parents=True)
     shutil.copy(model, pkg / "model.onnx")
     manifest = {
-        "format": 1, "name": "digits", "version": version, "release_counter": 2,
+        "format": 1,
+        "name": "digits",
+        "version": version,
+        "release_counter": 2,
         "task": "classification",
         "runtime": {"kind": "onnx", "precision": "fp32", "model": "model.onnx"},
-        "preprocess": {"resize": [8, 8], "layout": "NCHW", "color_order": "GRAY",
-                       "mean": [0.0], "std": [1.0], "scale": 1 / 255},
+        "preprocess": {
+            "resize": [8, 8],
+            "layout": "NCHW",
+            "color_order": "GRAY",
+            "mean": [0.0],
+            "std": [1.0],
+            "scale": 1 / 255,
+        },
         "labels": [f"digit-{i}" for i in range(10)],
     }
     (pkg / "manifest.json").write_text(json.dumps(manifest))
@@ -113,13 +122,13 @@ def test_broken_package_falls_back_to_model_path_or_fails_clearly(
     daemon = Daemon(load_config(make_config()))
     assert daemon.load_initial_model().version == "local"
     daemon = Daemon(load_config(make_config(model={"path": None})))
-    with pytest.raises(ModelError, match="model.onnx"):
+    with pytest.raises(ModelError, match=r"model.onnx"):
         daemon.load_initial_model()
 
 
 def test_no_model_at_all_is_a_config_error(make_config: Callable[..., Path]) -> None:
     daemon = Daemon(load_config(make_config(model={"path": None})))
-    with pytest.raises(ConfigError, match="model.path: no model configured"):
+    with pytest.raises(ConfigError, match=r"model.path: no model configured"):
         daemon.load_initial_model()
 
 
@@ -128,8 +137,9 @@ def test_hard_limit_pauses_and_cooling_resumes(
 ) -> None:
     sysfs = helpers.FakeSysfs(tmp_path / "sys")
     sysfs.zone(0, 50.0)
-    daemon, thread, _ = start(make_config(scheduler={"fps_cap": 50},
-                                          governor={"hysteresis_c": 5.0}))
+    daemon, thread, _ = start(
+        make_config(scheduler={"fps_cap": 50}, governor={"hysteresis_c": 5.0})
+    )
     try:
         helpers.wait_for(lambda: daemon.stats.frames >= 5, what="frames")
         sysfs.set_temp(0, 90.0)
@@ -169,17 +179,18 @@ def test_control_socket_status_and_reload(
         stop(daemon, thread)
 
 
-def test_bad_frames_are_skipped_not_fatal(
-    make_config: Callable[..., Path], tmp_path: Path
-) -> None:
+def test_bad_frames_are_skipped_not_fatal(make_config: Callable[..., Path], tmp_path: Path) -> None:
     frames = tmp_path / "frames"
     frames.mkdir()
     np.save(frames / "a.npy", np.zeros((8, 8), np.uint8))
     np.save(frames / "b.npy", np.zeros((8, 8, 5), np.uint8))  # 5 channels: cannot be gray
     np.save(frames / "c.npy", np.full((16, 16), 255, np.uint8))
-    cfg = make_config(source={"kind": "directory", "path": str(frames)},
-                      scheduler={"fps_cap": 0}, preprocess={"color_order": "RGB"},
-                      model={"path": str(make_rgb_model(tmp_path))})
+    cfg = make_config(
+        source={"kind": "directory", "path": str(frames)},
+        scheduler={"fps_cap": 0},
+        preprocess={"color_order": "RGB"},
+        model={"path": str(make_rgb_model(tmp_path))},
+    )
     daemon, thread, codes = start(cfg)
     thread.join(30)
     assert codes == [0]
@@ -194,7 +205,8 @@ def make_rgb_model(tmp_path: Path) -> Path:
 
     node = helper.make_node("ReduceMean", ["input"], ["logits"], axes=[2, 3], keepdims=0)
     graph = helper.make_graph(
-        [node], "rgb_mean",
+        [node],
+        "rgb_mean",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3])],
     )
@@ -203,3 +215,30 @@ def make_rgb_model(tmp_path: Path) -> Path:
     path = tmp_path / "rgb.onnx"
     onnx.save_model(model, str(path))
     return path
+
+
+def test_ota_service_attaches_its_commands_when_enabled(
+    make_config: Callable[..., Path], helpers: Any, tmp_path: Path
+) -> None:
+    pytest.importorskip("agent.ota.service")
+    daemon, thread, _ = start(make_config(ota={"enabled": True}))
+    sock = tmp_path / "st" / "control.sock"
+    try:
+        helpers.wait_for(lambda: daemon.stats.frames > 2, what="frames")
+        assert {"install", "update", "rollback"} <= set(daemon.control.commands())
+        assert daemon._ota_observe is not None  # probation is fed every frame
+        reply = control_request(sock, {"cmd": "install", "path": str(tmp_path / "none.tar")})
+        assert reply["ok"] is False and reply["error"]
+    finally:
+        stop(daemon, thread)
+
+
+def test_ota_off_registers_only_status_and_reload(
+    make_config: Callable[..., Path], helpers: Any
+) -> None:
+    daemon, thread, _ = start(make_config())
+    try:
+        helpers.wait_for(lambda: daemon.stats.frames > 2, what="frames")
+        assert daemon.control.commands() == ["reload", "status"]
+    finally:
+        stop(daemon, thread)

@@ -14,9 +14,15 @@ from agent.health.sensors import Readings, SensorReader, ThrottleFlags
 
 
 def cfg(root: Path, **kw: Any) -> GovernorConfig:
-    base: dict[str, Any] = {"sysfs_root": root, "use_psutil": False, "soft_limit_c": 70.0,
-                            "hard_limit_c": 85.0, "hysteresis_c": 5.0, "step_factor": 0.5,
-                            "min_fps": 2.0}
+    base: dict[str, Any] = {
+        "sysfs_root": root,
+        "use_psutil": False,
+        "soft_limit_c": 70.0,
+        "hard_limit_c": 85.0,
+        "hysteresis_c": 5.0,
+        "step_factor": 0.5,
+        "min_fps": 2.0,
+    }
     base.update(kw)
     return GovernorConfig(**base)
 
@@ -65,11 +71,13 @@ def test_unreadable_zone_file_is_skipped(sysfs: Any) -> None:
 def test_rpi_throttle_word_decoded_now_and_since_boot(sysfs: Any) -> None:
     sysfs.throttled("0x50005")
     r = SensorReader(cfg(sysfs.root)).read()
-    assert r.throttle == ThrottleFlags(0x50005, ("under_voltage", "throttled"),
-                                       ("under_voltage", "throttled"))
+    assert r.throttle == ThrottleFlags(
+        0x50005, ("under_voltage", "throttled"), ("under_voltage", "throttled")
+    )
     sysfs.throttled("0x80000")
     assert SensorReader(cfg(sysfs.root)).read().throttle == ThrottleFlags(
-        0x80000, (), ("soft_temp_limit",))
+        0x80000, (), ("soft_temp_limit",)
+    )
 
 
 def test_bad_throttle_word_is_ignored(sysfs: Any) -> None:
@@ -87,8 +95,7 @@ def test_firmware_throttling_steps_the_cap_down(sysfs: Any) -> None:
 
 def test_jetson_rails_ina3221_and_hwmon(sysfs: Any) -> None:
     sysfs.ina3221({"VDD_IN": 5200, "VDD_CPU_GPU_CV": 1800})
-    sysfs.hwmon(2, "ina3221", {"in1_input": "5000", "curr1_input": "400",
-                               "in1_label": "VDD_SOC"})
+    sysfs.hwmon(2, "ina3221", {"in1_input": "5000", "curr1_input": "400", "in1_label": "VDD_SOC"})
     r = SensorReader(cfg(sysfs.root)).read()
     assert r.power_w == {"VDD_IN": 5.2, "VDD_CPU_GPU_CV": 1.8, "VDD_SOC": 2.0}
     assert r.total_power_w == 9.0
@@ -143,8 +150,9 @@ def test_thread_tick_applies_cap_and_sends_governor_step_events(sysfs: Any) -> N
     sysfs.zone(0, 50.0)
     caps: list[float] = []
     events: list[tuple[str, dict[str, Any]]] = []
-    thread = GovernorThread(cfg(sysfs.root), 16.0, caps.append,
-                            on_event=lambda n, a: events.append((n, dict(a))))
+    thread = GovernorThread(
+        cfg(sysfs.root), 16.0, caps.append, on_event=lambda n, a: events.append((n, dict(a)))
+    )
     thread.tick()
     sysfs.set_temp(0, 75.0)
     thread.tick()

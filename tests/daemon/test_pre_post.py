@@ -1,4 +1,4 @@
-"""Preprocessing from the schema (resize, colour, layout, mean/std) and postprocessing (top-k, NMS)."""
+"""Preprocessing from the schema (resize, colour, layout, mean/std); top-k and NMS."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ def frame(data: np.ndarray, ready: bool = False) -> Frame:
 
 
 def test_gray_nchw_with_scale_matches_the_digits_schema() -> None:
-    pre = Preprocessor(PreprocessConfig(color_order="GRAY", scale=1 / 255),
-                       TensorSpec("input", "float32", (None, 1, 8, 8)))
+    pre = Preprocessor(
+        PreprocessConfig(color_order="GRAY", scale=1 / 255),
+        TensorSpec("input", "float32", (None, 1, 8, 8)),
+    )
     img = np.arange(256, dtype=np.uint8).reshape(16, 16)
     x = pre.batch([frame(img)])
     assert x.shape == (1, 1, 8, 8) and x.dtype == np.float32
@@ -30,8 +32,9 @@ def test_gray_nchw_with_scale_matches_the_digits_schema() -> None:
 
 
 def test_rgb_frame_to_bgr_nhwc_with_mean_std() -> None:
-    cfg = PreprocessConfig(layout="NHWC", color_order="BGR", mean=[1.0, 2.0, 3.0],
-                           std=[2.0, 2.0, 2.0])
+    cfg = PreprocessConfig(
+        layout="NHWC", color_order="BGR", mean=[1.0, 2.0, 3.0], std=[2.0, 2.0, 2.0]
+    )
     pre = Preprocessor(cfg, TensorSpec("input", "float32", (None, 2, 2, 3)))
     img = np.zeros((2, 2, 3), np.uint8)
     img[..., 0], img[..., 1], img[..., 2] = 10, 20, 30  # R, G, B
@@ -41,11 +44,13 @@ def test_rgb_frame_to_bgr_nhwc_with_mean_std() -> None:
 
 
 def test_rgb_to_gray_uses_luma_weights() -> None:
-    pre = Preprocessor(PreprocessConfig(color_order="GRAY"), TensorSpec("x", "float32",
-                                                                        (None, 1, 1, 1)))
+    pre = Preprocessor(
+        PreprocessConfig(color_order="GRAY"), TensorSpec("x", "float32", (None, 1, 1, 1))
+    )
     img = np.array([[[100, 200, 50]]], np.uint8)
-    assert pre.batch([frame(img)])[0, 0, 0, 0] == pytest.approx(0.299 * 100 + 0.587 * 200
-                                                                 + 0.114 * 50, rel=1e-5)
+    assert pre.batch([frame(img)])[0, 0, 0, 0] == pytest.approx(
+        0.299 * 100 + 0.587 * 200 + 0.114 * 50, rel=1e-5
+    )
 
 
 def test_gray_frame_is_repeated_for_an_rgb_model() -> None:
@@ -63,16 +68,24 @@ def test_ready_tensor_passes_through_and_wrong_shapes_are_named() -> None:
 
 
 def test_mean_with_wrong_channel_count_is_refused() -> None:
-    with pytest.raises(InputDataError, match="preprocess.mean"):
-        Preprocessor(PreprocessConfig(mean=[1.0, 2.0]), TensorSpec("x", "float32",
-                                                                   (None, 3, 4, 4)))
+    with pytest.raises(InputDataError, match=r"preprocess.mean"):
+        Preprocessor(PreprocessConfig(mean=[1.0, 2.0]), TensorSpec("x", "float32", (None, 3, 4, 4)))
 
 
 def test_manifest_preprocess_block_and_its_errors() -> None:
-    cfg = preprocess_from_manifest({"resize": [8, 8], "layout": "NCHW", "color_order": "GRAY",
-                                    "mean": [0.0], "std": [1.0], "scale": 0.5}, "m.json")
+    cfg = preprocess_from_manifest(
+        {
+            "resize": [8, 8],
+            "layout": "NCHW",
+            "color_order": "GRAY",
+            "mean": [0.0],
+            "std": [1.0],
+            "scale": 0.5,
+        },
+        "m.json",
+    )
     assert cfg.resize == (8, 8) and cfg.scale == 0.5
-    with pytest.raises(ConfigError, match="m.json:preprocess.layout"):
+    with pytest.raises(ConfigError, match=r"m.json:preprocess.layout"):
         preprocess_from_manifest({"layout": "CHW"}, "m.json")
 
 
@@ -98,8 +111,19 @@ def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
 
 
 def test_detections_threshold_and_per_class_nms() -> None:
-    out = np.array([[[0, 0, 10, 10, 0.9, 0], [1, 1, 10, 10, 0.8, 0],
-                     [1, 1, 10, 10, 0.85, 1], [5, 5, 6, 6, 0.1, 0]]], np.float32)
+    out = np.array(
+        [
+            [
+                [0, 0, 10, 10, 0.9, 0],
+                [1, 1, 10, 10, 0.8, 0],
+                [1, 1, 10, 10, 0.85, 1],
+                [5, 5, 6, 6, 0.1, 0],
+            ]
+        ],
+        np.float32,
+    )
     found = detections([out], score_threshold=0.25, iou_threshold=0.5, labels=["cat", "dog"])
-    assert [(d["label"], d["score"]) for d in found] == [("cat", pytest.approx(0.9)),
-                                                         ("dog", pytest.approx(0.85))]
+    assert [(d["label"], d["score"]) for d in found] == [
+        ("cat", pytest.approx(0.9)),
+        ("dog", pytest.approx(0.85)),
+    ]

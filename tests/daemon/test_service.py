@@ -1,4 +1,4 @@
-"""The daemon as systemd runs it: a real subprocess, sd_notify, SIGHUP, SIGTERM, SIGKILL, the CLI."""
+"""The daemon as systemd runs it: a real subprocess, sd_notify, SIGHUP/SIGTERM/SIGKILL, the CLI."""
 
 from __future__ import annotations
 
@@ -30,8 +30,14 @@ def spawn(tmp_path: Path, helpers: Any) -> Iterator[Callable[..., subprocess.Pop
             env["NOTIFY_SOCKET"] = str(notify)
             env["WATCHDOG_USEC"] = "2000000"
         log = (tmp_path / f"daemon{len(procs)}.log").open("w")
-        proc = subprocess.Popen(helpers.agent_cmd("run", "--config", str(config)), env=env,
-                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        proc = subprocess.Popen(
+            helpers.agent_cmd("run", "--config", str(config)),
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
         procs.append(proc)
         return proc
 
@@ -55,7 +61,10 @@ def log_text(tmp_path: Path) -> str:
 
 
 def test_notify_sighup_and_sigterm_on_a_real_process(
-    make_config: Callable[..., Path], spawn: Any, notify_socket: Any, tmp_path: Path,
+    make_config: Callable[..., Path],
+    spawn: Any,
+    notify_socket: Any,
+    tmp_path: Path,
     helpers: Any,
 ) -> None:
     config = make_config(scheduler={"fps_cap": 25, "drain_timeout_s": 3.0})
@@ -73,8 +82,9 @@ def test_notify_sighup_and_sigterm_on_a_real_process(
     # a bad one is refused and the old one kept
     config.write_text("scheduler: {fps_cap: 5}\nsurprise: 1\n")
     proc.send_signal(signal.SIGHUP)
-    helpers.wait_for(lambda: (status(tmp_path).get("last_reload") or {}).get("ok") is False,
-                     20, "refused reload")
+    helpers.wait_for(
+        lambda: (status(tmp_path).get("last_reload") or {}).get("ok") is False, 20, "refused reload"
+    )
     assert "surprise: unknown key" in status(tmp_path)["last_reload"]["error"]
     assert proc.poll() is None and status(tmp_path)["fps_cap"] == 9
 
@@ -124,9 +134,12 @@ def test_status_command_live_and_stopped(
     assert done.returncode == 0, done.stderr
     assert "state:      running" in done.stdout and "fps:" in done.stdout
     assert "digits" in done.stdout and "p95" in done.stdout
-    done = subprocess.run(helpers.agent_cmd("status", "--state-dir", str(tmp_path / "st"),
-                                            "--json"), capture_output=True, text=True,
-                          cwd=REPO_ROOT)
+    done = subprocess.run(
+        helpers.agent_cmd("status", "--state-dir", str(tmp_path / "st"), "--json"),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert json.loads(done.stdout)["running"] is True
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(STOP_BOUND_S) == 0
@@ -149,42 +162,66 @@ def test_bad_config_is_one_error_line_and_exit_2(
     tmp_path: Path, helpers: Any, config_text: str, message: str
 ) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'st'}\ntelemetry: {{enabled: false}}\n"
-                      + config_text + "\n")
-    done = subprocess.run(helpers.agent_cmd("run", "--config", str(config)),
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    config.write_text(
+        f"state_dir: {tmp_path / 'st'}\ntelemetry: {{enabled: false}}\n" + config_text + "\n"
+    )
+    done = subprocess.run(
+        helpers.agent_cmd("run", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stderr
     errors = [x for x in done.stderr.splitlines() if x.startswith("Error: ")]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_source_that_cannot_open_is_a_clear_error(tmp_path: Path, helpers: Any,
-                                                  digits_model: Path) -> None:
+def test_source_that_cannot_open_is_a_clear_error(
+    tmp_path: Path, helpers: Any, digits_model: Path
+) -> None:
     config = tmp_path / "a.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'st'}\ntelemetry: {{enabled: false}}\n"
-                      f"model: {{path: {digits_model}}}\n"
-                      f"source: {{kind: directory, path: {tmp_path / 'nope'}}}\n")
-    done = subprocess.run(helpers.agent_cmd("run", "--config", str(config)),
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    config.write_text(
+        f"state_dir: {tmp_path / 'st'}\ntelemetry: {{enabled: false}}\n"
+        f"model: {{path: {digits_model}}}\n"
+        f"source: {{kind: directory, path: {tmp_path / 'nope'}}}\n"
+    )
+    done = subprocess.run(
+        helpers.agent_cmd("run", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
     assert done.returncode == 1 and "nope: source directory not found" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_help_has_examples(helpers: Any) -> None:
     for command in ("run", "status"):
-        done = subprocess.run(helpers.agent_cmd(command, "--help"), capture_output=True,
-                              text=True, cwd=REPO_ROOT)
+        done = subprocess.run(
+            helpers.agent_cmd(command, "--help"), capture_output=True, text=True, cwd=REPO_ROOT
+        )
         assert done.returncode == 0 and "example:\n  edge-agent " + command in done.stdout
 
 
 def test_systemd_unit_verifies(helpers: Any, tmp_path: Path) -> None:
     unit = REPO_ROOT / "systemd" / "edge-agent.service"
     text = unit.read_text()
-    for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StartLimitBurst=",
-                      "StateDirectory=edge-agent", "ConfigurationDirectory=edge-agent",
-                      "SupplementaryGroups=video", "NoNewPrivileges=yes",
-                      "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
+    for directive in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "StartLimitBurst=",
+        "StateDirectory=edge-agent",
+        "ConfigurationDirectory=edge-agent",
+        "SupplementaryGroups=video",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+    ):
         assert directive in text, directive
     analyze = helpers.which("systemd-analyze")
     if analyze is None:
@@ -195,9 +232,11 @@ def test_systemd_unit_verifies(helpers: Any, tmp_path: Path) -> None:
     fake_bin.chmod(0o755)
     copy = tmp_path / "edge-agent.service"
     copy.write_text(text.replace("/usr/bin/edge-agent", str(fake_bin)))
-    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
-                          timeout=60)
-    problems = [x for x in done.stderr.splitlines()
-                if "edge-agent.service" in x and "Failed to" not in x]
+    done = subprocess.run(
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        x for x in done.stderr.splitlines() if "edge-agent.service" in x and "Failed to" not in x
+    ]
     assert done.returncode == 0 or not problems, done.stderr
     assert not problems, done.stderr

@@ -168,8 +168,9 @@ def test_mqtt_sink_publishes_to_a_real_broker(tmp_path: Path, helpers: Any) -> N
         port = s.getsockname()[1]
     conf = tmp_path / "m.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen([broker, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [broker, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         got: list[bytes] = []
         sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
@@ -184,8 +185,9 @@ def test_mqtt_sink_publishes_to_a_real_broker(tmp_path: Path, helpers: Any) -> N
         helpers.wait_for(broker_up, 10, "the broker to listen")
         sub.subscribe("edge/results", qos=1)
         sub.loop_start()
-        sink = open_sink(SinkConfig(kind="mqtt", url=f"mqtt://127.0.0.1:{port}",
-                                    topic="edge/results", qos=1))
+        sink = open_sink(
+            SinkConfig(kind="mqtt", url=f"mqtt://127.0.0.1:{port}", topic="edge/results", qos=1)
+        )
         helpers.wait_for(lambda: sink._client.is_connected(), 10, "sink connected")
         time.sleep(0.3)  # let the subscription settle at the broker
         sink.put({"seq": 7})

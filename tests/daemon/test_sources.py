@@ -76,7 +76,7 @@ def test_directory_loop_starts_over(tmp_path: Path) -> None:
 def test_directory_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="not found"):
         DirectorySource(tmp_path / "missing")
-    with pytest.raises(SourceError, match="no .npy or image files"):
+    with pytest.raises(SourceError, match=r"no .npy or image files"):
         DirectorySource(tmp_path)
     with pytest.raises(ConfigError, match="path: required"):
         from agent.config import from_mapping
@@ -126,8 +126,9 @@ def test_lost_video_is_retried_with_backoff_not_a_crash(tmp_path: Path, helpers:
         pytest.skip("OpenCV (extra 'camera') not installed")
     video = make_video(tmp_path / "clip.avi", 3)
     now = [0.0]
-    src = VideoSource(video, loop=True, backoff_max_s=2.0, clock=lambda: now[0],
-                      sleep=lambda s: None)
+    src = VideoSource(
+        video, loop=True, backoff_max_s=2.0, clock=lambda: now[0], sleep=lambda s: None
+    )
     assert src.read(0.1) is not None
     # the file disappears and the open capture is lost, like an unplugged camera
     src._cap.release()
