@@ -138,9 +138,11 @@ class ControlServer:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._sock is None:
+            # never bound (or already stopped): the socket file may be another daemon's
+            return
+        self._sock.close()
+        self._sock = None
         if self._thread is not None:
             self._thread.join(2.0)
         self.sock_path.unlink(missing_ok=True)

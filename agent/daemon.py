@@ -159,6 +159,7 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._wake = threading.Event()
         self._status_lock = threading.Lock()
+        self._owns_status = False
         self._pending_source: Source | None = None
         self._retired: list[ActiveModel] = []
         self._preprocessor_for: tuple[ActiveModel, Preprocessor] | None = None
@@ -357,7 +358,12 @@ class Daemon:
 
     def start(self) -> None:
         """Load the model, open everything, and tell systemd we are ready."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"{self.state_dir}: cannot create the state dir ({exc.strerror})"
+            ) from None
         self._start_telemetry()
         self._recover_ota()
         model = self.load_initial_model()
@@ -374,6 +380,8 @@ class Daemon:
         self.control.register("status", lambda _req: {"status": self.status_snapshot()})
         self.control.register("reload", lambda _req: self.reload())
         self.control.start()
+        # from here on this process owns the state dir's status file
+        self._owns_status = True
         self._attach_ota()
         self._start_prometheus()
         self._state = "running"
@@ -411,19 +419,25 @@ class Daemon:
         else:
             self.request_stop(signal.Signals(signum).name)
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self) -> dict[int, Any]:
+        """Route SIGTERM/SIGINT/SIGHUP to this daemon; returns the handlers it replaced."""
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
 
     def run(self) -> int:
         """Start, loop until SIGTERM/SIGINT or the source ends, drain, and return 0."""
+        previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self.install_signal_handlers()
+            previous = self.install_signal_handlers()
         try:
             self.start()
             self.loop()
         finally:
             self.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return 0
 
     def shutdown(self) -> None:
@@ -458,10 +472,11 @@ class Daemon:
         if self.source is not None:
             self.source.close()
         self._state = "stopped"
-        try:
-            self.write_status()
-        except OSError as exc:
-            log.warning("status: cannot write the final status (%s)", exc)
+        if self._owns_status:
+            try:
+                self.write_status()
+            except OSError as exc:
+                log.warning("status: cannot write the final status (%s)", exc)
         if self.telemetry is not None:
             self.event(
                 "daemon.stop",

@@ -242,3 +242,27 @@ def test_ota_off_registers_only_status_and_reload(
         assert daemon.control.commands() == ["reload", "status"]
     finally:
         stop(daemon, thread)
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_and_harmless(
+    make_config: Callable[..., Path], helpers: Any, tmp_path: Path
+) -> None:
+    from agent.errors import StateError
+
+    cfg = make_config()
+    first, thread, _ = start(cfg)
+    sock = tmp_path / "st" / "control.sock"
+    try:
+        helpers.wait_for(lambda: sock.exists() and first.stats.frames > 2, what="first")
+        second = Daemon(load_config(cfg), cfg)
+        with pytest.raises(StateError, match="another daemon"):
+            second.run()
+        # the first daemon keeps its socket and its status file
+        assert control_request(sock, {"cmd": "status"})["status"]["pid"] == os.getpid()
+        helpers.wait_for(
+            lambda: json.loads((tmp_path / "st" / "status.json").read_text())["state"]
+            == "running",
+            what="status still the first daemon's",
+        )
+    finally:
+        stop(first, thread)
