@@ -260,8 +260,7 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused_and_harmless(
         # the first daemon keeps its socket and its status file
         assert control_request(sock, {"cmd": "status"})["status"]["pid"] == os.getpid()
         helpers.wait_for(
-            lambda: json.loads((tmp_path / "st" / "status.json").read_text())["state"]
-            == "running",
+            lambda: json.loads((tmp_path / "st" / "status.json").read_text())["state"] == "running",
             what="status still the first daemon's",
         )
     finally:
