@@ -839,9 +839,8 @@ class Daemon:
                 if self.path != "/metrics":
                     self.send_error(404)
                     return
-                body = prometheus_text(
-                    getattr(daemon, "_last_snapshot", None) or daemon.status_snapshot()
-                ).encode()
+                # a fresh snapshot: it costs microseconds, a cached one lags a tick
+                body = prometheus_text(daemon.status_snapshot()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -877,9 +876,10 @@ def prometheus_text(snap: Mapping[str, Any]) -> str:
         f"edge_agent_sink_dropped_total {snap.get('dropped', 0)}",
         "# TYPE edge_agent_latency_ms gauge",
     ]
-    for q, value in (snap.get("latency_ms") or {}).items():
-        if value is not None and q.startswith("p"):
-            lines.append(f'edge_agent_latency_ms{{quantile="0.{q[1:]}"}} {value}')
+    quantiles = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+    for key, value in (snap.get("latency_ms") or {}).items():
+        if value is not None and key in quantiles:
+            lines.append(f'edge_agent_latency_ms{{quantile="{quantiles[key]}"}} {value}')
     lines.append("# TYPE edge_agent_temperature_c gauge")
     for zone, temp in (snap.get("temps_c") or {}).items():
         lines.append(f'edge_agent_temperature_c{{zone="{zone}"}} {temp}')

@@ -265,3 +265,97 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused_and_harmless(
         )
     finally:
         stop(first, thread)
+
+
+def test_telemetry_gets_start_stop_governor_steps_samples_and_summaries(
+    make_config: Callable[..., Path], helpers: Any, tmp_path: Path
+) -> None:
+    pytest.importorskip("agent.telemetry.recorder")
+    import sqlite3
+
+    sysfs = helpers.FakeSysfs(tmp_path / "sys")
+    sysfs.zone(0, 50.0)
+    db = tmp_path / "st" / "telemetry.db"
+    cfg = make_config(
+        telemetry={"enabled": True, "sample_rate": 1.0, "summary_interval_s": 0.5},
+        scheduler={"fps_cap": 50},
+        device_id="dev-1",
+    )
+    daemon, thread, _ = start(cfg)
+    try:
+        helpers.wait_for(lambda: daemon.stats.frames > 5, what="frames")
+        sysfs.set_temp(0, 75.0)
+        helpers.wait_for(lambda: daemon.scheduler.fps_cap < 50, what="a governor step")
+    finally:
+        stop(daemon, thread)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT type, name, attrs, device_id FROM records").fetchall()
+    names = {(r[0], r[1]) for r in rows}
+    assert ("event", "daemon.start") in names and ("event", "daemon.stop") in names
+    assert ("summary", "inference.summary") in names
+    assert any(t == "sample" for t, _ in names)
+    steps = [json.loads(r[2]) for r in rows if r[1] == "governor.step"]
+    assert steps and steps[0]["state"] == "throttled" and steps[0]["temp_c"] == 75.0
+    assert {r[3] for r in rows} == {"dev-1"}
+
+
+def test_micro_batching_gathers_frames_within_max_wait(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = make_config(
+        scheduler={"fps_cap": 0, "max_batch": 4, "max_wait_ms": 50},
+        source={"kind": "synthetic", "max_frames": 22},
+    )
+    daemon, thread, codes = start(cfg)
+    thread.join(30)
+    assert codes == [0]
+    out = results(tmp_path / "out" / "results.jsonl")
+    assert [r["seq"] for r in out] == list(range(1, 23))
+    assert daemon.stats.frames == 22 and daemon.stats.batches == 6  # 5 x 4 + 1 x 2
+    # every frame of a batch reports the batch's run time
+    assert len({r["latency_ms"] for r in out[:4]}) == 1
+
+
+def test_watchdog_is_not_fed_while_the_frame_loop_is_stuck(
+    make_config: Callable[..., Path], tmp_path: Path, helpers: Any
+) -> None:
+    from agent.sdnotify import Notifier
+
+    listener = helpers.NotifyListener(tmp_path / "wd.sock")
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "4000000"})
+        daemon = Daemon(load_config(make_config()), notifier=notifier)
+        daemon.start()
+        try:
+            daemon._status_tick()
+            assert listener.seen("WATCHDOG=1")
+            listener.messages.clear()
+            daemon._heartbeat -= 60.0  # the loop has not come round for a minute
+            daemon._state = "running"
+            daemon._status_tick()
+            assert not listener.seen("WATCHDOG=1")
+            assert daemon.status_snapshot()["state"] == "stalled"
+        finally:
+            daemon.shutdown()
+    finally:
+        listener.close()
+
+
+def test_prometheus_endpoint_on_localhost(make_config: Callable[..., Path], helpers: Any) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon, thread, _ = start(make_config(status={"prometheus_port": port}))
+    try:
+        helpers.wait_for(lambda: daemon.stats.frames > 3, what="frames")
+        url = f"http://127.0.0.1:{port}/metrics"
+        body = helpers.wait_for(
+            lambda: urllib.request.urlopen(url, timeout=5).read().decode(), what="metrics"
+        )
+    finally:
+        stop(daemon, thread)
+    assert "edge_agent_fps_cap 20" in body and "edge_agent_frames_total" in body
+    assert 'edge_agent_latency_ms{quantile="0.95"}' in body
