@@ -504,12 +504,15 @@ class Daemon:
                 return
             time.sleep(min(left, SLEEP_SLICE_S))
 
-    def _read_batch(self, source: Source) -> list[Frame]:
+    def _read_batch(self, source: Source, model_batch: int | None) -> list[Frame]:
         first = source.read(READ_TIMEOUT_S)
         if first is None:
             return []
         frames = [first]
         max_batch = self.config.scheduler.max_batch
+        if model_batch is not None:
+            # a model with a fixed batch dimension (most TFLite files: 1) takes no more
+            max_batch = min(max_batch, model_batch)
         if max_batch > 1:
             until = time.monotonic() + self.config.scheduler.max_wait_ms / 1000.0
             while len(frames) < max_batch:
@@ -544,7 +547,7 @@ class Daemon:
                 continue
             self._state = "running"
             scheduler.wait()
-            frames = self._read_batch(source)
+            frames = self._read_batch(source, self.slot.current().backend.max_batch())
             if not frames:
                 if source.exhausted:
                     log.info("source %s finished; stopping", source.name)

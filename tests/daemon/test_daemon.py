@@ -359,3 +359,24 @@ def test_prometheus_endpoint_on_localhost(make_config: Callable[..., Path], help
         stop(daemon, thread)
     assert "edge_agent_fps_cap 20" in body and "edge_agent_frames_total" in body
     assert 'edge_agent_latency_ms{quantile="0.95"}' in body
+
+
+def test_tflite_model_with_a_fixed_batch_runs_one_frame_per_batch(
+    make_config: Callable[..., Path], tmp_path: Path, demo_models: Path
+) -> None:
+    model = demo_models / "digits_fp32.tflite"
+    if not model.exists():
+        pytest.skip("the TFLite demo model is not built")
+    pytest.importorskip("ai_edge_litert")
+    cfg = make_config(
+        model={"path": str(model), "backend": "litert"},
+        scheduler={"fps_cap": 0, "max_batch": 4, "max_wait_ms": 20},
+        source={"kind": "synthetic", "max_frames": 12},
+    )
+    daemon, thread, codes = start(cfg)
+    thread.join(30)
+    assert codes == [0] and daemon.stats.frames == 12 and daemon.stats.errors == 0
+    fixed = daemon.slot.current().backend.max_batch()
+    assert daemon.stats.batches == (12 if fixed == 1 else 3)
+    out = results(tmp_path / "out" / "results.jsonl")
+    assert [r["seq"] for r in out] == list(range(1, 13))
