@@ -161,3 +161,18 @@ def test_read_timeout_is_bounded(tmp_path: Path) -> None:
     started = time.monotonic()
     assert src.read(0.1) is None
     assert time.monotonic() - started < 2.0
+
+
+def test_synthetic_digits_are_read_as_digits_by_the_demo_model(demo_models: Path) -> None:
+    model = demo_models / "digits_fp32.onnx"
+    if not model.exists():
+        pytest.skip("the digits demo model is not built")
+    from agent.runtime import load_backend
+
+    backend = load_backend(model)
+    src = SyntheticSource((8, 8), "digits", seed=0)
+    frames = [src.read(0) for _ in range(64)]
+    x = np.stack([f.data for f in frames if f is not None])[:, None].astype(np.float32) / 255
+    predicted = backend.run(x)[0].argmax(axis=1)
+    labels = np.array([f.label for f in frames if f is not None])
+    assert (predicted == labels).mean() >= 0.7
