@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class ActiveModel:
             "name": self.name,
             "version": self.version,
             "backend": self.backend.name,
-            "model": str(self.backend.path),
+            "model": os.path.normpath(self.backend.path),
             "from_package": self.manifest is not None,
         }
 
