@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,7 +43,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.fleet.keys import OperatorKey, keys_for_role
-from agent.textio import fsync_dir, write_atomic
+from agent.textio import file_lock, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +230,8 @@ def load_repo(base: Path) -> LoadedRepo:
 @contextmanager
 def repo_lock(base: Path) -> Iterator[None]:
     """One writer at a time (the server's controller and an operator command may overlap)."""
-    base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(base / ".lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +25,7 @@ from agent.fleet.repo import (
     utc_now,
     write_channel,
 )
-from agent.textio import write_atomic
+from agent.textio import file_lock, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -442,14 +440,8 @@ def abort(
 @contextmanager
 def _state_lock(base: Path) -> Iterator[None]:
     """Serialize rollout state changes (write_channel takes the repository lock inside)."""
-    base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base / ".rollout.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(base / ".rollout.lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------

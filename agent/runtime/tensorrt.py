@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from agent.runtime.base import (
     check_model_file,
     file_sha256,
 )
+from agent.textio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +118,6 @@ def find_cached_engine(cache_dir: Path, key: EngineKey) -> Path | None:
     return path if recorded == key.__dict__ else None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def build_engine(
     onnx_path: Path,
     cache_dir: Path,
@@ -180,8 +166,8 @@ def build_engine(
         raise ModelError(f"{onnx_path}: TensorRT failed to build an engine")
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cached_engine_path(cache_dir, key)
-    _write_atomic(path, bytes(serialized))
-    _write_atomic(path.with_suffix(".json"), json.dumps(key.__dict__).encode())
+    write_atomic(path, bytes(serialized))
+    write_atomic(path.with_suffix(".json"), json.dumps(key.__dict__).encode())
     log.info("tensorrt: built %s engine %s", precision, path.name)
     return path
 
