@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import InputDataError, TelemetryError, UsageError
+from agent.sqlitedb import open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logs (
@@ -250,15 +251,14 @@ class TelemetryStore:
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
         self._lock = threading.Lock()
-        try:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise TelemetryError(f"{db_path}: cannot open telemetry database ({exc})") from None
+        self._db = open_db(
+            db_path,
+            SCHEMA,
+            what="fleet telemetry database",
+            error=TelemetryError,
+            synchronous="NORMAL",
+            timeout_s=5.0,
+        )
 
     def close(self) -> None:
         with self._lock:

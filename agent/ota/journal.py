@@ -15,6 +15,7 @@ from typing import Any
 from agent.errors import DowngradeError, StateError
 from agent.ota.killpoint import kill_point
 from agent.ota.states import AT_REST, OTAState, check_transition, parse_state
+from agent.sqlitedb import open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ota_journal (
@@ -84,17 +85,15 @@ class Journal:
         self.db_path = db_path
         self._clock = clock
         self._lock = threading.RLock()
-        try:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed state survives a power cut, which is the journal's job.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StateError(f"{db_path}: cannot open the OTA journal ({exc})") from None
+        # FULL: a committed state survives a power cut, which is the journal's job.
+        self._db = open_db(
+            db_path,
+            SCHEMA,
+            what="OTA journal",
+            error=StateError,
+            synchronous="FULL",
+            timeout_s=30.0,
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent.errors import DowngradeError, StateError
+from agent.sqlitedb import open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS release_floor (
@@ -26,14 +27,9 @@ class ReleaseFloor:
 
     def __init__(self, state_db_path: Path):
         self.path = Path(state_db_path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StateError(f"{self.path}: cannot open the release floor ({exc})") from None
+        self._db = open_db(
+            self.path, SCHEMA, what="release floor", error=StateError, check_same_thread=True
+        )
 
     def close(self) -> None:
         self._db.close()
