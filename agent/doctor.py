@@ -33,6 +33,15 @@ MIN_CLOCK_YEAR = 2024
 DISK_FAIL_MB = 100.0
 DISK_WARN_MB = 500.0
 REPO_TIMEOUT_S = 3.0
+SERVICE_USER = "edge-agent"  # the .deb's and install.sh's user, when no unit names one
+SERVICE_UNIT = "edge-agent.service"
+# where systemd finds units, the admin's copy first (install.sh), then the package's
+UNIT_DIRS = (
+    Path("/etc/systemd/system"),
+    Path("/run/systemd/system"),
+    Path("/lib/systemd/system"),
+    Path("/usr/lib/systemd/system"),
+)
 
 # (returncode, stdout) of a command, or None when it is not installed / cannot run.
 RunCommand = Callable[[Sequence[str]], tuple[int, str] | None]
@@ -77,6 +86,9 @@ class DoctorEnv:
     # None: ask the kernel (adjtimex) whether the clock is synchronized
     kernel_clock_synced: Callable[[], bool | None] | None = None
     repo_timeout_s: float = REPO_TIMEOUT_S
+    # passwd and group are read from here; unit_dirs are searched for edge-agent.service
+    etc_root: Path = Path("/etc")
+    unit_dirs: tuple[Path, ...] = UNIT_DIRS
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -438,6 +450,170 @@ def check_state_dir(state_dir: Path) -> CheckResult:
     return CheckResult("state dir", "ok", detail)
 
 
+@dataclass(frozen=True)
+class UserEntry:
+    """One line of /etc/passwd."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+
+@dataclass(frozen=True)
+class GroupEntry:
+    """One line of /etc/group."""
+
+    name: str
+    gid: int
+    members: tuple[str, ...]
+
+
+def _colon_rows(path: Path, fields: int) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        # "+"/"-" lines are NIS compat entries, not local accounts
+        if not line.strip() or line.startswith(("#", "+", "-")):
+            continue
+        parts = line.split(":")
+        if len(parts) >= fields:
+            rows.append(parts)
+    return rows
+
+
+def read_passwd(path: Path) -> dict[str, UserEntry]:
+    """Local accounts from a passwd file (raises OSError when it cannot be read)."""
+    users: dict[str, UserEntry] = {}
+    for p in _colon_rows(path, 7):
+        try:
+            users.setdefault(p[0], UserEntry(p[0], int(p[2]), int(p[3]), p[5], p[6]))
+        except ValueError:
+            continue  # a damaged line names no usable account
+    return users
+
+
+def read_groups(path: Path) -> dict[str, GroupEntry]:
+    """Local groups from a group file (raises OSError when it cannot be read)."""
+    groups: dict[str, GroupEntry] = {}
+    for p in _colon_rows(path, 4):
+        try:
+            members = tuple(m for m in p[3].split(",") if m)
+            groups.setdefault(p[0], GroupEntry(p[0], int(p[2]), members))
+        except ValueError:
+            continue
+    return groups
+
+
+@dataclass(frozen=True)
+class UnitAccount:
+    """Who the installed edge-agent.service runs as."""
+
+    path: Path
+    user: str | None
+    supplementary_groups: tuple[str, ...]
+
+
+def read_unit_account(unit_dirs: Sequence[Path]) -> UnitAccount | None:
+    """User= and SupplementaryGroups= of the installed unit and its drop-ins, or None."""
+    main = next((d / SERVICE_UNIT for d in unit_dirs if (d / SERVICE_UNIT).is_file()), None)
+    if main is None:
+        return None
+    files = [main]
+    for d in unit_dirs:
+        files += sorted((d / f"{SERVICE_UNIT}.d").glob("*.conf"))
+    user: str | None = None
+    groups: list[str] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.strip().partition("=")
+            if key == "User":
+                user = value.strip() or None
+            elif key == "SupplementaryGroups":
+                # systemd: an empty assignment resets the list, others add to it
+                groups = groups + value.split() if value.strip() else []
+    return UnitAccount(main, user, tuple(groups))
+
+
+def check_service_user(config: AgentConfig, env: DoctorEnv, state_dir: Path) -> list[CheckResult]:
+    """The unit's user exists, is in the video group (camera) and owns the state dir."""
+    unit = read_unit_account(env.unit_dirs)
+    name = (unit.user if unit else None) or SERVICE_USER
+    passwd_path, group_path = env.etc_root / "passwd", env.etc_root / "group"
+    add_user = (
+        f"reinstall the .deb, or: sudo adduser --system --group --home {state_dir} "
+        f"--no-create-home {name}"
+    )
+    try:
+        users = read_passwd(passwd_path)
+        groups = read_groups(group_path)
+    except OSError as exc:
+        return [CheckResult("service user", "warn", f"cannot read {exc.filename} ({exc.strerror})")]
+    user = users.get(name)
+    if user is None:
+        if unit is None:
+            return [
+                CheckResult(
+                    "service user",
+                    "skip",
+                    f"no {name} user and no {SERVICE_UNIT}: not installed as a service",
+                )
+            ]
+        return [
+            CheckResult(
+                "service user",
+                "fail",
+                f"{unit.path} runs as User={name}, who is not in {passwd_path}: "
+                "the service cannot start",
+                add_user,
+            )
+        ]
+    rows: list[CheckResult] = []
+    detail = f"{name} uid {user.uid}"
+    video = groups.get("video")
+    if video is None:
+        rows.append(
+            CheckResult("service user", "ok", detail + f" (no video group in {group_path})")
+        )
+    elif user.gid == video.gid or name in video.members:
+        rows.append(CheckResult("service user", "ok", detail + ", in the video group"))
+    else:
+        granted = unit is not None and "video" in unit.supplementary_groups
+        needed = config.source.kind == "camera" and not granted
+        why = (
+            "; the unit adds it (SupplementaryGroups=video), runs outside the unit lack it"
+            if granted
+            else "; it cannot open /dev/video*"
+        )
+        rows.append(
+            CheckResult(
+                "service user",
+                "fail" if needed else "warn",
+                detail + f", not in the video group{why}",
+                f"sudo adduser {name} video",
+            )
+        )
+    try:
+        owner_uid = state_dir.stat().st_uid
+    except OSError:
+        return rows  # check_state_dir reports a missing or unreadable state dir
+    if owner_uid != user.uid:
+        owner = next((u.name for u in users.values() if u.uid == owner_uid), f"uid {owner_uid}")
+        rows.append(
+            CheckResult(
+                "state dir owner",
+                "warn",
+                f"{state_dir} belongs to {owner}, the service runs as {name}",
+                f"sudo chown -R {name}:{name} {state_dir}",
+            )
+        )
+    return rows
+
+
 def check_keyring(config: AgentConfig, state_dir: Path) -> list[CheckResult]:
     """Keyring, TUF root and device id, as `edge-agent provision` leaves them."""
     rows: list[CheckResult] = []
@@ -516,6 +692,7 @@ def run_doctor(config: AgentConfig, env: DoctorEnv | None = None) -> list[CheckR
     rows = [check_python(), check_numpy(), *check_backends(config), check_board(env)]
     rows += [check_camera(config, env), check_sensors(config, env), check_throttle(env)]
     rows += [check_clock(env), check_disk(state_dir), check_state_dir(state_dir)]
+    rows += check_service_user(config, env, state_dir)
     rows += check_keyring(config, state_dir)
     rows.append(check_repository(config, env.repo_timeout_s))
     return rows

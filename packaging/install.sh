@@ -8,8 +8,9 @@ Usage: packaging/install.sh [options]
 
 Installs the same layout as the .deb, for devices without apt packaging: a venv at
 <prefix>/venv (pip), /usr/local/bin/edge-agent, /etc/systemd/system/edge-agent.service,
-/etc/edge-agent/agent.yaml (kept if present), the edge-agent system user and
-/var/lib/edge-agent; then enables and (re)starts the service. Safe to run again.
+/etc/edge-agent/agent.yaml (kept if present), the guides in /usr/local/share/doc/edge-agent,
+the edge-agent system user and /var/lib/edge-agent; then enables and (re)starts the
+service. Safe to run again.
 
 Options:
   --prefix DIR       install directory (default: /opt/edge-agent)
@@ -24,7 +25,7 @@ Options:
   --no-deps          install only the agent (its dependencies come from elsewhere)
   --wheelhouse DIR   install dependencies offline from this folder
   --no-start         enable the service but do not start it
-  --uninstall        remove the venv, unit and symlink; keep config and state
+  --uninstall        remove the venv, unit, guides and symlink; keep config and state
   --purge            with --uninstall: also delete /etc/edge-agent and /var/lib/edge-agent
   -h, --help         this text
 
@@ -85,6 +86,8 @@ UNIT=/etc/systemd/system/$EA_SERVICE
 STATE_DIR=/var/lib/edge-agent
 CONFIG=/etc/edge-agent/agent.yaml
 LINK=/usr/local/bin/edge-agent
+# FHS: documentation of software installed outside the package manager
+DOC_DIR=/usr/local/share/doc/edge-agent
 
 if [ "$ROOT" = / ] && [ "$(id -u)" != 0 ]; then
     ea_die "run as root (sudo), or use --root DIR to install into a folder"
@@ -102,7 +105,7 @@ disable_service() {
 if [ "$UNINSTALL" = 1 ]; then
     disable_service
     rm -f "$R$UNIT" "$R$LINK"
-    rm -rf "$R$PREFIX"
+    rm -rf "$R$PREFIX" "$R$DOC_DIR"
     ea_systemd_running "$ROOT" && systemctl daemon-reload || true
     if [ "$PURGE" = 1 ]; then
         rm -rf "$R$STATE_DIR" "$R/etc/edge-agent"
@@ -137,9 +140,14 @@ ln -sfn "$PREFIX/venv/bin/edge-agent" "$R$LINK"
 
 install -d "$R/etc/systemd/system"
 # The unit runs /usr/bin/edge-agent (the .deb's symlink); here the venv's script is named
-# directly, so the unit works whatever --prefix is and whatever is in /usr/bin.
-sed -e "s#/usr/bin/edge-agent#$PREFIX/venv/bin/edge-agent#g" "$UNIT_SRC" > "$WORK/unit"
+# directly, so the unit works whatever --prefix is and whatever is in /usr/bin. Its
+# Documentation= names the .deb's doc folder; here the guides are in /usr/local.
+sed -e "s#/usr/bin/edge-agent#$PREFIX/venv/bin/edge-agent#g" \
+    -e "s#/usr/share/doc/edge-agent/#$DOC_DIR/#g" "$UNIT_SRC" > "$WORK/unit"
 install -m 0644 "$WORK/unit" "$R$UNIT"
+# replaced as a whole, so a guide dropped from docs/ does not linger from an older install
+rm -rf "$R$DOC_DIR"
+ea_install_docs "$REPO" "$R$DOC_DIR"
 
 if [ ! -f "$R$CONFIG" ]; then
     install -d -m 0755 "$R/etc/edge-agent"

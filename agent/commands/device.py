@@ -157,6 +157,7 @@ def _doctor(args: argparse.Namespace) -> int:
         proc_root=args.proc_root,
         state_dir=args.state_dir,
         repo_timeout_s=args.timeout,
+        etc_root=args.etc_root,
     )
     rows = run_doctor(cfg, env)
     if args.json:
@@ -179,8 +180,8 @@ def add_commands(sub: SubParsers) -> None:
         "doctor",
         _doctor,
         "Check this device (Python, backends, camera, sensors, throttling, clock, disk, "
-        "state dir, keyring, repository) and print a fix for each problem; exits 3 on a "
-        "blocking problem.",
+        "state dir, service user, keyring, repository) and print a fix for each problem; "
+        "exits 3 on a blocking problem.",
         "edge-agent doctor --config /etc/edge-agent/agent.yaml",
     )
     p.add_argument("--config", type=Path, help=f"agent config (default: {DEFAULT_CONFIG_PATH})")
@@ -189,6 +190,7 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("--sysfs-root", type=Path, default=Path("/sys"), help=argparse.SUPPRESS)
     p.add_argument("--dev-root", type=Path, default=Path("/dev"), help=argparse.SUPPRESS)
     p.add_argument("--proc-root", type=Path, default=Path("/proc"), help=argparse.SUPPRESS)
+    p.add_argument("--etc-root", type=Path, default=Path("/etc"), help=argparse.SUPPRESS)
     p.add_argument(
         "--timeout", type=float, default=3.0, help="repository HEAD timeout in s (default: 3)"
     )

@@ -7,7 +7,8 @@ usage() {
 Usage: packaging/deb/build.sh [options]
 
 Builds dist/edge-agent_<version>_<arch>.deb: the agent in a venv at /opt/edge-agent/venv,
-the systemd unit, /etc/edge-agent/agent.yaml (conffile), the edge-agent system user and
+the systemd unit, /etc/edge-agent/agent.yaml (conffile), the guides in
+/usr/share/doc/edge-agent (the unit's Documentation=), the edge-agent system user and
 /var/lib/edge-agent (created by postinst). Build on the target's distribution and
 architecture: the venv holds compiled wheels and links to that system's python3.
 
@@ -114,7 +115,7 @@ install -d -m 0755 "$STAGE/etc/edge-agent"
 chmod 0644 "$STAGE/etc/edge-agent/agent.yaml"
 
 DOC=$STAGE/usr/share/doc/edge-agent
-install -d "$DOC"
+ea_install_docs "$REPO" "$DOC"
 install -m 0644 "$HERE/copyright" "$DOC/copyright"
 DATE_R=$(date -R -u -d "@${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}")
 printf 'edge-agent (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- %s  %s\n' \

@@ -8,6 +8,8 @@ EA_USER=edge-agent
 # Groups the service user joins when the board has them: cameras (video), Jetson/Pi GPU
 # and codec nodes (render), and GPIO/I2C for boards that drive hardware.
 EA_GROUPS="video render gpio i2c"
+# The unit's Documentation= names daemon.md in the installed doc folder.
+EA_DOC_ENTRY=daemon.md
 
 ea_log() { printf '%s\n' "$*" >&2; }
 ea_die() { printf 'Error: %s\n' "$*" >&2; exit 2; }
@@ -52,11 +54,12 @@ ea_make_venv() {
         "$_venv/bin/python" -m pip install --quiet --no-compile --no-deps --force-reinstall \
             "$@" "$_wheel" >&2 || ea_die "pip install failed ($_wheel)"
     elif [ "$_system_site" = 1 ]; then
-        # JetPack ships onnxruntime-gpu (and TensorRT) system-wide; installing the CPU
-        # onnxruntime wheel into the venv would shadow it, so every other dependency is
-        # installed and onnxruntime is left to the system.
+        # JetPack ships onnxruntime-gpu and TensorRT system-wide; a pip copy of either
+        # (or the CPU onnxruntime wheel) in the venv would shadow it, so every other
+        # dependency is installed and these are left to the system.
         _reqs=$("$_venv/bin/python" "$EA_LIB_DIR/wheel_requirements.py" "$_wheel" \
-            --extras "$_extras" --exclude onnxruntime) || ea_die "cannot read $_wheel"
+            --extras "$_extras" --exclude onnxruntime --exclude onnxruntime-gpu \
+            --exclude tensorrt) || ea_die "cannot read $_wheel"
         # shellcheck disable=SC2086  # one requirement per word, none contain spaces
         "$_venv/bin/python" -m pip install --quiet --no-compile "$@" $_reqs >&2 \
             || ea_die "pip install of the dependencies failed"
@@ -93,4 +96,20 @@ ea_compile_venv() {
 # a container without systemd), the same test the dh_installsystemd snippets use.
 ea_systemd_running() {
     [ "$1" = / ] && [ -d /run/systemd/system ]
+}
+
+# ea_install_docs REPO_ROOT DEST: the user guides (docs/*.md but the internal CONTRACTS.md,
+# README.md, docs/examples/) as plain files, 0644. They stay uncompressed: the unit's
+# Documentation= link and the guides' links to each other name the .md files.
+ea_install_docs() {
+    install -d -m 0755 "$2" "$2/examples"
+    install -m 0644 "$1/README.md" "$2/README.md"
+    for _doc in "$1"/docs/*.md; do
+        [ "$(basename "$_doc")" = CONTRACTS.md ] && continue
+        install -m 0644 "$_doc" "$2/"
+    done
+    for _example in "$1"/docs/examples/*; do
+        [ -f "$_example" ] && install -m 0644 "$_example" "$2/examples/"
+    done
+    [ -f "$2/$EA_DOC_ENTRY" ] || ea_die "$1/docs/$EA_DOC_ENTRY missing: the unit's Documentation= names it"
 }

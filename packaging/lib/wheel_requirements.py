@@ -7,23 +7,45 @@ import re
 import sys
 import zipfile
 
+try:
+    from packaging.markers import Marker
+except ImportError:  # a bare venv has no `packaging`, but its pip vendors one
+    from pip._vendor.packaging.markers import Marker
+
+
+def normalize_name(name: str) -> str:
+    """PEP 503: ONNX_Runtime, onnx.runtime and onnx-runtime are the same project."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
 
 def wheel_requirements(wheel: str, extras: set[str], exclude: set[str]) -> list[str]:
+    """Requirements this interpreter would install for `wheel[extras]`, markers evaluated.
+
+    Runs under the target venv's python, so `python_version` and `platform_machine`
+    markers are judged for the target, as pip would; the printed requirements carry no
+    marker (the shell passes each one to pip as a single word).
+    """
     with zipfile.ZipFile(wheel) as whl:
         meta = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
         lines = whl.read(meta).decode("utf-8").splitlines()
+    wanted_extras = {normalize_name(e) for e in extras}
+    skip = {normalize_name(e) for e in exclude}
     found: list[str] = []
     for line in lines:
         if not line.startswith("Requires-Dist:"):
             continue
-        req, _, marker = line.split(":", 1)[1].strip().partition(";")
-        extra = re.search(r"extra == ['\"]([^'\"]+)", marker)
-        if extra and extra.group(1) not in extras:
+        req, _, marker_text = line.split(":", 1)[1].strip().partition(";")
+        if marker_text.strip():
+            marker = Marker(marker_text.strip())
+            # "" stands for the wheel without extras: a plain environment marker
+            if not any(marker.evaluate({"extra": e}) for e in {"", *wanted_extras}):
+                continue
+        req = req.strip()
+        name = re.split(r"[<>=!~ \[(@]", req, maxsplit=1)[0]
+        if normalize_name(name) in skip:
             continue
-        name = re.split(r"[<>=!~ \[]", req.strip())[0].lower().replace("_", "-")
-        if name not in exclude:
-            # no spaces: the shell passes each requirement to pip as one word
-            found.append(req.strip().replace(" ", ""))
+        # "numpy (>=1.24)" is the old METADATA spelling of "numpy>=1.24"
+        found.append(re.sub(r"[\s()]", "", req))
     return found
 
 
@@ -34,8 +56,12 @@ def main() -> int:
     parser.add_argument("--exclude", action="append", default=[], help="a name to leave out")
     args = parser.parse_args()
     extras = {e for e in args.extras.split(",") if e}
-    exclude = {e.lower().replace("_", "-") for e in args.exclude}
-    for req in wheel_requirements(args.wheel, extras, exclude):
+    try:
+        requirements = wheel_requirements(args.wheel, extras, set(args.exclude))
+    except (OSError, zipfile.BadZipFile, StopIteration) as exc:
+        print(f"Error: {args.wheel}: not a readable wheel ({exc or 'no METADATA'})", file=sys.stderr)
+        return 2
+    for req in requirements:
         print(req)
     return 0
 
