@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from agent.runtime.base import file_sha256
 from agent.textio import load_npy
 
 GOLDEN_FILES = ("inputs.npy", "labels.npy", "slices.npy", "reference.npy")
+GOLDEN_FILE_MAX_BYTES = 1 << 31
 # Segmentation labels may mark pixels to ignore with this value (the common convention).
 SEGMENTATION_IGNORE = 255
 RUNTIME_TO_BACKEND = {
@@ -66,18 +68,79 @@ class GoldenSet:
         }
 
 
-def golden_set_sha256(golden_dir: Path) -> str:
-    """One hash over the golden files that exist (name and bytes), for the baseline cache."""
+def _golden_digest(file_sha256s: dict[str, str]) -> str:
+    """One hash over the golden files that exist (name and sha256), for the baseline cache."""
     digest = hashlib.sha256()
     for name in GOLDEN_FILES:
-        path = golden_dir / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + file_sha256(path).encode() + b"\n")
+        if name in file_sha256s:
+            digest.update(name.encode() + b"\0" + file_sha256s[name].encode() + b"\n")
     return digest.hexdigest()
 
 
+def golden_set_sha256(golden_dir: Path) -> str:
+    """The golden set's hash (as GoldenSet.sha256) computed from the files on disk."""
+    return _golden_digest(
+        {
+            name: file_sha256(golden_dir / name)
+            for name in GOLDEN_FILES
+            if (golden_dir / name).is_file()
+        }
+    )
+
+
+def read_npy_hashed(
+    path: Path, max_bytes: int = GOLDEN_FILE_MAX_BYTES
+) -> tuple[npt.NDArray[Any], str]:
+    """Load an .npy array (no pickles) and the sha256 of the file, reading its bytes once:
+    the header is parsed, the data is read straight into the array and hashed from there."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        raise GoldenSetError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise GoldenSetError(f"{path}: cannot read ({exc.strerror})") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise GoldenSetError(f"{path}: {size} bytes is more than the {max_bytes} allowed")
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                shape, fortran_order, dtype = None, False, None
+        except (ValueError, OSError, EOFError) as exc:
+            raise GoldenSetError(f"{path}: not a plain .npy array ({exc})") from None
+        if shape is None or dtype is None:
+            # A newer .npy header version: numpy's own reader, and the file read again.
+            return load_npy(path, max_bytes), file_sha256(path)
+        if dtype.hasobject:
+            raise GoldenSetError(f"{path}: .npy holds Python objects (pickles are refused)")
+        header_bytes = fh.tell()
+        count = int(np.prod(shape, dtype=np.int64))
+        data = np.empty(count * dtype.itemsize, dtype=np.uint8)
+        if header_bytes + data.nbytes > size or fh.readinto(data.data) != data.nbytes:
+            raise GoldenSetError(
+                f"{path}: truncated .npy ({size} bytes, the header promises "
+                f"{header_bytes + data.nbytes})"
+            )
+        fh.seek(0)
+        digest = hashlib.sha256(fh.read(header_bytes))
+        digest.update(data.data)
+        fh.seek(header_bytes + data.nbytes)
+        # np.load ignores bytes after the array; the hash covers them like file_sha256.
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    arr = data.view(dtype).reshape(shape, order="F" if fortran_order else "C")
+    return arr, digest.hexdigest()
+
+
 def load_golden_set(golden_dir: Path) -> GoldenSet:
-    """Load and check a golden set folder; every problem is a GoldenSetError naming the file."""
+    """Load and check a golden set folder; every problem is a GoldenSetError naming the file.
+
+    Each file is read once: the same bytes give the arrays and the golden set's hash."""
     if not golden_dir.is_dir():
         raise GoldenSetError(f"{golden_dir}: golden set folder not found")
     inputs_path = golden_dir / "inputs.npy"
@@ -87,8 +150,9 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
             raise GoldenSetError(
                 f"{required}: missing (a golden set needs inputs.npy and labels.npy)"
             )
-    inputs = load_npy(inputs_path)
-    labels = load_npy(labels_path)
+    hashes: dict[str, str] = {}
+    inputs, hashes["inputs.npy"] = read_npy_hashed(inputs_path)
+    labels, hashes["labels.npy"] = read_npy_hashed(labels_path)
     if inputs.dtype != np.float32:
         raise GoldenSetError(
             f"{inputs_path}: dtype {inputs.dtype}, expected float32 in the model's float domain"
@@ -97,9 +161,8 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
         raise GoldenSetError(f"{inputs_path}: shape {inputs.shape}, expected [N, ...] rows")
     if len(inputs) == 0:
         raise GoldenSetError(f"{inputs_path}: the golden set is empty")
-    bad = ~np.isfinite(inputs)
-    if bad.any():
-        row = int(np.argwhere(bad)[0][0])
+    if not np.isfinite(inputs).all():
+        row = int(np.argwhere(~np.isfinite(inputs))[0][0])
         raise GoldenSetError(f"{inputs_path}: NaN or infinite value (first in row {row})")
     if labels.dtype.kind not in "iu":
         raise GoldenSetError(f"{labels_path}: dtype {labels.dtype}, expected integer class ids")
@@ -113,13 +176,13 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
         )
     if labels.min() < 0:
         raise GoldenSetError(f"{labels_path}: negative label {int(labels.min())}")
-    slices = _optional(golden_dir / "slices.npy", len(inputs))
+    slices = _optional(golden_dir / "slices.npy", len(inputs), hashes)
     if slices is not None and (slices.ndim != 1 or slices.dtype.kind not in "iuU"):
         raise GoldenSetError(
             f"{golden_dir / 'slices.npy'}: expected one integer or string id per row, "
             f"got dtype {slices.dtype} shape {slices.shape}"
         )
-    reference = _optional(golden_dir / "reference.npy", len(inputs))
+    reference = _optional(golden_dir / "reference.npy", len(inputs), hashes)
     if reference is not None:
         if reference.dtype.kind != "f" or not np.isfinite(reference).all():
             raise GoldenSetError(
@@ -129,17 +192,17 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
     return GoldenSet(
         path=golden_dir,
         inputs=inputs,
-        labels=labels.astype(np.int64),
+        labels=labels.astype(np.int64, copy=False),
         slices=slices,
         reference=reference,
-        sha256=golden_set_sha256(golden_dir),
+        sha256=_golden_digest(hashes),
     )
 
 
-def _optional(path: Path, rows: int) -> npt.NDArray[Any] | None:
+def _optional(path: Path, rows: int, hashes: dict[str, str]) -> npt.NDArray[Any] | None:
     if not path.is_file():
         return None
-    arr = load_npy(path)
+    arr, hashes[path.name] = read_npy_hashed(path)
     if len(arr) != rows:
         raise GoldenSetError(f"{path}: {len(arr)} rows for {rows} inputs (lengths differ)")
     return arr
