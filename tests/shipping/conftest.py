@@ -58,6 +58,20 @@ def fast_deb(tmp_path_factory: pytest.TempPathFactory, agent_wheel: Path) -> Pat
     return deb
 
 
+SLOW = os.environ.get("EDGE_AGENT_SLOW") == "1"
+
+
+@pytest.fixture(scope="session")
+def full_deb(tmp_path_factory: pytest.TempPathFactory, agent_wheel: Path) -> Path:
+    """The real .deb with every dependency in its venv (minutes; EDGE_AGENT_SLOW=1 tests)."""
+    out = tmp_path_factory.mktemp("full")
+    done = run(["sh", str(BUILD_SH), "--wheel", str(agent_wheel), "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    deb = Path(done.stdout.strip().splitlines()[-1])
+    assert deb.is_file()
+    return deb
+
+
 @pytest.fixture(scope="session")
 def deb_tree(tmp_path_factory: pytest.TempPathFactory, fast_deb: Path) -> Path:
     """The fast .deb unpacked with dpkg -x (files) and dpkg-deb -e (DEBIAN/)."""
@@ -135,3 +149,31 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
     path.mkdir(mode=0o750)
     path.chmod(0o750)
     yield path
+
+
+def make_etc(
+    root: Path,
+    *,
+    user: bool = True,
+    in_video: bool = True,
+    video_group: bool = True,
+    uid: int = 999,
+) -> Path:
+    """passwd and group files as adduser --system leaves them (uid 999, group edge-agent)."""
+    passwd = ["root:x:0:0:root:/root:/bin/bash"]
+    groups = ["root:x:0:", "edge-agent:x:999:"]
+    if user:
+        passwd.append(f"edge-agent:x:{uid}:999::/var/lib/edge-agent:/usr/sbin/nologin")
+    if video_group:
+        groups.append("video:x:44:" + ("pi,edge-agent" if in_video else "pi"))
+    write(root / "etc" / "passwd", "\n".join(passwd) + "\n")
+    write(root / "etc" / "group", "\n".join(groups) + "\n")
+    return root / "etc"
+
+
+def install_unit(unit_dir: Path, text: str | None = None) -> Path:
+    """An installed edge-agent.service (the repository's unit unless text is given)."""
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    path = unit_dir / "edge-agent.service"
+    path.write_text(UNIT.read_text() if text is None else text)
+    return path

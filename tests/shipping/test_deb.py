@@ -67,6 +67,7 @@ def test_contents_owned_by_root(fast_deb: Path) -> None:
         "./usr/bin/edge-agent",
         "./opt/edge-agent/venv/bin/edge-agent",
         "./usr/share/doc/edge-agent/copyright",
+        "./usr/share/doc/edge-agent/daemon.md",
         "./usr/share/lintian/overrides/edge-agent",
     ):
         assert expected in names, expected
@@ -162,3 +163,23 @@ def test_build_refuses_bad_input(tmp_path: Path) -> None:
     assert "Error: unknown option --frobnicate" in done.stderr
     done = run(["sh", str(BUILD_SH), "--help"])
     assert done.returncode == 0 and "Example:" in done.stdout
+
+
+def test_guides_shipped_where_the_unit_points(deb_tree: Path) -> None:
+    unit = (deb_tree / "lib/systemd/system/edge-agent.service").read_text()
+    links = re.findall(r"^Documentation=(.+)$", unit, re.M)
+    assert links, "the unit names its documentation"
+    for url in " ".join(links).split():
+        assert url.startswith("file:///"), url
+        shipped = deb_tree / url.removeprefix("file:///")
+        assert shipped.is_file(), url
+    doc = deb_tree / "usr/share/doc/edge-agent"
+    # every guide in docs/ (not the internal CONTRACTS.md), byte for byte, world-readable
+    guides = sorted(p.name for p in (REPO / "docs").glob("*.md") if p.name != "CONTRACTS.md")
+    assert {"daemon.md", "install.md", "raspberry-pi.md", "jetson.md", "x86.md"} <= set(guides)
+    for name in guides:
+        assert (doc / name).read_bytes() == (REPO / "docs" / name).read_bytes(), name
+        assert stat.S_IMODE((doc / name).stat().st_mode) == 0o644
+    assert not (doc / "CONTRACTS.md").exists()
+    assert (doc / "README.md").read_bytes() == (REPO / "README.md").read_bytes()
+    assert (doc / "examples/agent.yaml").is_file()

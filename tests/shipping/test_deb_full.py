@@ -3,35 +3,30 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from .conftest import BUILD_SH, make_pi_tree, needs_dpkg, needs_system_python, run
+from .conftest import SLOW, make_pi_tree, needs_dpkg, needs_system_python, run
 
 pytestmark = [
     needs_dpkg,
     needs_system_python,
     pytest.mark.slow,
     pytest.mark.skipif(
-        os.environ.get("EDGE_AGENT_SLOW") != "1",
+        not SLOW,
         reason="builds a venv with all dependencies (minutes); set EDGE_AGENT_SLOW=1",
     ),
 ]
 
 
 @pytest.fixture(scope="module")
-def full_tree(tmp_path_factory: pytest.TempPathFactory, agent_wheel: Path) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("full")
-    done = run(["sh", str(BUILD_SH), "--wheel", str(agent_wheel), "--out", str(out)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    deb = Path(done.stdout.strip().splitlines()[-1])
-    root = out / "root"
-    assert run(["dpkg", "-x", str(deb), str(root)]).returncode == 0
-    return deb, root
+def full_tree(tmp_path_factory: pytest.TempPathFactory, full_deb: Path) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("full-root")
+    assert run(["dpkg", "-x", str(full_deb), str(root)]).returncode == 0
+    return full_deb, root
 
 
 def test_doctor_runs_from_the_unpacked_package(

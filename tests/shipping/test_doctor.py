@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -15,7 +16,15 @@ from agent.cli import main
 from agent.config import AgentConfig, OTAConfig, SourceConfig
 from agent.doctor import CheckResult, DoctorEnv, blocking, check_backends, run_doctor
 
-from .conftest import make_bare_tree, make_jetson_tree, make_pi_tree
+from .conftest import (
+    UNIT,
+    install_unit,
+    make_bare_tree,
+    make_etc,
+    make_jetson_tree,
+    make_pi_tree,
+    write,
+)
 
 NOW_2026 = 1_795_000_000.0  # 2026-11-19
 
@@ -34,6 +43,8 @@ def env_for(root: Path, state_dir: Path, **kwargs: object) -> DoctorEnv:
         now_s=lambda: NOW_2026,
         kernel_clock_synced=lambda: True,
         repo_timeout_s=1.0,
+        etc_root=root / "etc",
+        unit_dirs=(root / "etc/systemd/system", root / "lib/systemd/system"),
     )
     return replace(base, **kwargs)  # type: ignore[arg-type]
 
@@ -268,3 +279,112 @@ def test_cli_table_json_and_exit_codes(
     cfg.write_text("source: {kind: camra}\n")
     assert main([*args, "--config", str(cfg)]) == 2
     assert capsys.readouterr().err.startswith("Error: ")
+
+
+# ------------------------------------------------------------------ service user
+
+
+def service_rows(
+    root: Path, state_dir: Path, cfg: AgentConfig | None = None
+) -> dict[str, CheckResult]:
+    rows = run_doctor(cfg or AgentConfig(), env_for(root, state_dir))
+    return {r.name: r for r in rows if r.name in ("service user", "state dir owner")}
+
+
+def test_service_user_installed_by_the_deb(tmp_path: Path, state_dir: Path) -> None:
+    root = make_pi_tree(tmp_path / "pi")
+    make_etc(root, uid=os.getuid())
+    install_unit(root / "lib/systemd/system")
+    rows = service_rows(root, state_dir)
+    assert rows["service user"].status == "ok"
+    assert rows["service user"].detail == f"edge-agent uid {os.getuid()}, in the video group"
+    assert "state dir owner" not in rows  # the state dir belongs to the service user
+
+
+def test_unit_without_its_user_blocks(tmp_path: Path, state_dir: Path) -> None:
+    root = make_pi_tree(tmp_path / "pi")
+    make_etc(root, user=False)
+    unit = install_unit(root / "lib/systemd/system")
+    rows = run_doctor(AgentConfig(), env_for(root, state_dir))
+    row = by_name(rows)["service user"]
+    assert row.status == "fail" and [r.name for r in blocking(rows)] == ["service user"]
+    assert str(unit) in row.detail and "User=edge-agent" in row.detail
+    assert "adduser --system --group" in row.fix and "edge-agent" in row.fix
+
+
+def test_no_unit_and_no_user_is_a_pip_install(tmp_path: Path, state_dir: Path) -> None:
+    root = make_bare_tree(tmp_path / "laptop")
+    make_etc(root, user=False)
+    rows = service_rows(root, state_dir)
+    assert rows["service user"].status == "skip"
+    assert "not installed as a service" in rows["service user"].detail
+
+
+def test_not_in_video_group(tmp_path: Path, state_dir: Path) -> None:
+    root = make_pi_tree(tmp_path / "pi")
+    make_etc(root, in_video=False, uid=os.getuid())
+    # the shipped unit adds video itself (SupplementaryGroups=video): only a warning
+    install_unit(root / "lib/systemd/system")
+    row = service_rows(root, state_dir)["service user"]
+    assert row.status == "warn" and "SupplementaryGroups=video" in row.detail
+    assert row.fix == "sudo adduser edge-agent video"
+    # an admin's unit without it, and a camera source: the camera cannot be opened
+    plain = UNIT.read_text().replace("SupplementaryGroups=video\n", "")
+    install_unit(root / "etc/systemd/system", plain)
+    cfg = AgentConfig(source=SourceConfig(kind="camera"))
+    row = service_rows(root, state_dir, cfg)["service user"]
+    assert row.status == "fail" and "cannot open /dev/video" in row.detail
+    assert row.fix == "sudo adduser edge-agent video"
+
+
+def test_primary_group_video_and_no_video_group(tmp_path: Path, state_dir: Path) -> None:
+    root = make_bare_tree(tmp_path / "vm")
+    etc = make_etc(root, in_video=False, uid=os.getuid())
+    passwd = (etc / "passwd").read_text().replace(":999::/var/lib", ":44::/var/lib")
+    (etc / "passwd").write_text(passwd)
+    assert service_rows(root, state_dir)["service user"].status == "ok"
+    make_etc(root, video_group=False, uid=os.getuid())
+    row = service_rows(root, state_dir)["service user"]
+    assert row.status == "ok" and "no video group" in row.detail
+
+
+def test_drop_in_user_and_odd_lines(tmp_path: Path, state_dir: Path) -> None:
+    root = make_bare_tree(tmp_path / "vm")
+    install_unit(root / "lib/systemd/system")
+    write(root / "etc/systemd/system/edge-agent.service.d/user.conf", "[Service]\nUser=vision\n")
+    write(
+        root / "etc/passwd",
+        "+::::::\nbroken:x:notanumber:1::/:/bin/sh\n\n"
+        f"vision:x:{os.getuid()}:50::/home/vision:/bin/sh\n",
+    )
+    write(root / "etc/group", "video:x:44:vision\n# comment\n")
+    row = service_rows(root, state_dir)["service user"]
+    assert row.status == "ok" and row.detail.startswith("vision uid")
+
+
+def test_state_dir_owned_by_someone_else(tmp_path: Path, state_dir: Path) -> None:
+    root = make_pi_tree(tmp_path / "pi")
+    make_etc(root, uid=os.getuid() + 4242)  # the service user is not who made state_dir
+    rows = service_rows(root, state_dir)
+    assert rows["service user"].status == "ok"
+    owner = rows["state dir owner"]
+    assert owner.status == "warn" and "the service runs as edge-agent" in owner.detail
+    assert owner.fix == f"sudo chown -R edge-agent:edge-agent {state_dir}"
+
+
+def test_unreadable_passwd_warns(tmp_path: Path, state_dir: Path) -> None:
+    root = make_bare_tree(tmp_path / "vm")
+    row = service_rows(root, state_dir)["service user"]
+    assert row.status == "warn" and "cannot read" in row.detail and "passwd" in row.detail
+
+
+def test_cli_etc_root(tmp_path: Path, state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_pi_tree(tmp_path / "pi")
+    make_etc(root, in_video=False, uid=os.getuid())
+    code = main(["doctor", "--json", "--state-dir", str(state_dir), "--etc-root", str(root / "etc"),
+                 "--sysfs-root", str(root / "sys"), "--dev-root", str(root / "dev"),
+                 "--proc-root", str(root / "proc")])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    row = {c["name"]: c for c in report["checks"]}["service user"]
+    assert row["status"] in ("warn", "fail") and "not in the video group" in row["detail"]
+    assert code in (0, 3)

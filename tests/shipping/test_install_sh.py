@@ -32,10 +32,19 @@ def test_install_layout_reinstall_and_uninstall(tmp_path: Path, agent_wheel: Pat
     assert os.readlink(root / "usr/local/bin/edge-agent") == "/opt/edge-agent/venv/bin/edge-agent"
     unit = (root / "etc/systemd/system/edge-agent.service").read_text()
     assert re.search(r"^ExecStart=/opt/edge-agent/venv/bin/edge-agent run ", unit, re.M)
+    # the only changes: the command in the venv, the guides under /usr/local
     assert (
-        unit.replace("/opt/edge-agent/venv/bin/edge-agent", "/usr/bin/edge-agent")
+        unit.replace("/opt/edge-agent/venv/bin/edge-agent", "/usr/bin/edge-agent").replace(
+            "/usr/local/share/doc/edge-agent/", "/usr/share/doc/edge-agent/"
+        )
         == (REPO / "systemd/edge-agent.service").read_text()
     )
+    doc_url = re.search(r"^Documentation=file://(\S+)$", unit, re.M)
+    assert doc_url is not None and doc_url.group(1).startswith("/usr/local/share/doc/edge-agent/")
+    assert (root / doc_url.group(1).lstrip("/")).is_file()
+    docs = root / "usr/local/share/doc/edge-agent"
+    assert (docs / "install.md").read_bytes() == (REPO / "docs/install.md").read_bytes()
+    assert not (docs / "CONTRACTS.md").exists()
     wants = root / "etc/systemd/system/multi-user.target.wants/edge-agent.service"
     assert wants.is_symlink()
     config = root / "etc/edge-agent/agent.yaml"
@@ -45,8 +54,10 @@ def test_install_layout_reinstall_and_uninstall(tmp_path: Path, agent_wheel: Pat
     # again, with an admin's edit in the config: same tree, the edit kept
     config.write_text("log_level: DEBUG\n")
     (root / "var/lib/edge-agent/state.db").write_bytes(b"journal")
+    (docs / "old-guide.md").write_text("from an older release")
     log = install(root, agent_wheel)
     assert "kept the existing" in log
+    assert not (docs / "old-guide.md").exists() and (docs / "daemon.md").is_file()
     assert config.read_text() == "log_level: DEBUG\n"
     assert wants.is_symlink() and (venv / "bin/edge-agent").is_file()
 
@@ -56,6 +67,7 @@ def test_install_layout_reinstall_and_uninstall(tmp_path: Path, agent_wheel: Pat
     assert not (root / "etc/systemd/system/edge-agent.service").exists()
     assert not wants.exists() and not wants.is_symlink()
     assert not (root / "usr/local/bin/edge-agent").is_symlink()
+    assert not docs.exists()
     # remove keeps config and data
     assert config.read_text() == "log_level: DEBUG\n"
     assert (root / "var/lib/edge-agent/state.db").read_bytes() == b"journal"
