@@ -55,17 +55,29 @@ def precision_recall_f1(
     return precision, recall, f1, support.astype(np.int64)
 
 
-def macro_f1(confusion: IntArray) -> float:
-    """Mean F1 over the classes that occur in the labels or the predictions (as scikit-learn)."""
-    _, _, f1, support = precision_recall_f1(confusion)
-    present = (support > 0) | (confusion.sum(axis=0) > 0)
+def macro_f1(confusion: IntArray, f1: FloatArray | None = None) -> float:
+    """Mean F1 over the classes that occur in the labels or the predictions (as scikit-learn).
+
+    ``f1`` may pass precision_recall_f1(confusion)[2] when the caller already has it."""
+    if f1 is None:
+        f1 = precision_recall_f1(confusion)[2]
+    present = (confusion.sum(axis=1) > 0) | (confusion.sum(axis=0) > 0)
     return float(f1[present].mean()) if present.any() else 0.0
 
 
-def expected_calibration_error(probs: FloatArray, labels: IntArray, bins: int = ECE_BINS) -> float:
-    """ECE over equal-width confidence bins (lo, hi]: sum of |accuracy - confidence| * share."""
+def expected_calibration_error(
+    probs: FloatArray,
+    labels: IntArray,
+    bins: int = ECE_BINS,
+    predicted: IntArray | None = None,
+) -> float:
+    """ECE over equal-width confidence bins (lo, hi]: sum of |accuracy - confidence| * share.
+
+    ``predicted`` may pass probs.argmax(axis=1) when the caller already has it."""
     confidence = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    if predicted is None:
+        predicted = probs.argmax(axis=1)
+    correct = (predicted == labels).astype(np.float64)
     # Bin i holds confidences in (i/bins, (i+1)/bins]; a confidence of exactly 0 joins bin 0.
     index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
     conf_sum = np.bincount(index, weights=confidence, minlength=bins)
@@ -101,29 +113,40 @@ def row_cosine(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> FloatArray:
     return out
 
 
+SliceIndex = tuple[list[str], IntArray]
+
+
+def slice_index(slices: npt.NDArray[Any]) -> SliceIndex:
+    """Slice ids (as strings, sorted) and each row's position among them: computed once per
+    golden set, not once per model (sorting string ids is the costly part)."""
+    names, codes = np.unique(slices, return_inverse=True)
+    return [str(n) for n in names.tolist()], codes.astype(np.int64).reshape(-1)
+
+
 def per_slice_accuracy(
-    labels: IntArray, predicted: IntArray, slices: npt.NDArray[Any]
+    labels: IntArray, predicted: IntArray, slices: npt.NDArray[Any] | SliceIndex
 ) -> dict[str, dict[str, float]]:
     """Accuracy and row count per slice id (ids shown as strings for the JSON report)."""
-    names, codes = np.unique(slices, return_inverse=True)
+    names, codes = slices if isinstance(slices, tuple) else slice_index(slices)
     rows = np.bincount(codes, minlength=len(names))
     correct = np.bincount(codes, weights=(labels == predicted), minlength=len(names))
     return {
-        str(name): {"rows": int(rows[i]), "accuracy": float(correct[i] / rows[i])}
-        for i, name in enumerate(names.tolist())
+        name: {"rows": int(rows[i]), "accuracy": float(correct[i] / rows[i])}
+        for i, name in enumerate(names)
     }
 
 
 def classification_metrics(
     outputs: npt.NDArray[Any],
     labels: IntArray,
-    slices: npt.NDArray[Any] | None = None,
+    slices: npt.NDArray[Any] | SliceIndex | None = None,
     class_names: Sequence[str] | None = None,
     probs: FloatArray | None = None,
 ) -> dict[str, Any]:
     """Every single-model metric of one model's outputs over the golden set, as plain data.
 
-    ``probs`` may pass as_probabilities(outputs) when the caller already has it."""
+    ``probs`` may pass as_probabilities(outputs) and ``slices`` a slice_index() when the
+    caller already has them (the gate computes both once for two models)."""
     num_classes = int(outputs.shape[1])
     if probs is None:
         probs = as_probabilities(outputs)
@@ -131,20 +154,21 @@ def classification_metrics(
     cm = confusion_matrix(labels, predicted, num_classes)
     precision, recall, f1, support = precision_recall_f1(cm)
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    names += [str(i) for i in range(len(names), num_classes)]
     out: dict[str, Any] = {
         "rows": len(labels),
         "accuracy": accuracy(labels, predicted),
-        "macro_f1": macro_f1(cm),
-        "ece": expected_calibration_error(probs, labels),
+        "macro_f1": macro_f1(cm, f1),
+        "ece": expected_calibration_error(probs, labels, predicted=predicted),
         "per_class": [
-            {
-                "class": names[i] if i < len(names) else str(i),
-                "support": int(support[i]),
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-            }
-            for i in range(num_classes)
+            {"class": name, "support": sup, "precision": pr, "recall": rc, "f1": f}
+            for name, sup, pr, rc, f in zip(
+                names,
+                support.tolist(),
+                precision.tolist(),
+                recall.tolist(),
+                f1.tolist(),
+            )
         ],
         "confusion_matrix": cm.tolist(),
     }
