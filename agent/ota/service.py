@@ -122,14 +122,25 @@ def read_package_default(
 
 
 def run_gate_default(
-    baseline: Path, candidate: Path, manifest: Mapping[str, Any], golden_dir: Path | None = None
+    baseline: Path,
+    candidate: Path,
+    manifest: Mapping[str, Any],
+    golden_dir: Path | None = None,
+    baseline_cache: Path | None = None,
 ) -> GateOutcome:
-    """The golden-set gate (agent.ota.golden) on this device's golden set."""
+    """The golden-set gate (agent.ota.golden) on this device's golden set; with
+    ``baseline_cache`` the current model's earlier run is reused instead of rerunning it."""
     from agent.ota import golden
 
     if golden_dir is None:
         raise StateError("OTA: no golden set configured (ota.golden_dir)")
-    report = golden.run_gate(baseline, candidate, golden_dir, package_gate=manifest.get("gate"))
+    report = golden.run_gate(
+        baseline,
+        candidate,
+        golden_dir,
+        package_gate=manifest.get("gate"),
+        baseline_cache=baseline_cache,
+    )
     data = report.to_dict()
     failed = [str(c) for c in data.get("failed", [])] if isinstance(data, dict) else []
     reason = "gate passed" if report.passed else f"gate failed: {', '.join(failed) or 'see report'}"
@@ -501,7 +512,13 @@ class OTAService:
         elif self.gate is not None:
             outcome = self.gate(baseline, pkg.root, pkg.manifest)
         else:
-            outcome = run_gate_default(baseline, pkg.root, pkg.manifest, self.config.ota.golden_dir)
+            outcome = run_gate_default(
+                baseline,
+                pkg.root,
+                pkg.manifest,
+                self.config.ota.golden_dir,
+                baseline_cache=self.state_dir / "gate-cache",
+            )
         self.journal.set_value(
             LAST_GATE_REPORT,
             json.dumps(
