@@ -10,7 +10,8 @@ import zipfile
 try:
     from packaging.markers import Marker
 except ImportError:  # a bare venv has no `packaging`, but its pip vendors one
-    from pip._vendor.packaging.markers import Marker
+    # the same class, vendored by pip: mypy sees two types
+    from pip._vendor.packaging.markers import Marker  # type: ignore[assignment]
 
 
 def normalize_name(name: str) -> str:
@@ -59,7 +60,8 @@ def main() -> int:
     try:
         requirements = wheel_requirements(args.wheel, extras, set(args.exclude))
     except (OSError, zipfile.BadZipFile, StopIteration) as exc:
-        print(f"Error: {args.wheel}: not a readable wheel ({exc or 'no METADATA'})", file=sys.stderr)
+        reason = exc or "no METADATA"
+        print(f"Error: {args.wheel}: not a readable wheel ({reason})", file=sys.stderr)
         return 2
     for req in requirements:
         print(req)
