@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +23,11 @@ from agent.textio import write_atomic
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+# Entries kept (least recently used go first): the running model, the previous one kept for
+# rollback and a few refused candidates; each entry is one model's outputs over the golden set.
+CACHE_MAX_ENTRIES = 8
+# A folder without meta.json this old is a write cut short (a crash), not one in progress.
+TORN_ENTRY_AGE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,14 @@ def _npy_bytes(arr: npt.NDArray[Any]) -> bytes:
 class BaselineCache:
     """A folder of entries ``<key>/{outputs.npy, latencies_s.npy, meta.json}``.
 
-    meta.json is written last, so an entry without it (a crash mid-write) is a miss.
+    meta.json is written last, so an entry without it (a crash mid-write) is a miss. A hit
+    touches meta.json, and a store removes the least recently used entries beyond
+    ``max_entries``, so a device that gates for months keeps a bounded folder.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_entries: int = CACHE_MAX_ENTRIES):
         self.root = root
+        self.max_entries = max(1, max_entries)
 
     def _entry(self, key: str) -> Path:
         return self.root / key
@@ -82,6 +93,9 @@ class BaselineCache:
         if len(outputs) != rows or len(latencies) != rows or outputs.dtype.kind != "f":
             log.warning("gate cache entry %s has the wrong row count, ignoring it", entry)
             return None
+        # Recently used, so pruned last; a read-only cache still serves hits.
+        with contextlib.suppress(OSError):
+            os.utime(entry / "meta.json")
         return CachedRun(
             outputs=outputs.astype(np.float32),
             latencies_s=latencies.astype(np.float64),
@@ -121,4 +135,35 @@ class BaselineCache:
             **(extra or {}),
         }
         write_atomic(entry / "meta.json", json.dumps(meta, indent=2).encode())
+        self.prune(keep=entry)
         return entry
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Remove the least recently used complete entries beyond ``max_entries`` and torn
+        entries older than an hour; ``keep`` is never removed. Returns what was removed."""
+        complete: list[tuple[float, Path]] = []
+        removed: list[Path] = []
+        now = time.time()
+        try:
+            folders = [p for p in self.root.iterdir() if p.is_dir()]
+        except OSError:
+            return removed
+        for folder in folders:
+            try:
+                complete.append((os.stat(folder / "meta.json").st_mtime, folder))
+            except FileNotFoundError:
+                try:
+                    torn = now - folder.stat().st_mtime > TORN_ENTRY_AGE_S
+                except OSError:
+                    continue
+                if torn and folder != keep:
+                    removed.append(folder)
+            except OSError:
+                continue
+        complete.sort(key=lambda item: item[0], reverse=True)
+        removed += [folder for _, folder in complete[self.max_entries :] if folder != keep]
+        for folder in removed:
+            shutil.rmtree(folder, ignore_errors=True)
+        if removed:
+            log.info("gate cache %s: removed %d old entries", self.root, len(removed))
+        return removed
