@@ -42,7 +42,7 @@ ea_make_venv() {
     shift 7
     # pip takes extras on a file requirement as "file.whl[a,b]"
     _wheel_req=$_wheel
-    [ -n "$_extras" ] && _wheel_req="$_wheel[$_extras]"
+    [ -n "$_extras" ] && _wheel_req="${_wheel}[$_extras]"
     _venv_args=""
     [ "$_system_site" = 1 ] && _venv_args="--system-site-packages"
     if [ ! -x "$_venv/bin/python" ]; then
