@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,12 +12,22 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.config import AgentConfig
 from agent.errors import EdgeAgentError, StateError, UsageError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 MAX_REQUEST_BYTES = 1 << 20
+CONTROL_SOCKET_NAME = "control.sock"
+
+
+def control_socket_path(config: AgentConfig) -> Path:
+    """Where the daemon listens and where the CLI looks: one answer for both sides.
+
+    ``status.control_socket`` when the config sets it, else ``state_dir/control.sock``.
+    """
+    return config.status.control_socket or config.state_dir / CONTROL_SOCKET_NAME
 
 
 class ControlServer:
@@ -71,18 +82,17 @@ class ControlServer:
         # only the agent's user (and root) may control it
         os.chmod(path, 0o660)
         sock.listen(8)
-        sock.settimeout(0.5)
+        # accept() blocks with no timeout (no idle wakeups); stop() wakes it by shutdown()
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_forever, name="control", daemon=True)
         self._thread.start()
 
     def _accept_forever(self) -> None:
-        assert self._sock is not None
+        sock = self._sock
+        assert sock is not None
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
+                conn, _ = sock.accept()
             except OSError:
                 if self._stop.is_set():
                     return
@@ -138,10 +148,14 @@ class ControlServer:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             # never bound (or already stopped): the socket file may be another daemon's
             return
-        self._sock.close()
+        # shutdown() wakes the thread blocked in accept() (close() alone does not on Linux)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
         self._sock = None
         if self._thread is not None:
             self._thread.join(2.0)

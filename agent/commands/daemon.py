@@ -53,7 +53,11 @@ def add_commands(sub: SubParsers) -> None:
         metavar="DIR",
         help=f"the daemon's state dir (default {DEFAULT_STATE_DIR})",
     )
-    p.add_argument("--json", action="store_true", help="print the status file as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status file as JSON, with the OTA state under the key ota",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,15 +111,60 @@ def format_status(snap: dict[str, Any], running: bool) -> str:
             f"power:      {snap['power_w']} W, "
             f"{_fmt(snap.get('energy_per_inference_j'), ' J')}/inference"
         )
+    lines += format_ota(snap.get("ota"))
     return "\n".join(lines)
+
+
+def format_ota(ota: Any) -> list[str]:
+    """The OTA lines of the status table: versions and state, last gate, last refusal."""
+    if not isinstance(ota, dict):
+        return []
+    if ota.get("error"):
+        return [f"ota:        {ota['error']}"]
+    lines = [
+        f"ota:        active {ota.get('active_version') or '-'}, previous "
+        f"{ota.get('previous_version') or '-'}, state {ota.get('state', '-')}"
+    ]
+    gate = ota.get("last_gate")
+    if isinstance(gate, dict):
+        failed = ", ".join(
+            f"{c.get('name')} {c.get('value')} (needs {c.get('comparison')} {c.get('threshold')})"
+            for c in gate.get("failed") or []
+        )
+        verdict = "passed" if gate.get("passed") else "FAILED"
+        lines.append(
+            f"last gate:  {gate.get('version')} {verdict}" + (f": {failed}" if failed else "")
+        )
+    refusal = ota.get("last_refusal")
+    if isinstance(refusal, dict):
+        lines.append(
+            f"refused:    {refusal.get('package')} {refusal.get('version')}: "
+            f"{refusal.get('reason')}"
+        )
+    return lines
+
+
+def read_ota_status(state_dir: Path) -> dict[str, Any]:
+    """``ota_status(state_dir)`` for the status command, the full gate report left out
+    (``gate_summary`` stands in for it); never raises: a status command must answer."""
+    try:
+        from agent.commands.ota import ota_status
+
+        data = ota_status(state_dir)
+    except Exception as exc:  # an unreadable journal is shown, not fatal
+        return {"error": f"cannot read the OTA state in {state_dir} ({exc})"}
+    data.pop("last_gate_report", None)
+    return data
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.config is not None:
         cfg = load_config(args.config)
+        state_dir = cfg.state_dir
         path = cfg.status.path or cfg.state_dir / "status.json"
     else:
-        path = (args.state_dir or DEFAULT_STATE_DIR) / "status.json"
+        state_dir = args.state_dir or DEFAULT_STATE_DIR
+        path = state_dir / "status.json"
     try:
         snap = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -128,6 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     interval_s = float(snap.get("interval_s") or 1.0)
     fresh = time.time() - float(snap.get("updated", 0)) <= max(5.0, 5 * interval_s)
     running = snap.get("state") not in ("stopped",) and fresh and _pid_alive(snap.get("pid"))
+    snap["ota"] = read_ota_status(state_dir)
     if args.json:
         print(json.dumps({**snap, "running": running}, indent=1))
     else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.commands import SubParsers, add_command
 from agent.config import AgentConfig, load_config
-from agent.errors import OTAError, StateError, UsageError
+from agent.errors import EdgeAgentError, OTAError, StateError, UsageError
 from agent.textio import write_atomic
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.yaml")
@@ -154,20 +154,23 @@ def _read_small(path: Path, max_bytes: int) -> bytes:
 # ---------------------------------------------------------------------------- daemon link
 
 
-def _ask_daemon(state_dir: Path, request: dict[str, Any]) -> dict[str, Any] | None:
-    """Send a request to the running daemon; None when no daemon listens."""
-    sock = state_dir / "control.sock"
+def _ask_daemon(cfg: AgentConfig, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Send a request to the running daemon; None when no daemon listens.
+
+    The socket is found exactly as the daemon places it (``control_socket_path``), so
+    ``status.control_socket`` in the config is honoured on both sides.
+    """
+    from agent.control import control_request, control_socket_path
+
+    sock = control_socket_path(cfg)
     if not sock.exists():
         return None
     try:
-        control = importlib.import_module("agent.control")
-    except ImportError:
+        reply: dict[str, Any] = control_request(sock, request, CONTROL_TIMEOUT_S)
+    except UsageError:
+        # nobody accepts on it (a daemon killed with SIGKILL leaves the file): no daemon
         return None
-    try:
-        reply: dict[str, Any] = control.control_request(sock, request, CONTROL_TIMEOUT_S)
-    except (OSError, ConnectionError):
-        return None
-    except Exception as exc:  # a daemon that answers badly is not a reason to install twice
+    except EdgeAgentError as exc:  # a daemon that answers badly is not a reason to install twice
         raise OTAError(f"{sock}: daemon did not answer ({exc})") from None
     return reply
 
@@ -197,7 +200,7 @@ def _install(args: argparse.Namespace) -> int:
     tar = args.package.resolve()
     if not tar.is_file():
         raise UsageError(f"{args.package}: file not found")
-    reply = _ask_daemon(cfg.state_dir, {"cmd": "install", "path": str(tar)})
+    reply = _ask_daemon(cfg, {"cmd": "install", "path": str(tar)})
     if reply is not None:
         return _daemon_result(args, reply)
     service = _service(cfg)
@@ -236,7 +239,7 @@ def _probe(service: Any, cfg: AgentConfig) -> str:
 def _update(args: argparse.Namespace) -> int:
     cfg = load_agent_config(args)
     if args.now:
-        reply = _ask_daemon(cfg.state_dir, {"cmd": "update"})
+        reply = _ask_daemon(cfg, {"cmd": "update"})
         if reply is not None:
             return _daemon_result(args, reply)
     service = _service(cfg)
@@ -256,7 +259,7 @@ def _update(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     cfg = load_agent_config(args)
-    reply = _ask_daemon(cfg.state_dir, {"cmd": "rollback"})
+    reply = _ask_daemon(cfg, {"cmd": "rollback"})
     if reply is not None:
         return _daemon_result(args, reply)
     service = _service(cfg)
@@ -317,7 +320,36 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
         out["last_refusal"] = journal.last_refusal()
     finally:
         journal.close()
+    out["last_gate"] = gate_summary(out["last_gate_report"])
+    refusal = out["last_refusal"]
+    out["last_refusal_reason"] = refusal.get("reason") if isinstance(refusal, dict) else None
     return out
+
+
+def gate_summary(stored: Any) -> dict[str, Any] | None:
+    """The last gate report cut to what `edge-agent status` shows: the version, the
+    verdict, the reason and each failed check with its value and threshold."""
+    if not isinstance(stored, dict):
+        return None
+    report = stored.get("report")
+    report = report if isinstance(report, dict) else {}
+    failed: list[dict[str, Any]] = []
+    for check in report.get("checks") or []:
+        if isinstance(check, dict) and check.get("verdict") == "fail":
+            failed.append(
+                {
+                    "name": check.get("name"),
+                    "value": check.get("value"),
+                    "comparison": check.get("comparison"),
+                    "threshold": check.get("threshold"),
+                }
+            )
+    return {
+        "version": stored.get("version"),
+        "passed": stored.get("passed"),
+        "reason": stored.get("reason"),
+        "failed": failed,
+    }
 
 
 def remove_state(state_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -45,6 +46,7 @@ from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
 from agent.package import ReleaseFloor, check_compat
 from agent.runtime import installed_runtimes, load_backend
 from agent.runtime.base import Backend
+from agent.telemetry.identity import resolve_device_id
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +200,15 @@ class OTAService:
     """The device side of OTA; one per state directory.
 
     ``slot`` (a ModelSlot) is set when a daemon runs: activation then loads and warms the
-    new model beside the live one and swaps it between two frames.
+    new model beside the live one and swaps it between two frames. ``daemon`` (set by
+    ``attach``) makes the swap go through ``daemon.swap_model``, so the daemon reads the
+    package's schema its own way and closes the old backend at the next frame boundary.
     """
 
     config: AgentConfig
     recorder: Any = None
     slot: Any = None
+    daemon: Any = None
     read_package: PackageReader = read_package_default
     gate: GateRunner | None = None
     load_model: BackendLoader = load_package_backend
@@ -292,13 +297,10 @@ class OTAService:
     # ------------------------------------------------------------------ queries
 
     def device_id(self) -> str:
-        if self.config.device_id:
-            return self.config.device_id
-        path = self.state_dir / "device_id"
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except OSError:
-            raise StateError(f"{path}: no device id (run edge-agent provision)") from None
+        """The id rollout membership hashes; the daemon's telemetry uses the same function
+        (config ``device_id``, else the provisioned ``state_dir/device_id``, else a hash of
+        /etc/machine-id), so the fleet counts a device under the id it rolls out to."""
+        return resolve_device_id(self.config.device_id, self.state_dir)
 
     def current_manifest(self, which: str = install.CURRENT) -> Mapping[str, Any] | None:
         pkg_dir = install.resolve(self.state_dir, which)
@@ -556,9 +558,18 @@ class OTAService:
             detail={"links_before": links_before.to_dict(), "dir": dir_name},
         )
         # Load and warm before any link moves: a model that cannot load changes nothing.
+        live: Any = None
         try:
             backend = self.load_model(pkg.root, pkg.manifest)
-            backend.warmup(max(1, self.config.model.warmup_runs))
+            try:
+                backend.warmup(max(1, self.config.model.warmup_runs))
+                if self.daemon is not None:
+                    # the daemon's own reading of the schema, so a manifest it cannot run
+                    # is refused here, before any link moves
+                    live = self.daemon.package_model(backend, pkg.root, pkg.manifest)
+            except EdgeAgentError:
+                backend.close()
+                raise
         except EdgeAgentError as exc:
             self._enter(OTAState.ROLLED_BACK, reason=f"new model failed to load: {exc}")
             self.journal.record_refusal(pkg.name, pkg.version, channel_key, f"load failed: {exc}")
@@ -566,9 +577,15 @@ class OTAService:
             raise ModelError(f"{pkg.name} {pkg.version}: failed to load ({exc})") from None
         kill_point("activate.loaded")
         final_dir = install.place_package(self.state_dir, pkg.root, dir_name)
+        # the loaded session does not care, but status and logs should name where the
+        # model file lives now, not the staging folder it was loaded from
+        with contextlib.suppress(ValueError, AttributeError):
+            backend.path = final_dir / pkg.model_path.relative_to(pkg.root)
         install.switch_to(self.state_dir, dir_name)
         kill_point("activate.switched")
-        if self.slot is not None:
+        if live is not None:
+            self.daemon.swap_model(live)
+        elif self.slot is not None:
             self._hot_swap(backend, final_dir, pkg.manifest)
         else:
             backend.close()
@@ -592,6 +609,17 @@ class OTAService:
     def _hot_swap(self, backend: Backend, package_dir: Path, manifest: Mapping[str, Any]) -> None:
         from agent.pipeline.slot import ActiveModel
 
+        daemon = self.daemon
+        if daemon is not None:
+            # the daemon builds the model's preprocessing (task, top_k, labels file) as it
+            # does at start, swaps between two frames and closes the old backend there
+            try:
+                live = daemon.package_model(backend, package_dir, manifest)
+            except EdgeAgentError:
+                backend.close()
+                raise
+            daemon.swap_model(live)
+            return
         model = ActiveModel(
             backend=backend,
             name=str(manifest.get("name", package_dir.name)),
@@ -728,7 +756,7 @@ class OTAService:
                 raise StateError(f"{self.state_dir}: no previous model to roll back to")
             bad = self.journal.last()
             backend = None
-            if self.slot is not None:
+            if self.slot is not None or self.daemon is not None:
                 backend = self.load_model(prev_dir, prev_manifest)
                 backend.warmup(max(1, self.config.model.warmup_runs))
             left = self.current_manifest() or {}
@@ -934,7 +962,10 @@ def attach(daemon: Any) -> AttachedOTA:
     once per frame so probation can end in a commit or a rollback.
     """
     service = OTAService(
-        daemon.config, recorder=getattr(daemon, "telemetry", None), slot=daemon.slot
+        daemon.config,
+        recorder=getattr(daemon, "telemetry", None),
+        slot=daemon.slot,
+        daemon=daemon if hasattr(daemon, "package_model") else None,
     )
     if daemon.config.state_dir.resolve() not in _RECOVERED_AT_START:
         log.info("OTA start-up: %s", service.recover())
