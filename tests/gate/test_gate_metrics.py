@@ -101,3 +101,24 @@ def test_per_slice_accuracy_counts_each_slice():
     slices = np.array(["dim", "dim", "bold", "bold"])
     out = gm.per_slice_accuracy(labels, pred, slices)
     assert out == {"bold": {"rows": 2, "accuracy": 0.0}, "dim": {"rows": 2, "accuracy": 1.0}}
+
+
+def test_stacked_metrics_of_two_models_equal_each_model_alone(data):
+    labels, a, b = data
+    probs_b = gm.as_probabilities(b)  # one model giving probabilities, one giving logits
+    slices = np.array(["bold", "thin", "dim", "thin"])[np.arange(len(labels)) % 4]
+    stacked = gm.probabilities_of_each([a, probs_b])
+    np.testing.assert_allclose(stacked[0], gm.as_probabilities(a), rtol=1e-12)
+    np.testing.assert_allclose(stacked[1], probs_b, rtol=1e-12)
+    both = gm.classification_metrics_of_each([a, probs_b], labels, slices, None, stacked)
+    for got, outputs in zip(both, (a, probs_b)):
+        alone = gm.classification_metrics(outputs, labels, slices)
+        assert got["confusion_matrix"] == alone["confusion_matrix"]
+        assert got["per_slice"] == alone["per_slice"]
+        for key in ("accuracy", "macro_f1", "ece"):
+            assert got[key] == pytest.approx(alone[key], rel=1e-12)
+        for g_row, a_row in zip(got["per_class"], alone["per_class"]):
+            assert g_row.pop("class") == a_row.pop("class")
+            assert g_row == pytest.approx(a_row, rel=1e-12)
+    pred = probs_b.argmax(1)
+    assert both[1]["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
