@@ -128,7 +128,8 @@ def format_ota(ota: Any) -> list[str]:
     gate = ota.get("last_gate")
     if isinstance(gate, dict):
         failed = ", ".join(
-            f"{c.get('name')} {c.get('value')} (needs {c.get('comparison')} {c.get('threshold')})"
+            f"{c.get('name')} {_short(c.get('value'))} (needs {c.get('comparison')} "
+            f"{_short(c.get('threshold'))})"
             for c in gate.get("failed") or []
         )
         verdict = "passed" if gate.get("passed") else "FAILED"
@@ -142,6 +143,10 @@ def format_ota(ota: Any) -> list[str]:
             f"{refusal.get('reason')}"
         )
     return lines
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def read_ota_status(state_dir: Path) -> dict[str, Any]:

@@ -801,6 +801,13 @@ class OTAService:
         """
         with self._lock:
             ota = self.config.ota
+            last = self.journal.last()
+            if last is not None and last.state is OTAState.PROBATION:
+                # the journal allows no check while a new model is on probation; the poll
+                # thread simply asks again after the commit or the rollback
+                return CheckResult(
+                    False, f"{last.package} {last.version} is on probation; checking after it"
+                )
             self._enter(
                 OTAState.CHECKING,
                 channel=ota.channel,
