@@ -720,16 +720,24 @@ def _percentile_sorted(ordered: list[float], q: float) -> float:
 def latency_summaries_ms(
     *latencies_s: npt.NDArray[np.float64],
 ) -> list[dict[str, float]]:
-    """P50/P95/P99/mean in ms of each model's per-row latencies (np.percentile's method)."""
+    """P50/P95/P99/mean in ms of each model's per-row latencies (np.percentile's method);
+    equal-length series are sorted together in one call."""
+    if not latencies_s:
+        return []
+    lengths = {len(lat) for lat in latencies_s}
+    if len(lengths) > 1 or 0 in lengths:
+        return [
+            latency_summaries_ms(lat)[0]
+            if len(lat)
+            else {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0}
+            for lat in latencies_s
+        ]
+    ms = np.sort(np.stack(latencies_s).astype(np.float64, copy=False), axis=1) * 1000.0
+    means = ms.mean(axis=1).tolist()
     out: list[dict[str, float]] = []
-    for lat in latencies_s:
-        if len(lat) == 0:
-            out.append({"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0})
-            continue
-        ms = np.sort(np.asarray(lat, dtype=np.float64)) * 1000.0
-        ordered = ms.tolist()
+    for ordered, mean in zip(ms.tolist(), means):
         p50, p95, p99 = (_percentile_sorted(ordered, q) for q in PERCENTILES)
-        out.append({"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "mean_ms": float(ms.mean())})
+        out.append({"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "mean_ms": mean})
     return out
 
 
