@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -88,6 +90,47 @@ def golden_set_sha256(golden_dir: Path) -> str:
     )
 
 
+NPY_MAGIC = b"\x93NUMPY"
+# The header np.save writes (keys sorted, shape a tuple); anything else, including
+# structured dtypes, goes through numpy's own parser (ast.literal_eval, ~100 µs cold).
+_NPY_PLAIN_HEADER = re.compile(
+    r"\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), "
+    r"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n"
+)
+
+
+def _npy_header(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype[Any]] | None:
+    """(shape, fortran_order, dtype) of an .npy file whose header np.save wrote; the file
+    position is left after the header. None for header versions other than 1.0 and 2.0."""
+    prefix = fh.read(10)
+    if len(prefix) < 10 or prefix[:6] != NPY_MAGIC:
+        raise ValueError("the file does not start with the .npy magic string")
+    version = (prefix[6], prefix[7])
+    if version == (1, 0):
+        length = int.from_bytes(prefix[8:10], "little")
+    elif version == (2, 0):
+        more = fh.read(2)
+        length = int.from_bytes(prefix[8:10] + more, "little")
+    else:
+        return None
+    raw = fh.read(length)
+    if len(raw) != length:
+        raise ValueError("the .npy header is cut short")
+    plain = _NPY_PLAIN_HEADER.fullmatch(raw.decode("latin1"))
+    if plain is not None:
+        dims = tuple(int(v) for v in plain.group(3).split(",") if v.strip())
+        return dims, plain.group(2) == "True", np.dtype(plain.group(1))
+    fh.seek(0)
+    np.lib.format.read_magic(fh)
+    reader = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran_order, dtype = reader(fh)
+    return tuple(shape), bool(fortran_order), dtype
+
+
 def read_npy_hashed(
     path: Path, max_bytes: int = GOLDEN_FILE_MAX_BYTES
 ) -> tuple[npt.NDArray[Any], str]:
@@ -104,23 +147,17 @@ def read_npy_hashed(
         if size > max_bytes:
             raise GoldenSetError(f"{path}: {size} bytes is more than the {max_bytes} allowed")
         try:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fh)
-            else:
-                shape, fortran_order, dtype = None, False, None
-        except (ValueError, OSError, EOFError) as exc:
+            header = _npy_header(fh)
+        except (ValueError, TypeError, SyntaxError, OSError, EOFError) as exc:
             raise GoldenSetError(f"{path}: not a plain .npy array ({exc})") from None
-        if shape is None or dtype is None:
+        if header is None:
             # A newer .npy header version: numpy's own reader, and the file read again.
             return load_npy(path, max_bytes), file_sha256(path)
+        shape, fortran_order, dtype = header
         if dtype.hasobject:
             raise GoldenSetError(f"{path}: .npy holds Python objects (pickles are refused)")
         header_bytes = fh.tell()
-        count = int(np.prod(shape, dtype=np.int64))
-        data = np.empty(count * dtype.itemsize, dtype=np.uint8)
+        data = np.empty(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
         if header_bytes + data.nbytes > size or fh.readinto(data.data) != data.nbytes:
             raise GoldenSetError(
                 f"{path}: truncated .npy ({size} bytes, the header promises "

@@ -29,8 +29,9 @@ from agent.runtime.base import file_sha256
         np.array(["bold", "thin", "dim"]),
         np.zeros((0, 5), dtype=np.int64),
         np.float64(2.5),
+        np.zeros(3, dtype=[("a", "<f4"), ("b", "<i2")]),  # numpy's own header parser
     ],
-    ids=["c-order", "fortran-big-endian", "strings", "empty", "scalar"],
+    ids=["c-order", "fortran-big-endian", "strings", "empty", "scalar", "structured"],
 )
 def test_read_npy_hashed_matches_np_load_and_file_sha256(tmp_path: Path, arr: np.ndarray):
     path = tmp_path / "a.npy"
@@ -40,6 +41,16 @@ def test_read_npy_hashed_matches_np_load_and_file_sha256(tmp_path: Path, arr: np
     assert digest == file_sha256(path)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_read_npy_hashed_reads_every_header_version(tmp_path: Path, version: tuple[int, int]):
+    path = tmp_path / "a.npy"
+    with path.open("wb") as fh:
+        np.lib.format.write_array(fh, np.arange(6.0).reshape(2, 3), version=version)
+    got, digest = read_npy_hashed(path)
+    assert digest == file_sha256(path)
+    np.testing.assert_array_equal(got, np.arange(6.0).reshape(2, 3))
 
 
 def test_read_npy_hashed_hashes_trailing_bytes_like_the_file_hash(tmp_path: Path):
@@ -63,11 +74,15 @@ def test_golden_set_hash_is_unchanged_by_the_single_read(golden_dir: Path):
         (lambda p: p.write_bytes(p.read_bytes()[:-100]), "truncated .npy"),
         (lambda p: p.write_bytes(b"not an npy file at all"), "not a plain .npy array"),
         (
+            lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': nope}\n"),
+            "not a plain .npy array",
+        ),
+        (
             lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
             "pickles are refused",
         ),
     ],
-    ids=["truncated", "garbage", "pickled"],
+    ids=["truncated", "garbage", "bad-header", "pickled"],
 )
 def test_broken_golden_file_is_a_one_line_error(make_golden, write, message: str):
     folder = make_golden()
