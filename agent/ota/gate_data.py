@@ -266,6 +266,8 @@ class GateModel:
     backend: str
     precision: str
     manifest: dict[str, Any] | None
+    # The model file's sha256 when resolving it already read the file (None: not yet).
+    sha256: str | None = None
 
     @property
     def package_gate(self) -> dict[str, Any] | None:
@@ -308,13 +310,36 @@ def _read_manifest(package_dir: Path) -> dict[str, Any]:
     return data
 
 
-def onnx_precision(path: Path) -> str:
-    """'int8' when the ONNX graph holds quantized operators, else 'fp32'."""
+def scan_model_file(
+    path: Path, chunk_bytes: int = 1 << 20, onnx: bool | None = None
+) -> tuple[str, str]:
+    """(sha256, precision) of a model file from one streaming read: precision is 'int8'
+    when an ONNX graph holds quantized operators, 'fp32' when it holds none, and 'unknown'
+    for other formats (the loaded model's tensor specs decide, see golden.run_gate).
+    ``onnx`` None: an ONNX graph is a file named .onnx."""
+    is_onnx = path.suffix.lower() == ".onnx" if onnx is None else onnx
+    overlap = max(len(m) for m in ONNX_INT8_MARKERS) - 1
+    digest = hashlib.sha256()
+    quantized = False
+    tail = b""
     try:
-        blob = path.read_bytes()
+        with path.open("rb") as fh:
+            while chunk := fh.read(chunk_bytes):
+                digest.update(chunk)
+                if is_onnx and not quantized:
+                    # The tail of the previous chunk finds a marker cut by the boundary.
+                    window = tail + chunk
+                    quantized = any(marker in window for marker in ONNX_INT8_MARKERS)
+                    tail = window[-overlap:]
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror})") from None
-    return "int8" if any(marker in blob for marker in ONNX_INT8_MARKERS) else "fp32"
+    precision = ("int8" if quantized else "fp32") if is_onnx else "unknown"
+    return digest.hexdigest(), precision
+
+
+def onnx_precision(path: Path) -> str:
+    """'int8' when the ONNX graph holds quantized operators, else 'fp32'."""
+    return scan_model_file(path, onnx=True)[1]
 
 
 def resolve_model(source: Path, backend: str = "auto") -> GateModel:
@@ -331,15 +356,10 @@ def resolve_model(source: Path, backend: str = "auto") -> GateModel:
             raise ModelError(f"{model_path}: model file named by the manifest is missing")
         kind = str(runtime.get("kind", ""))
         chosen = backend if backend != "auto" else RUNTIME_TO_BACKEND.get(kind, "auto")
-        precision = str(runtime.get("precision") or _file_precision(model_path))
-        return GateModel(model_path, chosen, precision, manifest)
+        sha256, scanned = scan_model_file(model_path)
+        precision = str(runtime.get("precision") or scanned)
+        return GateModel(model_path, chosen, precision, manifest, sha256)
     if not source.is_file():
         raise ModelError(f"{source}: model file or package directory not found")
-    return GateModel(source, backend, _file_precision(source), None)
-
-
-def _file_precision(path: Path) -> str:
-    if path.suffix.lower() == ".onnx":
-        return onnx_precision(path)
-    # TFLite and engines: the loaded model's tensor specs decide (see golden.run_gate).
-    return "unknown"
+    sha256, precision = scan_model_file(source)
+    return GateModel(source, backend, precision, None, sha256)

@@ -23,6 +23,7 @@ from agent.ota.gate_data import (
     check_labels_fit,
     load_golden_set,
     resolve_model,
+    scan_model_file,
 )
 from agent.ota.gate_detection import mean_iou
 from agent.ota.gate_metrics import (
@@ -540,12 +541,8 @@ def detection_checks(
 
 def _as_model(source: ModelSource, backend: str) -> tuple[GateModel, Backend | None]:
     if isinstance(source, Backend):
-        precision = "unknown"
-        if source.name == "onnx":
-            from agent.ota.gate_data import onnx_precision
-
-            precision = onnx_precision(source.path)
-        return GateModel(source.path, source.name, precision, None), source
+        sha256, precision = scan_model_file(source.path, onnx=source.name == "onnx")
+        return GateModel(source.path, source.name, precision, None, sha256), source
     return resolve_model(Path(source), backend), None
 
 
@@ -600,8 +597,9 @@ def run_gate(
 
     cache = BaselineCache(Path(baseline_cache)) if baseline_cache is not None else None
     cache_info: dict[str, Any] = {"enabled": cache is not None, "used": False}
-    base_sha = file_sha256(base_model.model_path)
-    cand_sha = file_sha256(cand_model.model_path)
+    # Resolving a model read its file once for both its precision and its hash.
+    base_sha = base_model.sha256 or file_sha256(base_model.model_path)
+    cand_sha = cand_model.sha256 or file_sha256(cand_model.model_path)
     cached: CachedRun | None = None
     if cache is not None:
         base_id = backend_identity(base_backend) if base_backend else predicted_identity(base_model)

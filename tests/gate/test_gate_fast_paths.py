@@ -16,7 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.errors import GoldenSetError, ModelError
 from agent.ota.gate_cache import TORN_ENTRY_AGE_S, BaselineCache
-from agent.ota.gate_data import golden_set_sha256, load_golden_set, read_npy_hashed
+from agent.ota.gate_data import (
+    golden_set_sha256,
+    load_golden_set,
+    read_npy_hashed,
+    scan_model_file,
+)
 from agent.ota.golden import current_rss_bytes, latency_summaries_ms, run_gate
 from agent.runtime.base import file_sha256
 
@@ -202,3 +207,13 @@ def test_cache_removes_old_torn_entries_only(tmp_path: Path):
     kept = _store(cache, 1)
     assert not torn_old.exists()
     assert torn_new.exists() and kept.exists()
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 64, 1000, 1 << 20])
+def test_model_scan_gives_hash_and_precision_in_one_read(demo_models: Path, chunk_bytes: int):
+    # Small chunks cut the quantized-operator names across reads; they must still be found.
+    for name, precision in (("digits_int8.onnx", "int8"), ("digits_fp32.onnx", "fp32")):
+        path = demo_models / name
+        assert scan_model_file(path, chunk_bytes) == (file_sha256(path), precision)
+    tflite = demo_models / "digits_int8.tflite"
+    assert scan_model_file(tflite, chunk_bytes) == (file_sha256(tflite), "unknown")
