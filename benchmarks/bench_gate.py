@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=MODELS / "digits_fp32.onnx")
     parser.add_argument("--candidate", type=Path, default=MODELS / "digits_int8.onnx")
     parser.add_argument("--golden", type=Path, default=ROOT / "golden_local")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--cache", action="store_true", help="gate with the baseline cache")
     parser.add_argument(
         "--tile", type=int, default=1, help="repeat the golden set N times (a larger set)"
