@@ -612,6 +612,9 @@ class Daemon:
                 continue
             self._state = "running"
             scheduler.wait()
+            if self._stop_requested:
+                # woken early by the stop: this frame's deadline has not come, so skip it
+                break
             frames = self._read_batch(source, self.slot.current().backend.max_batch())
             if not frames:
                 if source.exhausted:
