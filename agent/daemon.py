@@ -36,6 +36,7 @@ from agent.errors import (
     StateError,
 )
 from agent.health.governor import PAUSED, GovernorThread
+from agent.ota.killpoint import kill_point
 from agent.pipeline.postprocess import detections, top_k
 from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest
 from agent.pipeline.scheduler import FrameScheduler
@@ -58,6 +59,8 @@ SLEEP_SLICE_S = 0.1
 # with no systemd watchdog, a loop silent this long is reported as stalled in status
 STALL_S = 10.0
 RUNTIME_FOR_KIND = {"onnx": "auto", "tflite": "litert", "tensorrt": "tensorrt"}
+# the configured backends that can run a package of each runtime.kind
+PACKAGE_BACKENDS = {"onnx": ("onnx", "tensorrt"), "tflite": ("litert",), "tensorrt": ("tensorrt",)}
 
 
 def status_path(config: AgentConfig) -> Path:
@@ -103,6 +106,67 @@ def write_status_file(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def backend_options(config: AgentConfig, precision: str = "fp32") -> BackendOptions:
+    """The backend options every model load in this agent uses, from ``config.model``.
+
+    The daemon's start, a reload, an OTA install, hot swap, rollback, probation and the
+    gate's candidate all load through here, so a Jetson's TensorRT provider and engine
+    cache apply to every model, not only the one configured at start.
+    """
+    m = config.model
+    return BackendOptions(
+        intra_op_threads=m.intra_op_threads,
+        providers=m.providers,
+        engine_cache_dir=m.engine_cache_dir,
+        precision=precision,
+    )
+
+
+def load_model_file(
+    config: AgentConfig, path: Path, backend: str = "auto", precision: str = "fp32"
+) -> Backend:
+    """Load one model file with ``config.model``'s backend options (not warmed)."""
+    return load_backend(path, backend, backend_options(config, precision))
+
+
+def package_backend_name(kind: str, configured: str, where: str) -> str:
+    """The backend for a package of ``runtime.kind``: config.model.backend when it can run
+    that kind (a Jetson configured for native TensorRT keeps it for OTA packages), else the
+    kind's own runtime."""
+    fits = PACKAGE_BACKENDS.get(kind)
+    if fits is None:
+        raise ModelError(f"{where}: unknown runtime.kind {kind!r}")
+    return configured if configured in fits else RUNTIME_FOR_KIND[kind]
+
+
+def package_model_file(package_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    """The model file an installed package's manifest names, refused when outside it."""
+    where = str(package_dir / "manifest.json")
+    runtime = manifest.get("runtime") or {}
+    model = runtime.get("model") if isinstance(runtime, Mapping) else None
+    if not isinstance(model, str):
+        raise ModelError(f"{where}: runtime.model is missing")
+    model_path = (package_dir / model).resolve()
+    if package_dir.resolve() not in model_path.parents:
+        raise ModelError(f"{where}: runtime.model points outside the package")
+    return model_path
+
+
+def load_package_backend(
+    config: AgentConfig, package_dir: Path, manifest: Mapping[str, Any]
+) -> Backend:
+    """Load (not warm) the model of an installed or extracted package with the runtime its
+    manifest names and ``config.model``'s backend options: the one way packages load."""
+    model_path = package_model_file(package_dir, manifest)
+    runtime = manifest.get("runtime") or {}
+    where = str(package_dir / "manifest.json")
+    backend = package_backend_name(str(runtime.get("kind", "onnx")), config.model.backend, where)
+    # Named per package so a test can make one model "crash the runtime on load" on every
+    # start (EDGE_AGENT_KILL_AT=model.load:digits-1.1.0) while other models load fine.
+    kill_point(f"model.load:{manifest.get('name', '')}-{manifest.get('version', '')}")
+    return load_model_file(config, model_path, backend, str(runtime.get("precision", "fp32")))
 
 
 class LoopStats:
@@ -219,34 +283,19 @@ class Daemon:
     # ------------------------------------------------------------------ models
 
     def _backend_options(self, precision: str = "fp32") -> BackendOptions:
-        m = self.config.model
-        return BackendOptions(
-            intra_op_threads=m.intra_op_threads,
-            providers=m.providers,
-            engine_cache_dir=m.engine_cache_dir,
-            precision=precision,
-        )
+        return backend_options(self.config, precision)
 
     def load_package(self, package_dir: Path) -> ActiveModel:
         """Load and warm the model of an installed package directory (not yet active)."""
         manifest = read_manifest(package_dir)
-        where = str(package_dir / "manifest.json")
-        runtime = manifest.get("runtime") or {}
-        if not isinstance(runtime, dict) or not isinstance(runtime.get("model"), str):
-            raise ModelError(f"{where}: runtime.model is missing")
-        model_path = (package_dir / runtime["model"]).resolve()
-        if package_dir.resolve() not in model_path.parents:
-            raise ModelError(f"{where}: runtime.model points outside the package")
-        kind = str(runtime.get("kind", "onnx"))
-        backend_name = RUNTIME_FOR_KIND.get(kind)
-        if backend_name is None:
-            raise ModelError(f"{where}: unknown runtime.kind {kind!r}")
         # parse the schema before the (slow) model load, so a bad manifest fails fast
         package_model_parts(package_dir, manifest)
-        backend = load_backend(
-            model_path, backend_name, self._backend_options(str(runtime.get("precision", "fp32")))
-        )
-        backend.warmup(self.config.model.warmup_runs)
+        backend = load_package_backend(self.config, package_dir, manifest)
+        try:
+            backend.warmup(self.config.model.warmup_runs)
+        except BaseException:
+            backend.close()
+            raise
         return self.package_model(backend, package_dir, manifest)
 
     def package_model(
@@ -273,7 +322,7 @@ class Daemon:
                 f"model.path: no model configured and no installed package at "
                 f"{cfg.state_dir / 'current'}"
             )
-        backend = load_backend(path, cfg.model.backend, self._backend_options())
+        backend = load_model_file(cfg, path, cfg.model.backend)
         backend.warmup(cfg.model.warmup_runs)
         return ActiveModel(
             backend=backend,
@@ -985,7 +1034,10 @@ def run_daemon(config_path: Path) -> int:
 __all__ = [
     "Daemon",
     "PreprocessConfig",
+    "backend_options",
     "control_socket_path",
+    "load_model_file",
+    "load_package_backend",
     "package_model_parts",
     "prometheus_text",
     "read_manifest",

@@ -44,14 +44,13 @@ from agent.ota.probation import (
 )
 from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
 from agent.package import ReleaseFloor, check_compat
-from agent.runtime import installed_runtimes, load_backend
+from agent.runtime import installed_runtimes
 from agent.runtime.base import Backend
 from agent.telemetry.identity import resolve_device_id
 
 log = logging.getLogger(__name__)
 
 LAST_GATE_REPORT = "last_gate_report"
-RUNTIME_BACKEND = {"onnx": "onnx", "tflite": "litert", "tensorrt": "tensorrt"}
 STAGING_EXTRACT_PREFIX = "extract-"
 
 
@@ -129,35 +128,132 @@ def run_gate_default(
     manifest: Mapping[str, Any],
     golden_dir: Path | None = None,
     baseline_cache: Path | None = None,
+    load_model: Callable[[Path], Backend] | None = None,
 ) -> GateOutcome:
     """The golden-set gate (agent.ota.golden) on this device's golden set; with
-    ``baseline_cache`` the current model's earlier run is reused instead of rerunning it."""
+    ``baseline_cache`` the current model's earlier run is reused instead of rerunning it.
+
+    ``load_model`` (a package dir or model file -> loaded Backend) loads both models the
+    way the daemon will run them (config.model's threads, providers, engine cache), so
+    the gate times the candidate as it will run; the RSS its load and warm-up add still
+    counts toward the memory check.
+    """
     from agent.ota import golden
 
     if golden_dir is None:
         raise StateError("OTA: no golden set configured (ota.golden_dir)")
-    report = golden.run_gate(
-        baseline,
-        candidate,
-        golden_dir,
-        package_gate=manifest.get("gate"),
-        baseline_cache=baseline_cache,
-    )
+    if load_model is None:
+        report = golden.run_gate(
+            baseline,
+            candidate,
+            golden_dir,
+            package_gate=manifest.get("gate"),
+            baseline_cache=baseline_cache,
+        )
+    else:
+        report = _run_gate_loaded(
+            baseline, candidate, manifest, golden_dir, baseline_cache, load_model
+        )
     data = report.to_dict()
     failed = [str(c) for c in data.get("failed", [])] if isinstance(data, dict) else []
     reason = "gate passed" if report.passed else f"gate failed: {', '.join(failed) or 'see report'}"
     return GateOutcome(passed=bool(report.passed), report=data, reason=reason)
 
 
-def load_package_backend(package_dir: Path, manifest: Mapping[str, Any]) -> Backend:
-    """Load the model of an installed/extracted package with the runtime its manifest names."""
-    runtime = manifest.get("runtime", {})
-    kind = str(runtime.get("kind", "onnx"))
-    model = package_dir / str(runtime.get("model", "model.onnx"))
-    # Named per package so a test can make one model "crash the runtime on load" on every
-    # start (EDGE_AGENT_KILL_AT=model.load:digits-1.1.0) while other models load fine.
-    kill_point(f"model.load:{manifest.get('name', '')}-{manifest.get('version', '')}")
-    return load_backend(model, RUNTIME_BACKEND.get(kind, "auto"))
+def _run_gate_loaded(
+    baseline: Path,
+    candidate: Path,
+    manifest: Mapping[str, Any],
+    golden_dir: Path,
+    baseline_cache: Path | None,
+    load_model: Callable[[Path], Backend],
+) -> Any:
+    """run_gate on backends loaded by ``load_model``; returns the GateReport."""
+    from agent.ota import golden
+
+    rss_before = golden.current_rss_bytes()
+    cand_backend = load_model(candidate)
+    try:
+        # run_gate warms what it loads itself; here the warm-up's RSS must count too
+        cand_backend.warmup(golden.WARMUP_RUNS)
+        load_rss_bytes = max(0, golden.current_rss_bytes() - rss_before)
+        base_backend = load_model(baseline)
+        try:
+            report = golden.run_gate(
+                base_backend,
+                cand_backend,
+                golden_dir,
+                package_gate=manifest.get("gate"),
+                baseline_cache=baseline_cache,
+            )
+        finally:
+            base_backend.close()
+    finally:
+        cand_backend.close()
+    return _with_load_rss(report, load_rss_bytes, baseline, candidate, manifest)
+
+
+def _with_load_rss(
+    report: Any,
+    load_rss_bytes: int,
+    baseline: Path,
+    candidate: Path,
+    manifest: Mapping[str, Any],
+) -> Any:
+    """The report with the candidate's load RSS added to its memory check (run_gate only
+    sees what a backend handed to it adds while it runs), and the models' package labels."""
+    import dataclasses
+
+    from agent.ota import golden
+
+    added_mb = load_rss_bytes / golden.MB
+    checks = []
+    for check in report.checks:
+        if check.name == "memory" and check.value is not None:
+            value = float(check.value) + added_mb
+            verdict = check.verdict
+            if check.threshold is not None and verdict != "skip":
+                verdict = "pass" if value <= float(check.threshold) else "fail"
+            check = dataclasses.replace(
+                check,
+                value=value,
+                verdict=verdict,
+                detail=f"candidate added {value:.1f} MB RSS",
+            )
+        checks.append(check)
+    report.checks = checks
+    report.passed = not any(c.failed for c in checks)
+    memory = report.metrics.get("memory")
+    if isinstance(memory, dict) and isinstance(memory.get("candidate_rss_added_mb"), float):
+        memory["candidate_rss_added_mb"] += added_mb
+    for role, source, package in (
+        ("baseline", baseline, None),
+        ("candidate", candidate, manifest),
+    ):
+        entry = report.models.get(role)
+        if isinstance(entry, dict) and source.is_dir():
+            data = package if package is not None else _manifest_or_none(source)
+            if data is not None:
+                entry["label"] = f"{data.get('name', '?')}-{data.get('version', '?')}"
+    return report
+
+
+def _manifest_or_none(package_dir: Path) -> Mapping[str, Any] | None:
+    try:
+        data = json.loads((package_dir / "manifest.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_package_backend(
+    package_dir: Path, manifest: Mapping[str, Any], config: AgentConfig | None = None
+) -> Backend:
+    """Load the model of an installed/extracted package with the runtime its manifest names
+    and ``config.model``'s backend options (the daemon's own loader; defaults without one)."""
+    from agent.daemon import load_package_backend as load_with_config
+
+    return load_with_config(config or AgentConfig(), package_dir, manifest)
 
 
 def preprocess_from_manifest(manifest: Mapping[str, Any]) -> PreprocessConfig:
@@ -211,7 +307,9 @@ class OTAService:
     daemon: Any = None
     read_package: PackageReader = read_package_default
     gate: GateRunner | None = None
-    load_model: BackendLoader = load_package_backend
+    # None: the daemon's loader with config.model's backend options (load_with_config);
+    # tests and tools may inject their own
+    load_model: BackendLoader | None = None
     system_clock: Callable[[], float] = time.time
     probation_policy: ProbationPolicy | None = None
     _watch: ProbationWatch | None = field(default=None, init=False)
@@ -226,6 +324,8 @@ class OTAService:
             self.probation_policy = ProbationPolicy(
                 min_frames=ota.probation_frames, min_s=ota.probation_s
             )
+        if self.load_model is None:
+            self.load_model = self.load_with_config
         self._migrate_release_marks()
 
     # ------------------------------------------------------------------ release floor
@@ -270,6 +370,35 @@ class OTAService:
 
     def close(self) -> None:
         self.journal.close()
+
+    # ------------------------------------------------------------------ model loads
+
+    def _model_config(self) -> AgentConfig:
+        # the running daemon's config, so a reload's new threads/providers apply to the
+        # next install or rollback too
+        daemon_config = getattr(self.daemon, "config", None)
+        return daemon_config if isinstance(daemon_config, AgentConfig) else self.config
+
+    def load_with_config(self, package_dir: Path, manifest: Mapping[str, Any]) -> Backend:
+        """The default ``load_model``: the daemon's loader with config.model's options."""
+        return load_package_backend(package_dir, manifest, self._model_config())
+
+    def _load_backend(self, package_dir: Path, manifest: Mapping[str, Any]) -> Backend:
+        """Every OTA model load (activation, rollback, probation, the gate's models)."""
+        assert self.load_model is not None  # set in __post_init__
+        return self.load_model(package_dir, manifest)
+
+    def _load_for_gate(self, source: Path) -> Backend:
+        """A package dir or the configured model file, loaded as the daemon would run it."""
+        config = self._model_config()
+        if source.is_dir():
+            manifest = _manifest_or_none(source)
+            if manifest is None:
+                raise ModelError(f"{source}: cannot read the package's manifest.json")
+            return self._load_backend(source, manifest)
+        from agent.daemon import load_model_file
+
+        return load_model_file(config, source, config.model.backend)
 
     # ------------------------------------------------------------------ events
 
@@ -520,6 +649,7 @@ class OTAService:
                 pkg.manifest,
                 self.config.ota.golden_dir,
                 baseline_cache=self.state_dir / "gate-cache",
+                load_model=self._load_for_gate,
             )
         self.journal.set_value(
             LAST_GATE_REPORT,
@@ -560,7 +690,7 @@ class OTAService:
         # Load and warm before any link moves: a model that cannot load changes nothing.
         live: Any = None
         try:
-            backend = self.load_model(pkg.root, pkg.manifest)
+            backend = self._load_backend(pkg.root, pkg.manifest)
             try:
                 backend.warmup(max(1, self.config.model.warmup_runs))
                 if self.daemon is not None:
@@ -684,7 +814,7 @@ class OTAService:
         if pkg_dir is None or manifest is None:
             self.rollback("probation: current model missing", automatic=True)
             return Verdict.FAILED
-        backend = self.load_model(pkg_dir, manifest)
+        backend = self._load_backend(pkg_dir, manifest)
         verdict = Verdict.PENDING
         for row in np.asarray(inputs, dtype=np.float32):
             started = time.perf_counter()
@@ -757,7 +887,7 @@ class OTAService:
             bad = self.journal.last()
             backend = None
             if self.slot is not None or self.daemon is not None:
-                backend = self.load_model(prev_dir, prev_manifest)
+                backend = self._load_backend(prev_dir, prev_manifest)
                 backend.warmup(max(1, self.config.model.warmup_runs))
             left = self.current_manifest() or {}
             kill_point("rollback.ready")
