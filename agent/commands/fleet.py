@@ -181,11 +181,11 @@ def _rollout_status(args: argparse.Namespace) -> int:
     else:
         from agent.fleet.rollout import load_state
         from agent.fleet.status import rollout_status
-        from agent.fleet.store import open_store
+        from agent.fleet.store import is_database_url, open_store
 
         if args.repo is None or args.db is None:
-            raise UsageError("rollout status needs --server URL, or --repo DIR and --db FILE")
-        if not Path(args.db).exists():
+            raise UsageError("rollout status needs --server URL, or --repo DIR and --db FILE|URL")
+        if not is_database_url(args.db) and not Path(args.db).exists():
             raise UsageError(f"{args.db}: telemetry database not found")
         store = open_store(str(args.db))
         try:
@@ -409,11 +409,16 @@ def add_commands(sub: SubParsers) -> None:
         "status",
         _rollout_status,
         "stage, devices per version and state, failure rate, next decision",
-        "edge-agent rollout status --channel stable --repo ./repo --db fleet.db",
+        "edge-agent rollout status --channel stable --repo ./repo --db fleet.db\n  "
+        "edge-agent rollout status --channel stable --repo ./repo "
+        "--db postgresql://fleet@db.example:5432/fleet",
     )
     p.add_argument("--channel", required=True, help="channel name")
     p.add_argument("--repo", type=Path, help="repository folder (with --db)")
-    p.add_argument("--db", type=Path, help="the server's telemetry database")
+    p.add_argument(
+        "--db",
+        help="the server's telemetry database: SQLite path or postgresql://user@host/db URL",
+    )
     p.add_argument("--server", help="ask a running server instead, e.g. http://fleet:8080")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -423,13 +428,16 @@ def add_commands(sub: SubParsers) -> None:
         _serve,
         "reference fleet server: repository files, OTLP ingest, rollout controller",
         "edge-agent serve --repo ./repo --db fleet.db --tokens tokens.json "
-        "--keys ./online-keys --port 8080",
+        "--keys ./online-keys --port 8080\n  "
+        "edge-agent serve --repo ./repo --db postgresql://fleet@db.example:5432/fleet "
+        "--tokens tokens.json --port 8080",
     )
     p.add_argument("--repo", type=Path, required=True, help="repository folder to serve")
     p.add_argument(
         "--db",
         default="fleet.db",
-        help="telemetry database: SQLite path (PostgreSQL: see docs/fleet.md)",
+        help="telemetry database: SQLite path (default fleet.db) or "
+        "postgresql://user@host:5432/db URL (see docs/fleet.md)",
     )
     p.add_argument("--tokens", type=Path, help="device tokens file (without it all writes get 401)")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""Server telemetry: OTLP/JSON parsing and SQLite rows de-duplicated by (device, boot, seq)."""
+"""Server telemetry: OTLP/JSON parsing and rows de-duplicated by (device, boot, seq) in SQL."""
 
 from __future__ import annotations
 
@@ -6,42 +6,22 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from agent.errors import InputDataError, TelemetryError, UsageError
 from agent.sqlitedb import open_db
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS logs (
-  device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq INTEGER NOT NULL,
-  time_ns INTEGER NOT NULL, type TEXT NOT NULL, event_name TEXT NOT NULL,
-  body TEXT, attrs TEXT NOT NULL, received_s REAL NOT NULL,
-  PRIMARY KEY (device_id, boot_id, seq)
-);
-CREATE TABLE IF NOT EXISTS ota_states (
-  device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq INTEGER NOT NULL,
-  time_ns INTEGER NOT NULL, package TEXT, version TEXT, from_version TEXT,
-  state TEXT NOT NULL, reason TEXT, channel TEXT,
-  PRIMARY KEY (device_id, boot_id, seq)
-);
-CREATE INDEX IF NOT EXISTS ota_states_by_version ON ota_states (package, version, time_ns);
-CREATE TABLE IF NOT EXISTS metrics (
-  device_id TEXT NOT NULL, name TEXT NOT NULL, time_ns INTEGER NOT NULL,
-  value REAL, attrs TEXT NOT NULL,
-  PRIMARY KEY (device_id, name, time_ns, attrs)
-);
-CREATE TABLE IF NOT EXISTS devices (
-  device_id TEXT PRIMARY KEY, first_seen_s REAL NOT NULL, last_seen_s REAL NOT NULL
-);
-"""
 
 MAX_RECORDS_PER_REQUEST = 10_000
 # Idle and checking say nothing about an install, so they never hide a device's outcome.
 IDLE_STATES = "('IDLE', 'CHECKING')"
 MAX_ATTR_TEXT = 64 << 10
+# Both backends store these as signed 64-bit integers; bigger values are a bad payload (400),
+# not a storage failure the device would retry forever.
+INT64_MAX = (1 << 63) - 1
 
 
 class BadPayloadError(InputDataError):
@@ -78,7 +58,7 @@ def _any_value(value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise BadPayloadError(f"{where}: AnyValue must be an object")
     if "stringValue" in value:
-        return str(value["stringValue"])
+        return _text(value["stringValue"], where)
     if "boolValue" in value:
         return bool(value["boolValue"])
     if "intValue" in value:
@@ -97,8 +77,22 @@ def _any_value(value: Any, where: str) -> Any:
     if "kvlistValue" in value:
         return _attributes((value["kvlistValue"] or {}).get("values", []), where)
     if "bytesValue" in value:
-        return str(value["bytesValue"])
+        return _text(value["bytesValue"], where)
     return None
+
+
+def _text(value: Any, where: str) -> str:
+    text = str(value)
+    # PostgreSQL TEXT cannot hold NUL; refusing it here keeps both backends alike.
+    if "\x00" in text:
+        raise BadPayloadError(f"{where}: string contains a NUL character")
+    return text
+
+
+def _int64(value: int, where: str) -> int:
+    if not 0 <= value <= INT64_MAX:
+        raise BadPayloadError(f"{where}: {value} is outside 0..2^63-1")
+    return value
 
 
 def _list(value: Any, where: str) -> list[Any]:
@@ -121,9 +115,10 @@ def _attributes(items: Any, where: str) -> dict[str, Any]:
 def _time_ns(record: Mapping[str, Any], where: str) -> int:
     raw = record.get("timeUnixNano") or record.get("observedTimeUnixNano") or 0
     try:
-        return int(raw)
+        time_ns = int(raw)
     except (TypeError, ValueError):
         raise BadPayloadError(f"{where}: timeUnixNano is not an integer") from None
+    return _int64(time_ns, f"{where}.timeUnixNano")
 
 
 def _device_of(resource_attrs: Mapping[str, Any], record_attrs: Mapping[str, Any]) -> Any:
@@ -164,7 +159,7 @@ def parse_otlp_logs(payload: Any) -> list[LogRow]:
                     LogRow(
                         device_id=device_id,
                         boot_id=boot_id,
-                        seq=seq,
+                        seq=_int64(seq, f"{where}.edge_agent.seq"),
                         time_ns=_time_ns(rec, where),
                         type=str(attrs.get("edge_agent.type", "event")),
                         event_name=str(attrs.get("event.name", "")),
@@ -194,6 +189,7 @@ def parse_otlp_metrics(payload: Any) -> list[MetricRow]:
                 where = f"{where_r}.scopeMetrics[{j}].metrics[{k}]"
                 if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
                     raise BadPayloadError(f"{where}: metric without a name")
+                _text(metric["name"], f"{where}.name")
                 for kind in ("gauge", "sum", "histogram", "summary"):
                     if kind in metric:
                         data = metric[kind]
@@ -224,7 +220,7 @@ def parse_otlp_metrics(payload: Any) -> list[MetricRow]:
 
 
 # ---------------------------------------------------------------------------------------
-# SQLite store
+# The store: one interface and one set of statements over SQLite (default) or PostgreSQL
 # ---------------------------------------------------------------------------------------
 
 
@@ -234,131 +230,164 @@ class IngestResult:
     duplicates: int
 
 
+# Both dialects take this DDL; only the types, the arrival column and the metrics key differ
+# (filled in by each backend below), so the two schemas cannot drift apart by accident.
+SCHEMA_TEMPLATE = """
+CREATE TABLE IF NOT EXISTS logs (
+  device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq {int64} NOT NULL,
+  time_ns {int64} NOT NULL, type TEXT NOT NULL, event_name TEXT NOT NULL,
+  body TEXT, attrs TEXT NOT NULL, received_s {float64} NOT NULL,
+  PRIMARY KEY (device_id, boot_id, seq)
+);
+CREATE TABLE IF NOT EXISTS ota_states ({arrival_column_ddl}
+  device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq {int64} NOT NULL,
+  time_ns {int64} NOT NULL, package TEXT, version TEXT, from_version TEXT,
+  state TEXT NOT NULL, reason TEXT, channel TEXT,
+  PRIMARY KEY (device_id, boot_id, seq)
+);
+CREATE INDEX IF NOT EXISTS ota_states_by_version ON ota_states (package, version, time_ns);
+CREATE TABLE IF NOT EXISTS metrics (
+  device_id TEXT NOT NULL, name TEXT NOT NULL, time_ns {int64} NOT NULL,
+  value {float64}, attrs TEXT NOT NULL{metrics_key_ddl}
+);{metrics_index_ddl}
+CREATE TABLE IF NOT EXISTS devices (
+  device_id TEXT PRIMARY KEY, first_seen_s {float64} NOT NULL, last_seen_s {float64} NOT NULL
+);
+"""
+
+SCHEMA = SCHEMA_TEMPLATE.format(
+    int64="INTEGER",
+    float64="REAL",
+    arrival_column_ddl="",  # SQLite's rowid is the arrival order
+    metrics_key_ddl=",\n  PRIMARY KEY (device_id, name, time_ns, attrs)",
+    metrics_index_ddl="",
+)
+
+# Statements shared by both backends, written with `?` placeholders (PostgreSQL's backend
+# turns them into `%s`). De-duplication is the unique key plus ON CONFLICT DO NOTHING: a
+# skipped row reports rowcount 0 in both dialects, which is how duplicates are counted.
+INSERT_LOG_SQL = (
+    "INSERT INTO logs (device_id, boot_id, seq, time_ns, type, event_name, body, attrs, "
+    "received_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+INSERT_OTA_STATE_SQL = (
+    "INSERT INTO ota_states (device_id, boot_id, seq, time_ns, package, version, "
+    "from_version, state, reason, channel) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
+INSERT_METRIC_SQL = (
+    "INSERT INTO metrics (device_id, name, time_ns, value, attrs) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
+TOUCH_DEVICE_SQL = (
+    "INSERT INTO devices (device_id, first_seen_s, last_seen_s) VALUES (?, ?, ?) "
+    "ON CONFLICT (device_id) DO UPDATE SET last_seen_s = excluded.last_seen_s"
+)
+TABLES = ("logs", "metrics", "ota_states", "devices")
+
+
+class StatementRunner(Protocol):
+    """Runs statements inside one write transaction of a backend."""
+
+    def run(self, sql: str, args: Sequence[Any]) -> int:
+        """Execute one statement; the number of rows it changed."""
+
+
+T = TypeVar("T")
+
+
 def open_store(url: str) -> TelemetryStore:
-    """A store from a path or URL; PostgreSQL is the documented scale-out path, not built here."""
+    """A store from a SQLite path (or sqlite:/// URL) or a postgresql:// URL."""
     if url.startswith(("postgres://", "postgresql://")):
-        raise UsageError(
-            f"{url.split('@')[-1]}: PostgreSQL storage is not part of this build; "
-            "use a SQLite path (see docs/fleet.md, scaling out)"
-        )
+        try:
+            from agent.fleet.store_pg import PostgresTelemetryStore
+        except ImportError:
+            raise UsageError(
+                "PostgreSQL storage needs psycopg: pip install 'edge-agent[server]'"
+            ) from None
+        return PostgresTelemetryStore(url)
     path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else url
-    return TelemetryStore(Path(path))
+    return SQLiteTelemetryStore(Path(path))
 
 
-class TelemetryStore:
-    """One SQLite file (WAL) shared by the request handlers and the rollout controller."""
+def is_database_url(value: str) -> bool:
+    """True for a PostgreSQL URL (never a file path to check for existence)."""
+    return value.startswith(("postgres://", "postgresql://"))
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-        self._lock = threading.Lock()
-        self._db = open_db(
-            db_path,
-            SCHEMA,
-            what="fleet telemetry database",
-            error=TelemetryError,
-            synchronous="NORMAL",
-            timeout_s=5.0,
-        )
 
+class TelemetryStore(ABC):
+    """What the request handlers and the rollout controller use; SQL shared by both backends.
+
+    A backend supplies a write transaction, a read, and the name of the column that orders
+    rows which arrived in the same nanosecond (SQLite's rowid, PostgreSQL's identity column).
+    """
+
+    where: str
+    arrival_column: str
+
+    @abstractmethod
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Release the connection(s)."""
 
-    def _touch_devices(self, device_ids: Iterable[str], now_s: float) -> None:
-        self._db.executemany(
-            "INSERT INTO devices VALUES (?, ?, ?) "
-            "ON CONFLICT(device_id) DO UPDATE SET last_seen_s = excluded.last_seen_s",
-            [(d, now_s, now_s) for d in set(device_ids)],
-        )
+    @abstractmethod
+    def _write(self, what: str, work: Callable[[StatementRunner], T]) -> T:
+        """Run work in one transaction; a driver error becomes TelemetryError (rolled back)."""
+
+    @abstractmethod
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read; a driver error becomes TelemetryError."""
+
+    # --- ingest ---
 
     def insert_logs(self, rows: Sequence[LogRow], now_s: float | None = None) -> IngestResult:
         now_s = time.time() if now_s is None else now_s
-        accepted = 0
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                for row in rows:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            row.device_id,
-                            row.boot_id,
-                            row.seq,
-                            row.time_ns,
-                            row.type,
-                            row.event_name,
-                            row.body,
-                            json.dumps(row.attrs)[:MAX_ATTR_TEXT],
-                            now_s,
-                        ),
-                    )
-                    if cur.rowcount != 1:
-                        continue
-                    accepted += 1
-                    if row.event_name == "ota.state":
-                        self._insert_ota_state(row)
-                self._touch_devices((r.device_id for r in rows), now_s)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise TelemetryError(f"{self.db_path}: cannot store logs ({exc})") from None
+
+        def work(db: StatementRunner) -> int:
+            accepted = 0
+            for row in rows:
+                inserted = db.run(
+                    INSERT_LOG_SQL,
+                    (
+                        row.device_id,
+                        row.boot_id,
+                        row.seq,
+                        row.time_ns,
+                        row.type,
+                        row.event_name,
+                        row.body,
+                        json.dumps(row.attrs)[:MAX_ATTR_TEXT],
+                        now_s,
+                    ),
+                )
+                if inserted != 1:
+                    continue
+                accepted += 1
+                if row.event_name == "ota.state":
+                    _insert_ota_state(db, row)
+            _touch_devices(db, (r.device_id for r in rows), now_s)
+            return accepted
+
+        accepted = self._write("logs", work)
         return IngestResult(accepted, len(rows) - accepted)
-
-    def _insert_ota_state(self, row: LogRow) -> None:
-        def attr(key: str) -> str | None:
-            value = row.attrs.get(f"edge_agent.attr.{key}")
-            return None if value is None else str(value)
-
-        state = attr("state")
-        if state is None:
-            return
-        self._db.execute(
-            "INSERT OR IGNORE INTO ota_states VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                row.device_id,
-                row.boot_id,
-                row.seq,
-                row.time_ns,
-                attr("package"),
-                attr("version"),
-                attr("from_version"),
-                state.upper(),
-                attr("reason"),
-                attr("channel"),
-            ),
-        )
 
     def insert_metrics(self, rows: Sequence[MetricRow], now_s: float | None = None) -> IngestResult:
         now_s = time.time() if now_s is None else now_s
-        accepted = 0
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                for row in rows:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO metrics VALUES (?, ?, ?, ?, ?)",
-                        (
-                            row.device_id,
-                            row.name,
-                            row.time_ns,
-                            row.value,
-                            json.dumps(row.attrs, sort_keys=True)[:MAX_ATTR_TEXT],
-                        ),
-                    )
-                    accepted += cur.rowcount == 1
-                self._touch_devices((r.device_id for r in rows), now_s)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise TelemetryError(f"{self.db_path}: cannot store metrics ({exc})") from None
-        return IngestResult(accepted, len(rows) - accepted)
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, args))
-            except sqlite3.Error as exc:
-                raise TelemetryError(f"{self.db_path}: query failed ({exc})") from None
+        def work(db: StatementRunner) -> int:
+            accepted = 0
+            for row in rows:
+                attrs = json.dumps(row.attrs, sort_keys=True)[:MAX_ATTR_TEXT]
+                accepted += (
+                    db.run(
+                        INSERT_METRIC_SQL, (row.device_id, row.name, row.time_ns, row.value, attrs)
+                    )
+                    == 1
+                )
+            _touch_devices(db, (r.device_id for r in rows), now_s)
+            return accepted
+
+        accepted = self._write("metrics", work)
+        return IngestResult(accepted, len(rows) - accepted)
 
     # --- what the rollout controller and the status page read ---
 
@@ -368,13 +397,13 @@ class TelemetryStore:
     def latest_states(self, package: str, version: str) -> dict[str, str]:
         rows = self._query(
             "SELECT device_id, state FROM ota_states WHERE package = ? AND version = ? "
-            f"AND state NOT IN {IDLE_STATES} ORDER BY time_ns, rowid",
+            f"AND state NOT IN {IDLE_STATES} ORDER BY time_ns, {self.arrival_column}",
             (package, version),
         )
         return {device: state for device, state in rows}
 
     def count_rows(self, table: str) -> int:
-        if table not in ("logs", "metrics", "ota_states", "devices"):
+        if table not in TABLES:
             raise UsageError(f"unknown table {table!r}")
         return int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])
 
@@ -382,7 +411,7 @@ class TelemetryStore:
         """(version, state) -> devices whose newest event for that version is that state."""
         rows = self._query(
             "SELECT device_id, version, state FROM ota_states WHERE package = ? "
-            f"AND state NOT IN {IDLE_STATES} ORDER BY time_ns, rowid",
+            f"AND state NOT IN {IDLE_STATES} ORDER BY time_ns, {self.arrival_column}",
             (package,),
         )
         latest: dict[tuple[str, str], str] = {}
@@ -402,7 +431,8 @@ class TelemetryStore:
         """
         rows = self._query(
             "SELECT device_id, time_ns, version, from_version, state FROM ota_states "
-            "WHERE package = ? AND state IN ('COMMITTED', 'ROLLED_BACK') ORDER BY time_ns, rowid",
+            "WHERE package = ? AND state IN ('COMMITTED', 'ROLLED_BACK') "
+            f"ORDER BY time_ns, {self.arrival_column}",
             (package,),
         )
         if not rows:
@@ -431,3 +461,84 @@ class TelemetryStore:
             for v, values in series.items():
                 values[ti] = counts.get(v, 0)
         return times, series
+
+
+def _insert_ota_state(db: StatementRunner, row: LogRow) -> None:
+    def attr(key: str) -> str | None:
+        value = row.attrs.get(f"edge_agent.attr.{key}")
+        return None if value is None else str(value)
+
+    state = attr("state")
+    if state is None:
+        return
+    db.run(
+        INSERT_OTA_STATE_SQL,
+        (
+            row.device_id,
+            row.boot_id,
+            row.seq,
+            row.time_ns,
+            attr("package"),
+            attr("version"),
+            attr("from_version"),
+            state.upper(),
+            attr("reason"),
+            attr("channel"),
+        ),
+    )
+
+
+def _touch_devices(db: StatementRunner, device_ids: Iterable[str], now_s: float) -> None:
+    # Sorted, so two transactions touching the same devices lock them in the same order.
+    for device in sorted(set(device_ids)):
+        db.run(TOUCH_DEVICE_SQL, (device, now_s, now_s))
+
+
+class _SQLiteRunner:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def run(self, sql: str, args: Sequence[Any]) -> int:
+        return self.db.execute(sql, args).rowcount
+
+
+class SQLiteTelemetryStore(TelemetryStore):
+    """One SQLite file (WAL) shared by the request handlers and the rollout controller."""
+
+    arrival_column = "rowid"
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.where = str(db_path)
+        self._lock = threading.Lock()
+        self._db = open_db(
+            db_path,
+            SCHEMA,
+            what="fleet telemetry database",
+            error=TelemetryError,
+            synchronous="NORMAL",
+            timeout_s=5.0,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, what: str, work: Callable[[StatementRunner], T]) -> T:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                result = work(_SQLiteRunner(self._db))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise TelemetryError(f"{self.where}: cannot store {what} ({exc})") from None
+        return result
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, args))
+            except sqlite3.Error as exc:
+                raise TelemetryError(f"{self.where}: query failed ({exc})") from None

@@ -126,7 +126,23 @@ def test_cli_errors_are_one_line_with_exit_codes(
             "channel name",
         ),
         (("serve", "--repo", tmp_path / "nothing"), 2, "not a repository"),
-        (("serve", "--repo", operator_repo, "--db", "postgresql://u@db/fleet"), 2, "PostgreSQL"),
+        (
+            ("serve", "--repo", operator_repo, "--db", "postgresql://u@db/fleet?bogus=1"),
+            2,
+            "not a valid PostgreSQL URL",
+        ),
+        # Nothing listens there: a clear line naming the server, never the password.
+        (
+            (
+                "serve",
+                "--repo",
+                operator_repo,
+                "--db",
+                f"postgresql://u:s3cret@127.0.0.1:{_free_port()}/f",
+            ),
+            1,
+            "cannot connect",
+        ),
         (("rollout",), 2, ""),
     ]
     for args, code, text in cases:
@@ -137,6 +153,7 @@ def test_cli_errors_are_one_line_with_exit_codes(
             assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
             assert text in lines[0], lines[0]
         assert "Traceback" not in proc.stderr
+        assert "s3cret" not in proc.stderr
 
 
 def test_every_fleet_command_has_help_with_an_example() -> None:

@@ -119,22 +119,24 @@ def test_membership_matches_contract_formula_and_is_sticky() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The controller on a real repository and a real SQLite store, with a fake clock
+# The controller on a real repository and a real store (both backends), with a fake clock
 # ---------------------------------------------------------------------------------------
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture()
-def fleet(tmp_path: Path, operator_keys: list[OperatorKey]) -> tuple[Path, TelemetryStore]:
+def fleet(
+    tmp_path: Path, operator_keys: list[OperatorKey], fleet_store: TelemetryStore
+) -> tuple[Path, TelemetryStore]:
+    """A repository with two releases and a telemetry store (SQLite, then PostgreSQL)."""
     base = tmp_path / "repo"
     release = [k for k in operator_keys if k.role == "release"]
     init_repo(base, operator_keys, release_threshold=2, now=T0)
     for version, counter in (("1.0.0", 1), ("1.1.0", 2)):
         pkg = build_package(tmp_path / "p", release, version=version, release_counter=counter)
         publish_package(base, pkg, operator_keys, now=T0)
-    store = TelemetryStore(tmp_path / "fleet.db")
-    return base, store
+    return base, fleet_store
 
 
 def _report(

@@ -24,7 +24,7 @@ from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import init_repo, load_repo, publish_package, read_channel
 from agent.fleet.rollout import RolloutPolicy, is_member, start_rollout
 from agent.fleet.server import ServerConfig, create_app
-from agent.fleet.store import TelemetryStore
+from agent.fleet.store import SQLiteTelemetryStore, TelemetryStore
 from agent.fleet.tokens import add_device_token
 from agent.telemetry import otlp
 from agent.telemetry.uploader import OtlpHttpExporter
@@ -59,7 +59,7 @@ def _make_env(
     devices = _fleet_ids(6)
     tokens_path = tmp_path / "tokens.json"
     tokens = {d: add_device_token(tokens_path, d) for d in devices}
-    store = TelemetryStore(tmp_path / "fleet.db")
+    store = SQLiteTelemetryStore(tmp_path / "fleet.db")
     config = ServerConfig(
         repo_dir=base,
         db_url=str(tmp_path / "fleet.db"),

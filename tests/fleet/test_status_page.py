@@ -15,7 +15,7 @@ from agent.fleet.repo import init_repo, publish_package
 from agent.fleet.rollout import RolloutPolicy, start_rollout
 from agent.fleet.server import ServerConfig, create_app
 from agent.fleet.status import render_chart_svg
-from agent.fleet.store import TelemetryStore
+from agent.fleet.store import SQLiteTelemetryStore
 from agent.telemetry import otlp
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -67,7 +67,7 @@ def test_status_page_shows_rollout_and_version_chart(
             operator_keys,
         )
     start_rollout(base, "stable", "1.1.0", operator_keys, RolloutPolicy(), package="digits")
-    store = TelemetryStore(tmp_path / "fleet.db")
+    store = SQLiteTelemetryStore(tmp_path / "fleet.db")
     # Ten devices on 1.0.0; later three move to 1.1.0 and one of them rolls back.
     t0 = time.time_ns() - 3600 * 10**9
     rows = [
