@@ -15,6 +15,7 @@ import argparse
 import resource
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +41,7 @@ from agent.pipeline.sinks import Sink  # noqa: E402
 from agent.pipeline.sources import SyntheticSource  # noqa: E402
 
 MODEL = REPO_ROOT / "agent" / "demo" / "models" / "cnn_fp32.onnx"
-SEGMENTS = 4
+SEGMENTS = 6
 
 
 class StampSink(Sink):
@@ -57,6 +58,22 @@ class StampSink(Sink):
         pass
 
 
+def thread_cpu_ns() -> dict[str, int]:
+    """CPU time of every thread of this process, by Python thread name (schedstat: ns on CPU)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            on_cpu_ns = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        name = names.get(int(task.name), "other")
+        # one frame-loop thread (MainThread); the onnxruntime pool's threads count as "other"
+        name = "sink" if name.startswith("sink-") else name
+        out[name] = out.get(name, 0) + on_cpu_ns
+    return out
+
+
 def process_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -71,7 +88,10 @@ def rate_and_jitter(stamps: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=20.0, help="per cap, for each loop")
+    ap.add_argument("--seconds", type=float, default=30.0, help="per cap, for each loop")
+    ap.add_argument(
+        "--segments", type=int, default=SEGMENTS, help="agent/bare pairs per cap (interleaved)"
+    )
     ap.add_argument("--caps", default="5,15,30")
     args = ap.parse_args()
     caps = [float(c) for c in args.caps.split(",")]
@@ -95,17 +115,21 @@ def main() -> None:
     backend = daemon.slot.current().backend
     session, name = backend.session, backend.inputs[0].name
     tensors = [f[None] for f in source._frames]
-    seg_s = args.seconds / SEGMENTS
+    seg_s = args.seconds / args.segments
 
-    def agent_segment(cap: float) -> tuple[list[float], float, float]:
+    def agent_segment(cap: float) -> tuple[list[float], float, float, dict[str, int]]:
         daemon.scheduler.set_cap(cap)
         daemon.scheduler.restart()
         stamp_sink.stamps = []
         source.max_frames = source._seq + round(cap * seg_s) + 1
         daemon._stop_requested = False
+        threads0 = thread_cpu_ns()
         cpu0, wall0 = process_cpu_s(), time.perf_counter()
         daemon.loop()
-        return stamp_sink.stamps, process_cpu_s() - cpu0, time.perf_counter() - wall0
+        cpu_s, wall_s = process_cpu_s() - cpu0, time.perf_counter() - wall0
+        threads1 = thread_cpu_ns()
+        per_thread = {k: v - threads0.get(k, 0) for k, v in threads1.items()}
+        return stamp_sink.stamps, cpu_s, wall_s, per_thread
 
     def naive_segment(cap: float) -> tuple[list[float], float]:
         stamps: list[float] = []
@@ -121,28 +145,43 @@ def main() -> None:
     worst_err, worst_ratio = 0.0, 0.0
     for cap in caps:
         a_fps, a_jit, n_fps, n_jit, a_cores, run_cpu = [], [], [], [], [], []
-        for _ in range(SEGMENTS):
-            stamps, cpu_s, wall_s = agent_segment(cap)
+        pair_ratios: list[float] = []
+        thread_ns: dict[str, int] = {}
+        agent_wall_s = 0.0
+        for _ in range(args.segments):
+            stamps, cpu_s, wall_s, per_thread = agent_segment(cap)
             fps, jit = rate_and_jitter(stamps)
             a_fps.append(fps)
             a_jit.append(jit)
             a_cores.append(cpu_s / wall_s)
+            agent_wall_s += wall_s
+            for key, ns in per_thread.items():
+                thread_ns[key] = thread_ns.get(key, 0) + ns
             stamps, per_run = naive_segment(cap)
             fps, jit = rate_and_jitter(stamps)
             n_fps.append(fps)
             n_jit.append(jit)
             run_cpu.append(per_run)
+            # each agent segment against the bare segment right after it: a slow minute on
+            # the shared cores moves both sides of the pair alike
+            pair_ratios.append(a_cores[-1] / (per_run * cap))
         agent_fps = float(np.mean(a_fps))
         naive_fps = float(np.mean(n_fps))
         err = abs(agent_fps - cap) / cap * 100.0
         bare_cores = float(np.median(run_cpu)) * cap
-        ratio = float(np.median(a_cores)) / bare_cores
+        ratio = float(np.median(pair_ratios))
         worst_err, worst_ratio = max(worst_err, err), max(worst_ratio, ratio)
         print(
             f"cap {cap:g}: agent {agent_fps:.3f} fps (error {err:.2f}%, jitter p99 "
             f"{max(a_jit):.2f} ms, {np.median(a_cores):.4f} cores); naive {naive_fps:.3f} fps "
             f"(error {abs(naive_fps - cap) / cap * 100:.2f}%, jitter p99 {max(n_jit):.2f} ms); "
-            f"bare inference {bare_cores:.4f} cores -> cpu ratio {ratio:.2f}"
+            f"bare inference {bare_cores:.4f} cores -> cpu ratio {ratio:.3f} "
+            f"(pairs {' '.join(f'{r:.3f}' for r in pair_ratios)})"
+        )
+        busy = sorted(thread_ns.items(), key=lambda kv: -kv[1])
+        print(
+            f"  cap {cap:g} per-thread CPU, ms per s: "
+            + ", ".join(f"{k} {v / 1e6 / agent_wall_s:.3f}" for k, v in busy)
         )
     daemon.shutdown()
     print(f"capped_cpu_ratio={worst_ratio:.2f}")

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Rows kept in memory while the database is locked or being replaced; samples go first.
 MAX_PENDING_ROWS = 20000
+# With no row to write, the writer still moves observations into the summary at least
+# this often (and before the observation queue could fill at the last cycle's rate).
+IDLE_WAIT_MAX_S = 5.0
 
 _Observation = tuple[int, float, int, float, Any, int, int]
 _Event = tuple[str, dict[str, Any], int, int, int]
@@ -88,6 +91,13 @@ class TelemetryRecorder:
         self._gauges: tuple[dict[str, float], str, float] = ({}, "", 0.0)
         self._pending: list[NewRecord] = []
         self._wake = threading.Event()
+        # _urgent: write at once (critical event, flush, close); _rows_due: a row waits in
+        # the queues (an event or a sampled observation), written one flush interval after
+        # the last cycle. With neither, the writer sleeps until the summary is due.
+        self._urgent = False
+        self._rows_due = False
+        self._last_cycle_mono_s = time.monotonic()
+        self._observed_per_s = 0.0
         self._stop = threading.Event()
         self._closed = False
         self.store = TelemetryStore(
@@ -123,7 +133,10 @@ class TelemetryRecorder:
         level = event_priority(name, priority)
         self._events.append((name, dict(attrs), level, self._wall_ns(), self._monotonic_ns()))
         if level >= PRIORITY_CRITICAL:
+            self._urgent = True
             self._wake.set()
+        else:
+            self._signal_row_due()
 
     def observe_inference(
         self,
@@ -140,6 +153,14 @@ class TelemetryRecorder:
         self._observations.append(
             (seq, latency_s, top_class, confidence, meta, self._wall_ns(), self._monotonic_ns())
         )
+        if not self._rows_due and is_sampled(seq, self.config.sample_rate):
+            self._signal_row_due()
+
+    def _signal_row_due(self) -> None:
+        # one wake-up per flush cycle at most: later rows find the flag already set
+        if not self._rows_due:
+            self._rows_due = True
+            self._wake.set()
 
     def set_gauges(self, temps_c: Mapping[str, float], governor_state: str, fps_cap: float) -> None:
         """Latest temperatures and governor state, reported in the next summary."""
@@ -147,11 +168,11 @@ class TelemetryRecorder:
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Write what is queued now (tests and shutdown); True when the queues emptied."""
-        self._wake.set()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self._observations and not self._events and not self._pending:
                 return True
+            self._urgent = True
             self._wake.set()
             time.sleep(0.01)
         return False
@@ -182,20 +203,58 @@ class TelemetryRecorder:
     def _run(self) -> None:
         while True:
             stopping = self._stop.is_set()
+            # cleared before the queues are read: whatever arrives later signals again
+            self._urgent = False
+            self._rows_due = False
             try:
                 self._cycle(final=stopping)
             except Exception:  # the writer must survive any one bad cycle
                 log.exception("telemetry writer cycle failed")
             if stopping:
                 return
-            self._wake.wait(self.config.flush_interval_s)
+            if self._pending:
+                self._rows_due = True  # a locked database: retry next flush interval
+            self._sleep_until_due()
+
+    def _sleep_until_due(self) -> None:
+        """Block until the next cycle is due: at once when urgent, one flush interval after
+        the last cycle when a row waits, else when the summary is due (no polling)."""
+        last_s = self._last_cycle_mono_s
+        while not self._stop.is_set() and not self._urgent:
+            now_s = time.monotonic()
+            if self._rows_due:
+                left_s = last_s + self.config.flush_interval_s - now_s
+            else:
+                left_s = min(self._idle_wait_s(), last_s + IDLE_WAIT_MAX_S) - now_s
+            if left_s <= 0:
+                return
+            self._wake.wait(left_s)
             self._wake.clear()
+
+    def _idle_wait_s(self) -> float:
+        """Monotonic time (s) by which an idle writer must cycle: the summary's due time, or
+        sooner when observations at the last cycle's rate would half fill the queue."""
+        summary_due_s = (
+            self._summary.start_mono_ns / 1e9
+            + self.config.summary_interval_s
+            + (time.monotonic() - self._monotonic_ns() / 1e9)
+        )
+        rate = self._observed_per_s
+        if rate > 0:
+            fill_s = (self._queue_max / 2 - len(self._observations)) / rate
+            return min(summary_due_s, self._last_cycle_mono_s + max(0.0, fill_s))
+        return summary_due_s
 
     def _cycle(self, final: bool) -> None:
         records = self._pending
         self._pending = []
         cfg = self.config
         summary = self._summary
+        now_s = time.monotonic()
+        elapsed_s = now_s - self._last_cycle_mono_s
+        self._last_cycle_mono_s = now_s
+        if elapsed_s > 0:
+            self._observed_per_s = len(self._observations) / elapsed_s
         while self._observations:
             seq, latency_s, top_class, confidence, meta, wall, mono = self._observations.popleft()
             summary.observe(latency_s, top_class, confidence)
