@@ -344,7 +344,7 @@ class TelemetryStore(ABC):
 
         def work(db: StatementRunner) -> int:
             accepted = 0
-            for row in rows:
+            for row in _in_key_order(rows):
                 inserted = db.run(
                     INSERT_LOG_SQL,
                     (
@@ -374,15 +374,16 @@ class TelemetryStore(ABC):
         now_s = time.time() if now_s is None else now_s
 
         def work(db: StatementRunner) -> int:
+            keyed = [
+                (row.device_id, row.name, row.time_ns, json.dumps(row.attrs, sort_keys=True))
+                for row in rows
+            ]
             accepted = 0
-            for row in rows:
-                attrs = json.dumps(row.attrs, sort_keys=True)[:MAX_ATTR_TEXT]
-                accepted += (
-                    db.run(
-                        INSERT_METRIC_SQL, (row.device_id, row.name, row.time_ns, row.value, attrs)
-                    )
-                    == 1
-                )
+            for (device_id, name, time_ns, attrs), row in sorted(
+                zip(keyed, rows, strict=True), key=lambda pair: pair[0]
+            ):
+                values = (device_id, name, time_ns, row.value, attrs[:MAX_ATTR_TEXT])
+                accepted += db.run(INSERT_METRIC_SQL, values) == 1
             _touch_devices(db, (r.device_id for r in rows), now_s)
             return accepted
 
@@ -461,6 +462,13 @@ class TelemetryStore(ABC):
             for v, values in series.items():
                 values[ti] = counts.get(v, 0)
         return times, series
+
+
+def _in_key_order(rows: Sequence[LogRow]) -> list[LogRow]:
+    # Every writer takes its row locks in key order, so two overlapping batches (a device's
+    # retry racing its first try) wait for each other instead of deadlocking on PostgreSQL.
+    # Within one boot this is also the device's own order (seq).
+    return sorted(rows, key=lambda r: (r.device_id, r.boot_id, r.seq))
 
 
 def _insert_ota_state(db: StatementRunner, row: LogRow) -> None:

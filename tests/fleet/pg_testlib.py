@@ -73,10 +73,11 @@ class PostgresServer:
             raise RuntimeError(f"pg_ctl {args[0]} failed: {proc.stderr.strip()}\n{log}")
 
     def start(self) -> None:
-        # fsync off: a test cluster is thrown away, and the 2 shared cores stay free.
+        # fsync off: a test cluster is thrown away. synchronous_commit stays on so a commit
+        # is in the OS's hands before it is acknowledged and survives `stop -m immediate`.
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c fsync=off -c full_page_writes=off "
             "-c shared_buffers=16MB -c max_connections=50"
         )
         self._pg_ctl("start", "-w", "-t", "30", "-l", str(self.root / "server.log"), "-o", options)
