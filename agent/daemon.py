@@ -267,6 +267,8 @@ class Daemon:
         self._pending_source: Source | None = None
         self._retired: list[ActiveModel] = []
         self._preprocessor_for: tuple[ActiveModel, Preprocessor] | None = None
+        # the telemetry meta of the active model, built once per model, not per frame
+        self._telemetry_meta: tuple[ActiveModel, dict[str, Any]] | None = None
         self._last_snapshot: dict[str, Any] | None = None
         self._shutdown_hooks: list[Callable[[], None]] = []
         self._heartbeat = clock()
@@ -717,36 +719,44 @@ class Daemon:
         pre = model.preprocess
         sinks = self.sinks
         confidence = 0.0
+        if not sinks and telemetry is None and self._ota_observe is None:
+            return confidence  # nobody reads the result: skip the post-processing
+        meta = self._telemetry_meta
+        if meta is None or meta[0] is not model:
+            meta = self._telemetry_meta = (model, {"model": model.name, "version": model.version})
+        latency_ms = round(latency_s * 1000.0, 3)
         for row, frame in enumerate(frames):
-            result: dict[str, Any] = {
-                "seq": frame.seq,
-                "ts": round(frame.captured_s, 3),
-                "source": frame.source,
-                "model": model.name,
-                "version": model.version,
-                "latency_ms": round(latency_s * 1000.0, 3),
-            }
+            top_class = -1
             if pre.task == "detection":
                 found = detections(
                     outputs, pre.score_threshold, pre.iou_threshold, model.labels, row
                 )
-                result["detections"] = found
-                top_class = int(found[0]["class"]) if found else -1
-                confidence = float(found[0]["score"]) if found else 0.0
+                if found:
+                    top_class, confidence = int(found[0]["class"]), float(found[0]["score"])
+                else:
+                    confidence = 0.0
+                key, value = "detections", found
             else:
                 best = top_k(outputs[0][row], pre.top_k, model.labels)
-                result["top"] = best
                 top_class, confidence = int(best[0]["class"]), float(best[0]["score"])
-            for sink in sinks:
-                sink.put(result)
+                key, value = "top", best
+            if sinks:
+                # built only for sinks: the result dict is most of a frame's Python work
+                result: dict[str, Any] = {
+                    "seq": frame.seq,
+                    "ts": round(frame.captured_s, 3),
+                    "source": frame.source,
+                    "model": model.name,
+                    "version": model.version,
+                    "latency_ms": latency_ms,
+                    key: value,
+                }
+                for sink in sinks:
+                    sink.put(result)
             if telemetry is not None:
                 try:
                     telemetry.observe_inference(
-                        frame.seq,
-                        latency_s,
-                        top_class,
-                        confidence,
-                        {"model": model.name, "version": model.version},
+                        frame.seq, latency_s, top_class, confidence, meta[1]
                     )
                 except Exception as exc:
                     self._warn_once("telemetry", f"telemetry observe failed: {exc}")
