@@ -224,7 +224,13 @@ def serve(config: ServerConfig, store: TelemetryStore, keys: Sequence[OperatorKe
     import uvicorn
 
     app = create_app(config, store, keys)
-    log.info("serving %s on http://%s:%d", config.repo_dir, config.host, config.port)
+    log.info(
+        "serving %s on http://%s:%d, telemetry in %s",
+        config.repo_dir,
+        config.host,
+        config.port,
+        store.where,
+    )
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
 
 
