@@ -44,6 +44,7 @@ class Sink:
         self._cond = threading.Condition()
         self._closing = False
         self._in_flight = 0
+        self._gathering = False
         self.dropped = 0
         self.written = 0
         self.failed = 0
@@ -65,7 +66,7 @@ class Sink:
             # full): a writer that is busy or gathering a batch finds this one anyway, and a
             # wake-up per frame costs the frame loop a thread switch.
             queued = len(self._queue)
-            if queued == 1 or queued == self.batch_max:
+            if (queued == 1 and not self._gathering) or queued == self.batch_max:
                 self._cond.notify()
 
     def pending(self) -> int:
@@ -74,18 +75,24 @@ class Sink:
 
     def _take(self) -> list[Mapping[str, Any]] | None:
         """The next results to write (None: closing and nothing left); holds the lock."""
+        if self.batch_wait_s > 0 and not self._closing:
+            # After each write, gather for one window; a put meanwhile wakes nobody, so a
+            # steady stream costs one wake-up per window, not one per result.
+            self._gathering = True
+            deadline = time.monotonic() + self.batch_wait_s
+            while not self._closing and len(self._queue) < self.batch_max:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._gathering = False
+        # nothing gathered: block until a first result (an idle sink costs nothing)
         while not self._queue and not self._closing:
             self._cond.wait()
         if not self._queue:
             return None
         if self.batch_wait_s <= 0:
             return [self._queue.popleft()]
-        deadline = time.monotonic() + self.batch_wait_s
-        while not self._closing and len(self._queue) < self.batch_max:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._cond.wait(left)
         items = list(self._queue)
         self._queue.clear()
         return items
