@@ -292,6 +292,9 @@ class StatementRunner(Protocol):
     def run(self, sql: str, args: Sequence[Any]) -> int:
         """Execute one statement; the number of rows it changed."""
 
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Execute one statement per row (batched by the driver); rows changed in all."""
+
 
 T = TypeVar("T")
 
@@ -342,28 +345,28 @@ class TelemetryStore(ABC):
     def insert_logs(self, rows: Sequence[LogRow], now_s: float | None = None) -> IngestResult:
         now_s = time.time() if now_s is None else now_s
 
+        ordered = _in_key_order(rows)
+        log_values = [
+            (
+                row.device_id,
+                row.boot_id,
+                row.seq,
+                row.time_ns,
+                row.type,
+                row.event_name,
+                row.body,
+                json.dumps(row.attrs)[:MAX_ATTR_TEXT],
+                now_s,
+            )
+            for row in ordered
+        ]
+        ota_values = [v for v in map(_ota_state_values, ordered) if v is not None]
+
         def work(db: StatementRunner) -> int:
-            accepted = 0
-            for row in _in_key_order(rows):
-                inserted = db.run(
-                    INSERT_LOG_SQL,
-                    (
-                        row.device_id,
-                        row.boot_id,
-                        row.seq,
-                        row.time_ns,
-                        row.type,
-                        row.event_name,
-                        row.body,
-                        json.dumps(row.attrs)[:MAX_ATTR_TEXT],
-                        now_s,
-                    ),
-                )
-                if inserted != 1:
-                    continue
-                accepted += 1
-                if row.event_name == "ota.state":
-                    _insert_ota_state(db, row)
+            # One batched statement per table (a round trip per row would dominate on
+            # PostgreSQL). ota_states shares the logs key, so a resent row is skipped there too.
+            accepted = db.run_many(INSERT_LOG_SQL, log_values)
+            db.run_many(INSERT_OTA_STATE_SQL, ota_values)
             _touch_devices(db, (r.device_id for r in rows), now_s)
             return accepted
 
@@ -373,17 +376,17 @@ class TelemetryStore(ABC):
     def insert_metrics(self, rows: Sequence[MetricRow], now_s: float | None = None) -> IngestResult:
         now_s = time.time() if now_s is None else now_s
 
+        keyed = sorted(
+            (
+                (row.device_id, row.name, row.time_ns, json.dumps(row.attrs, sort_keys=True)),
+                row.value,
+            )
+            for row in rows
+        )
+        values = [(d, n, t, value, attrs[:MAX_ATTR_TEXT]) for (d, n, t, attrs), value in keyed]
+
         def work(db: StatementRunner) -> int:
-            keyed = [
-                (row.device_id, row.name, row.time_ns, json.dumps(row.attrs, sort_keys=True))
-                for row in rows
-            ]
-            accepted = 0
-            for (device_id, name, time_ns, attrs), row in sorted(
-                zip(keyed, rows, strict=True), key=lambda pair: pair[0]
-            ):
-                values = (device_id, name, time_ns, row.value, attrs[:MAX_ATTR_TEXT])
-                accepted += db.run(INSERT_METRIC_SQL, values) == 1
+            accepted = db.run_many(INSERT_METRIC_SQL, values)
             _touch_devices(db, (r.device_id for r in rows), now_s)
             return accepted
 
@@ -471,35 +474,34 @@ def _in_key_order(rows: Sequence[LogRow]) -> list[LogRow]:
     return sorted(rows, key=lambda r: (r.device_id, r.boot_id, r.seq))
 
 
-def _insert_ota_state(db: StatementRunner, row: LogRow) -> None:
+def _ota_state_values(row: LogRow) -> tuple[Any, ...] | None:
+    if row.event_name != "ota.state":
+        return None
+
     def attr(key: str) -> str | None:
         value = row.attrs.get(f"edge_agent.attr.{key}")
         return None if value is None else str(value)
 
     state = attr("state")
     if state is None:
-        return
-    db.run(
-        INSERT_OTA_STATE_SQL,
-        (
-            row.device_id,
-            row.boot_id,
-            row.seq,
-            row.time_ns,
-            attr("package"),
-            attr("version"),
-            attr("from_version"),
-            state.upper(),
-            attr("reason"),
-            attr("channel"),
-        ),
+        return None
+    return (
+        row.device_id,
+        row.boot_id,
+        row.seq,
+        row.time_ns,
+        attr("package"),
+        attr("version"),
+        attr("from_version"),
+        state.upper(),
+        attr("reason"),
+        attr("channel"),
     )
 
 
 def _touch_devices(db: StatementRunner, device_ids: Iterable[str], now_s: float) -> None:
     # Sorted, so two transactions touching the same devices lock them in the same order.
-    for device in sorted(set(device_ids)):
-        db.run(TOUCH_DEVICE_SQL, (device, now_s, now_s))
+    db.run_many(TOUCH_DEVICE_SQL, [(d, now_s, now_s) for d in sorted(set(device_ids))])
 
 
 class _SQLiteRunner:
@@ -508,6 +510,9 @@ class _SQLiteRunner:
 
     def run(self, sql: str, args: Sequence[Any]) -> int:
         return self.db.execute(sql, args).rowcount
+
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        return self.db.executemany(sql, rows).rowcount if rows else 0
 
 
 class SQLiteTelemetryStore(TelemetryStore):

@@ -55,6 +55,13 @@ class _PostgresRunner:
         self.cursor.execute(_placeholders(sql), args)
         return self.cursor.rowcount
 
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        if not rows:
+            return 0
+        # psycopg pipelines executemany (one round trip) and sums the rowcounts.
+        self.cursor.executemany(_placeholders(sql), rows)
+        return self.cursor.rowcount
+
 
 class PostgresTelemetryStore(TelemetryStore):
     """The same store on PostgreSQL: a small pool of connections, one per concurrent request.

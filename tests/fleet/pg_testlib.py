@@ -16,6 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 USER = "edge"
+# fsync off: a test cluster is thrown away. synchronous_commit stays on so a commit is in
+# the OS's hands before it is acknowledged and survives `stop -m immediate`.
+TEST_SETTINGS = "-c fsync=off -c full_page_writes=off"
+# Crash-safe like the agent's SQLite WAL with synchronous=NORMAL: consistent after a power
+# cut, may lose the last commits (what a benchmark should compare against).
+DURABLE_SETTINGS = "-c synchronous_commit=off"
 
 
 def postgres_bin_dir() -> Path | None:
@@ -57,6 +63,7 @@ class PostgresServer:
     root: Path
     port: int
     run_as: list[str]
+    settings: str = TEST_SETTINGS
 
     @property
     def data_dir(self) -> Path:
@@ -73,12 +80,9 @@ class PostgresServer:
             raise RuntimeError(f"pg_ctl {args[0]} failed: {proc.stderr.strip()}\n{log}")
 
     def start(self) -> None:
-        # fsync off: a test cluster is thrown away. synchronous_commit stays on so a commit
-        # is in the OS's hands before it is acknowledged and survives `stop -m immediate`.
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
-            "-c fsync=off -c full_page_writes=off "
-            "-c shared_buffers=16MB -c max_connections=50"
+            f"-c shared_buffers=16MB -c max_connections=50 {self.settings}"
         )
         self._pg_ctl("start", "-w", "-t", "30", "-l", str(self.root / "server.log"), "-o", options)
 
@@ -101,7 +105,7 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
+def running_postgres(settings: str = TEST_SETTINGS) -> Iterator[PostgresServer]:
     """initdb a cluster (as nobody when we are root: initdb refuses root), start, stop."""
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
@@ -118,7 +122,7 @@ def running_postgres() -> Iterator[PostgresServer]:
             f"--regid={nobody.pw_gid}",
             "--clear-groups",
         ]
-    server = PostgresServer(bin_dir, root, _free_port(), run_as)
+    server = PostgresServer(bin_dir, root, _free_port(), run_as, settings)
     try:
         init = [
             *run_as,
