@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ SCHEMA_PG = SCHEMA_TEMPLATE.format(
 # Two servers starting at once would race on CREATE TABLE IF NOT EXISTS (a unique
 # violation in the catalog); one transaction-scoped advisory lock orders them.
 SCHEMA_LOCK_KEY = 0x6564676541  # "edgeA"
+PASSWORD_IN_URL_RE = re.compile(r"://([^:@/]*):[^@/]*@")
 
 
 def display_url(params: dict[str, Any]) -> str:
@@ -83,8 +85,8 @@ class PostgresTelemetryStore(TelemetryStore):
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
-            host = url.split("@")[-1]
-            raise UsageError(f"{host}: not a valid PostgreSQL URL ({_one_line(exc)})") from None
+            shown = PASSWORD_IN_URL_RE.sub(r"://\1:***@", url)
+            raise UsageError(f"{shown}: not a valid PostgreSQL URL ({_one_line(exc)})") from None
         self.where = display_url(params)
         self._url = url
         self.connect_timeout_s = connect_timeout_s

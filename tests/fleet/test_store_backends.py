@@ -256,8 +256,9 @@ def test_postgres_store_errors_name_the_server_not_the_password(
     with pytest.raises(TelemetryError, match="cannot connect") as err:
         open_store(f"postgresql://edge:s3cret@127.0.0.1:{closed_port}/fleet")
     assert "s3cret" not in str(err.value) and f"127.0.0.1:{closed_port}" in str(err.value)
-    with pytest.raises(UsageError, match="not a valid PostgreSQL URL"):
+    with pytest.raises(UsageError, match="not a valid PostgreSQL URL") as bad:
         open_store("postgresql://edge:s3cret@127.0.0.1/fleet?bogus=1")
+    assert "s3cret" not in str(bad.value) and "edge:***@127.0.0.1" in str(bad.value)
     with pytest.raises(TelemetryError, match="does not exist"):
         open_store(postgres_server.url("no_such_database"))
 
