@@ -467,8 +467,7 @@ class Daemon:
             self.scheduler.set_cap,
             on_event=self.event,
         )
-        # ticked by the status thread (one periodic wake-up for both)
-        self.governor.start(own_thread=False)
+        self.governor.start()
         self.control.register("status", lambda _req: {"status": self.status_snapshot()})
         self.control.register("reload", lambda _req: self.reload())
         self.control.start()
@@ -839,8 +838,7 @@ class Daemon:
                 new.governor, new.scheduler.fps_cap, self.scheduler.set_cap, on_event=self.event
             )
             self.scheduler.set_cap(new.scheduler.fps_cap)
-            self.governor.start(own_thread=False)
-            self._wake.set()  # the status thread ticks the new governor from now on
+            self.governor.start()
             if new.governor != old.governor:
                 changed.append("governor")
         if new.log_level != old.log_level:
@@ -939,24 +937,20 @@ class Daemon:
                 self._warn_once("telemetry", f"telemetry gauges failed: {exc}")
 
     def _status_forever(self) -> None:
-        # One thread for both periodic jobs, the status file and the governor's sensor
-        # sweep, woken only when one is due (shutdown sets _wake to end it early): each
-        # wake-up of an idle thread costs CPU (cold caches) whatever it then does.
+        # Wakes once per interval (not in slices; shutdown sets _wake to end it early),
+        # so an idle agent costs next to no CPU here.
         interval_s = self.config.status.interval_s
         next_tick = time.monotonic()
         # Runs until shutdown, not until the frame loop ends: a loop() that returns (the
         # source finished) and is run again keeps its status file fresh in between.
         while self._state not in ("stopping", "stopped"):
-            governor = self.governor
-            governor_due = governor.tick_if_due() if governor is not None else None
             if time.monotonic() >= next_tick:
                 next_tick += interval_s
                 try:
                     self._status_tick()
                 except Exception as exc:
                     self._warn_once("status", f"status: cannot write ({exc})")
-            wake_at = next_tick if governor_due is None else min(next_tick, governor_due)
-            self._wake.wait(max(0.0, wake_at - time.monotonic()))
+            self._wake.wait(max(0.0, next_tick - time.monotonic()))
             self._wake.clear()
 
     def _check_requests(self) -> None:

@@ -147,7 +147,6 @@ class GovernorThread:
         self.readings = Readings()
         self.last_decision: Decision | None = None
         self._thread: threading.Thread | None = None
-        self._next_tick_s: float | None = None
 
     @property
     def paused(self) -> bool:
@@ -191,34 +190,11 @@ class GovernorThread:
                 )
         return decision
 
-    def start(self, own_thread: bool = True) -> None:
-        """Tick every interval_s on a thread of its own, or (``own_thread=False``) whenever
-        the owner calls ``tick_if_due`` from a thread it already wakes anyway: the daemon's
-        status thread, which saves an idle agent one thread wake-up a second."""
+    def start(self) -> None:
         if not self.config.enabled:
             return
-        self._next_tick_s = self._clock()
-        if own_thread:
-            self._thread = threading.Thread(target=self._run, name="governor", daemon=True)
-            self._thread.start()
-
-    def tick_if_due(self) -> float | None:
-        """Tick when the interval has passed (never raises); returns the clock time of the
-        next tick, or None when the governor is off, stopped or runs its own thread."""
-        if not self.config.enabled or self._stop.is_set() or self._thread is not None:
-            return None
-        next_s = self._next_tick_s
-        if next_s is None:
-            return None
-        now_s = self._clock()
-        if now_s >= next_s:
-            # from now, not from the missed deadline: a late tick is not made up for
-            next_s = self._next_tick_s = now_s + self.config.interval_s
-            try:
-                self.tick()
-            except Exception:  # the governor must outlive any sensor surprise
-                log.exception("governor: tick failed; carrying on")
-        return next_s
+        self._thread = threading.Thread(target=self._run, name="governor", daemon=True)
+        self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
