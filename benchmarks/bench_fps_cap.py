@@ -3,7 +3,8 @@
 For caps 5, 15 and 30 FPS on the CNN demo model, agent and naive segments alternate
 (interleaved, same process, same model session). Reports the achieved FPS error, the
 frame-interval jitter P99, and the agent's CPU cores (all its threads: pacing, sinks,
-status, governor, telemetry) against the bare inference CPU at that rate. Prints
+status, governor, telemetry) against the bare inference CPU at that rate. status.json is
+written on tmpfs, as under systemd's RuntimeDirectory= (the unit's default). Prints
 `capped_cpu_ratio=<x>` and then `fps_cap_max_error_pct=<x>` last (target <= 1).
 
     .venv/bin/python benchmarks/bench_fps_cap.py [--seconds 20] [--caps 5,15,30]
@@ -12,7 +13,9 @@ status, governor, telemetry) against the bare inference CPU at that rate. Prints
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -74,6 +77,20 @@ def thread_cpu_ns() -> dict[str, int]:
     return out
 
 
+def fs_type(path: Path) -> str:
+    """The filesystem type /proc/mounts gives for the mount holding ``path``."""
+    best, kind = "", "unknown"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+            best, kind = parts[1], parts[2]
+    return kind
+
+
+def tmpfs_dir() -> str | None:
+    return "/dev/shm" if fs_type(Path("/dev/shm")) == "tmpfs" else None
+
+
 def process_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -96,6 +113,11 @@ def main() -> None:
     args = ap.parse_args()
     caps = [float(c) for c in args.caps.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-fps-"))
+    # The default deployment: systemd's RuntimeDirectory= puts status.json on tmpfs
+    # (/run/edge-agent); /dev/shm stands in for it here when it is a tmpfs.
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-fps-run-", dir=tmpfs_dir()))
+    os.environ["RUNTIME_DIRECTORY"] = str(run_dir)
+    print(f"status.json in {run_dir} ({fs_type(run_dir)}), as under systemd's RuntimeDirectory=")
     config = AgentConfig(
         state_dir=tmp / "state",
         model=ModelConfig(path=MODEL, backend="onnx", intra_op_threads=1, warmup_runs=5),
@@ -184,6 +206,7 @@ def main() -> None:
             + ", ".join(f"{k} {v / 1e6 / agent_wall_s:.3f}" for k, v in busy)
         )
     daemon.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
     print(f"capped_cpu_ratio={worst_ratio:.2f}")
     print(f"fps_cap_max_error_pct={worst_err:.3f}")
 

@@ -127,3 +127,20 @@ def test_detections_threshold_and_per_class_nms() -> None:
         ("cat", pytest.approx(0.9)),
         ("dog", pytest.approx(0.85)),
     ]
+
+
+def test_top_one_matches_the_float32_softmax_path() -> None:
+    # top_k(row, 1) takes a plain-Python path for small rows; class and score must agree
+    # with the numpy path (argsort of the float32 softmax) it replaces per frame
+    rng = np.random.default_rng(7)
+    rows = [rng.normal(0.0, s, n).astype(np.float32) for s in (0.1, 3.0, 50.0) for n in (1, 10)]
+    rows += [softmax(r) for r in rows] + [np.array([1.0, 3.0, 3.0, 2.0], np.float32)]
+    for row in rows:
+        probs = row if np.all(row >= 0) and abs(float(row.sum()) - 1.0) < 1e-3 else softmax(row)
+        want = int(np.argsort(-probs, kind="stable")[0])
+        got = top_k(row, 1, ["x"] * row.size)[0]
+        assert got["class"] == want and got["label"] == "x"
+        assert got["score"] == pytest.approx(float(probs[want]), abs=1.5e-6)
+    # a row larger than the plain-Python limit goes through numpy and gives the same answer
+    big = rng.normal(0.0, 1.0, 1000).astype(np.float32)
+    assert top_k(big, 1)[0]["class"] == int(np.argmax(big))

@@ -23,9 +23,15 @@ STOP_BOUND_S = 10.0
 def spawn(tmp_path: Path, helpers: Any) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
 
-    def start(config: Path, notify: Path | None = None) -> subprocess.Popen[str]:
+    def start(
+        config: Path, notify: Path | None = None, runtime_dir: Path | None = None
+    ) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
+        env.pop("RUNTIME_DIRECTORY", None)
+        if runtime_dir is not None:
+            # what systemd sets for RuntimeDirectory=edge-agent
+            env["RUNTIME_DIRECTORY"] = str(runtime_dir)
         if notify is not None:
             env["NOTIFY_SOCKET"] = str(notify)
             env["WATCHDOG_USEC"] = "2000000"
@@ -240,3 +246,32 @@ def test_systemd_unit_verifies(helpers: Any, tmp_path: Path) -> None:
     ]
     assert done.returncode == 0 or not problems, done.stderr
     assert not problems, done.stderr
+
+
+def test_status_on_the_runtime_dir_is_read_through_the_state_dir(
+    make_config: Callable[..., Path], spawn: Any, tmp_path: Path, helpers: Any
+) -> None:
+    # Under systemd (RuntimeDirectory=) the status file lives on tmpfs and
+    # state_dir/status.json links to it: the CLI and other readers keep one path.
+    config = make_config()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (tmp_path / "st").mkdir(exist_ok=True)
+    # a regular file from an earlier run outside systemd gives way to the link
+    (tmp_path / "st" / "status.json").write_text('{"state": "stopped"}\n')
+    proc = spawn(config, runtime_dir=run_dir)
+    helpers.wait_for(lambda: status(tmp_path).get("frames", 0) > 3, 60, "frames")
+    link = tmp_path / "st" / "status.json"
+    assert link.is_symlink() and link.resolve() == (run_dir / "status.json").resolve()
+    assert (run_dir / "status.json").is_file() and not (run_dir / "status.json").is_symlink()
+    cmd = helpers.agent_cmd("status", "--state-dir", str(tmp_path / "st"), "--json")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["pid"] == proc.pid
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(STOP_BOUND_S) == 0
+    assert status(tmp_path)["state"] == "stopped"
+    # the tmpfs is gone after a reboot: the dangling link reads as "no status file"
+    (run_dir / "status.json").unlink()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 3 and "no status file" in done.stderr
