@@ -30,6 +30,18 @@ class ProbationPolicy:
     confidence_mean_drop_max: float = 0.15
 
 
+def probation_latency_p95_ms(gate_p95_ms: float | None, live_p95_ms: float | None) -> float | None:
+    """The p95 latency probation compares the new model against.
+
+    The gate timed the candidate alone; the live loop shares the device with everything else
+    (sinks, telemetry, other processes), so its latencies run higher than the gate's. Taking
+    the larger of the gate's candidate p95 and the p95 the old model had in this same loop
+    just before the swap judges the new model under the load it actually runs in.
+    """
+    known = [v for v in (gate_p95_ms, live_p95_ms) if v is not None]
+    return max(known) if known else None
+
+
 @dataclass(frozen=True)
 class Baseline:
     """What the gate measured for the candidate on this device (None: not measured)."""

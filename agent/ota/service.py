@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -41,6 +42,7 @@ from agent.ota.probation import (
     ProbationWatch,
     Verdict,
     crash_loop_tripped,
+    probation_latency_p95_ms,
 )
 from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
 from agent.package import ReleaseFloor, check_compat
@@ -713,6 +715,7 @@ class OTAService:
             backend.path = final_dir / pkg.model_path.relative_to(pkg.root)
         install.switch_to(self.state_dir, dir_name)
         kill_point("activate.switched")
+        live_p95_ms = self._live_latency_p95_ms()
         if live is not None:
             self.daemon.swap_model(live)
         elif self.slot is not None:
@@ -720,6 +723,10 @@ class OTAService:
         else:
             backend.close()
         baseline = Baseline.from_gate_report(outcome.report)
+        baseline = dataclasses.replace(
+            baseline,
+            latency_p95_ms=probation_latency_p95_ms(baseline.latency_p95_ms, live_p95_ms),
+        )
         entry = self._enter(
             OTAState.PROBATION,
             reason="watching the new model",
@@ -735,6 +742,14 @@ class OTAService:
         self._clean_staging_extracts()
         kill_point("activate.done")
         return entry
+
+    def _live_latency_p95_ms(self) -> float | None:
+        """The running model's p95 in the daemon's own loop (None without a daemon)."""
+        stats = getattr(self.daemon, "stats", None)
+        if stats is None:
+            return None
+        p95 = stats.latency_ms().get("p95")
+        return float(p95) if p95 is not None else None
 
     def _hot_swap(self, backend: Backend, package_dir: Path, manifest: Mapping[str, Any]) -> None:
         from agent.pipeline.slot import ActiveModel
