@@ -509,11 +509,7 @@ def publish_package(
                     f"{facts.name} {facts.version} release_counter {facts.release_counter} is not "
                     f"above published {old.version}'s {old.release_counter}"
                 )
-        role = _delegated_role(repo, RELEASE_ROLE)
-        release_signers = _signers_for(role.keyids, role.threshold, keys, RELEASE_ROLE)
-        # Check online keys now too, so a refusal never leaves a half-written repository.
-        _top_signers(repo, "snapshot", keys)
-        _top_signers(repo, "timestamp", keys)
+        release_signers = _delegation_signers(repo, RELEASE_ROLE, keys)
 
         tfile = TargetFile.from_file(target, str(tar_path), ["sha256"])
         tfile.unrecognized_fields["custom"] = {
@@ -523,15 +519,7 @@ def publish_package(
         }
         dest = _hashed_target_path(repo.targets_dir, target, tfile.hashes["sha256"])
         _copy_atomic(tar_path, dest)
-        release = repo.delegated.get(RELEASE_ROLE) or _new_delegated(RELEASE_ROLE, now, expiry)
-        release.signed.targets[target] = tfile
-        release.signed.version += 1
-        release.signed.expires = _expiry(now, expiry.release_days)
-        _sign(release, release_signers)
-        _write_metadata(repo.metadata_dir, RELEASE_ROLE, release)
-        _write_snapshot_and_timestamp(
-            repo, {RELEASE_ROLE: release.signed.version}, keys, now, expiry
-        )
+        _add_delegated_target(repo, RELEASE_ROLE, target, tfile, release_signers, keys, now, expiry)
     log.info("published %s %s as %s", facts.name, facts.version, target)
     return PublishedPackage(
         facts.name,
@@ -541,6 +529,39 @@ def publish_package(
         tfile.length,
         tfile.hashes["sha256"],
     )
+
+
+def _delegation_signers(
+    repo: LoadedRepo, role_name: str, keys: Sequence[OperatorKey]
+) -> list[Signer]:
+    """Signers for a delegated role, after checking the online snapshot and timestamp keys
+    are there too, so a refusal never leaves a half-written repository."""
+    role = _delegated_role(repo, role_name)
+    signers = _signers_for(role.keyids, role.threshold, keys, role_name)
+    _top_signers(repo, "snapshot", keys)
+    _top_signers(repo, "timestamp", keys)
+    return signers
+
+
+def _add_delegated_target(
+    repo: LoadedRepo,
+    role_name: str,
+    target: str,
+    tfile: TargetFile,
+    signers: Sequence[Signer],
+    keys: Sequence[OperatorKey],
+    now: datetime,
+    expiry: RepoExpiry,
+) -> None:
+    """Record ``target`` in a delegated role, re-sign it, then snapshot and timestamp."""
+    days = expiry.release_days if role_name == RELEASE_ROLE else expiry.rollout_days
+    md = repo.delegated.get(role_name) or _new_delegated(role_name, now, expiry)
+    md.signed.targets[target] = tfile
+    md.signed.version += 1
+    md.signed.expires = _expiry(now, days)
+    _sign(md, signers)
+    _write_metadata(repo.metadata_dir, role_name, md)
+    _write_snapshot_and_timestamp(repo, {role_name: md.signed.version}, keys, now, expiry)
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
@@ -621,23 +642,14 @@ def write_channel(
                 f"channel {channel!r} carries package {doc.get('package')!r}, "
                 f"not {published[target].name!r}"
             )
-        role = _delegated_role(repo, ROLLOUT_ROLE)
-        signers = _signers_for(role.keyids, role.threshold, keys, ROLLOUT_ROLE)
-        _top_signers(repo, "snapshot", keys)
-        _top_signers(repo, "timestamp", keys)
+        signers = _delegation_signers(repo, ROLLOUT_ROLE, keys)
         data = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
         if len(data) > MAX_CHANNEL_BYTES:
             raise UsageError(f"channel {channel!r}: document is larger than {MAX_CHANNEL_BYTES}")
         path = f"channels/{channel}.json"
         tfile = TargetFile.from_data(path, data, ["sha256"])
         write_atomic(_hashed_target_path(repo.targets_dir, path, tfile.hashes["sha256"]), data)
-        md = repo.delegated.get(ROLLOUT_ROLE) or _new_delegated(ROLLOUT_ROLE, now, expiry)
-        md.signed.targets[path] = tfile
-        md.signed.version += 1
-        md.signed.expires = _expiry(now, expiry.rollout_days)
-        _sign(md, signers)
-        _write_metadata(repo.metadata_dir, ROLLOUT_ROLE, md)
-        _write_snapshot_and_timestamp(repo, {ROLLOUT_ROLE: md.signed.version}, keys, now, expiry)
+        _add_delegated_target(repo, ROLLOUT_ROLE, path, tfile, signers, keys, now, expiry)
 
 
 # ---------------------------------------------------------------------------------------
