@@ -698,7 +698,12 @@ class Daemon:
             if self._stop_requested:
                 # woken early by the stop: this frame's deadline has not come, so skip it
                 break
-            frames = self._read_batch(source, self.slot.current().backend.max_batch())
+            # Models swapped out before this frame are no longer in use: close them, then
+            # read the slot once, so the batch size and the run come from the same model.
+            if self._retired:
+                self._close_retired()
+            model = self.slot.current()
+            frames = self._read_batch(source, model.backend.max_batch())
             if not frames:
                 if source.exhausted:
                     log.info("source %s finished; stopping", source.name)
@@ -706,9 +711,6 @@ class Daemon:
                 continue
             if len(frames) > 1:
                 scheduler.charge(len(frames) - 1)
-            model = self.slot.current()
-            if self._retired:
-                self._close_retired()
             try:
                 x = self._preprocessor(model).batch(frames)
                 started = time.perf_counter()
