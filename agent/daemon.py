@@ -14,15 +14,11 @@ import signal
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 from agent import __version__
 from agent.config import AgentConfig, PreprocessConfig, load_config
@@ -37,6 +33,7 @@ from agent.errors import (
 )
 from agent.health.governor import PAUSED, GovernorThread
 from agent.ota.killpoint import kill_point
+from agent.pipeline.latency import LatencyWindow
 from agent.pipeline.postprocess import detections, top_k
 from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest
 from agent.pipeline.scheduler import FrameScheduler
@@ -117,23 +114,39 @@ def _close_fds(*fds: int) -> None:
             os.close(fd)
 
 
-def write_status_file(path: Path, data: bytes) -> None:
-    """Replace the status file atomically but without fsync.
+class StatusFile:
+    """Replaces the status file atomically but without fsync, as cheaply as it can.
 
     The status is rewritten every second and means nothing after a reboot, so a reader
     must never see half a file (rename) but a power cut may lose the last second (no
-    fsync: one a second would cost CPU and wear an SD card for nothing).
+    fsync: one a second would cost CPU and wear an SD card for nothing). The paths are
+    worked out once and the directory is made only when a write finds it gone: this runs
+    on cold caches every interval, where a Path method or a caught EEXIST costs more
+    than the write itself.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # plain os calls: this runs every status interval, and the buffered file object costs
-    # more than the write itself
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._target = os.fspath(path)
+        self._tmp = os.fspath(path.with_name(f".{path.name}.tmp{os.getpid()}"))
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._write(data)
+        except FileNotFoundError:
+            # first write, or the directory was removed under us (a tmpfs run dir is
+            # cleaned when systemd restarts the unit): make it and try once more
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        # plain os calls: the buffered file object costs more than the write itself
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(self._tmp, self._target)
 
 
 def backend_options(config: AgentConfig, precision: str = "fp32") -> BackendOptions:
@@ -205,11 +218,10 @@ class LoopStats:
         self.batches = 0
         self.errors = 0
         self.bad_frames = 0
-        self.latencies_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.latencies = LatencyWindow(LATENCY_WINDOW)
         self.last_error = ""
         self._fps_mark = (time.monotonic(), 0)
         self.fps = 0.0
-        self._latency_cache: tuple[int, dict[str, float | None]] | None = None
 
     def update_fps(self, now: float) -> float:
         t0, n0 = self._fps_mark
@@ -219,34 +231,7 @@ class LoopStats:
         return self.fps
 
     def latency_ms(self) -> dict[str, float | None]:
-        # Recomputed only when a batch ran since the last call: the status thread asks
-        # every interval, and an idle or slow (low FPS cap) agent should not pay for it.
-        key = self.batches
-        cached = self._latency_cache
-        if cached is not None and cached[0] == key:
-            return dict(cached[1])
-        window = np.fromiter(tuple(self.latencies_s), dtype=np.float64)
-        if window.size == 0:
-            return {"p50": None, "p95": None, "p99": None, "mean": None}
-        window.sort()
-        p50, p95, p99 = (sorted_percentile(window, q) * 1000.0 for q in (50.0, 95.0, 99.0))
-        out: dict[str, float | None] = {
-            "p50": round(p50, 3),
-            "p95": round(p95, 3),
-            "p99": round(p99, 3),
-            "mean": round(float(window.mean()) * 1000.0, 3),
-        }
-        self._latency_cache = (key, out)
-        return dict(out)
-
-
-def sorted_percentile(ordered: npt.NDArray[np.float64], q: float) -> float:
-    """numpy's default (linear) percentile of an already sorted array, in two C calls
-    instead of np.percentile's Python-level machinery (which costs ~1 ms when cold)."""
-    pos = (ordered.size - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, ordered.size - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+        return self.latencies.summary_ms()
 
 
 class Daemon:
@@ -292,13 +277,15 @@ class Daemon:
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._status_lock = threading.Lock()
         self._owns_status = False
-        self._status_file = status_path(config)
+        self._status_file = StatusFile(status_path(config))
         self._pending_source: Source | None = None
         self._retired: list[ActiveModel] = []
         self._preprocessor_for: tuple[ActiveModel, Preprocessor] | None = None
         # the telemetry meta of the active model, built once per model, not per frame
         self._telemetry_meta: tuple[ActiveModel, dict[str, Any]] | None = None
         self._last_snapshot: dict[str, Any] | None = None
+        self._described: tuple[ActiveModel, dict[str, Any]] | None = None
+        self._pid = os.getpid()
         self._shutdown_hooks: list[Callable[[], None]] = []
         self._heartbeat = clock()
         self._started_wall = time.time()
@@ -501,7 +488,7 @@ class Daemon:
         self.control.register("reload", lambda _req: self.reload())
         self.control.start()
         # from here on this process owns the state dir's status file
-        self._status_file = status_write_path(self.config)
+        self._status_file = StatusFile(status_write_path(self.config))
         self._owns_status = True
         self._attach_ota()
         self._start_prometheus()
@@ -725,7 +712,7 @@ class Daemon:
                 self.event("error", {"where": "frame", "message": str(exc)})
                 self._observe_probation(0.0, None, error=True)
                 continue
-            stats.latencies_s.append(latency_s)
+            stats.latencies.add(latency_s)
             stats.batches += 1
             stats.frames += len(frames)
             confidence = self._emit(model, frames, outputs, latency_s, telemetry)
@@ -902,19 +889,23 @@ class Daemon:
         gov = self.governor.snapshot() if self.governor is not None else {"enabled": False}
         power = gov.get("total_power_w")
         model = self.slot.current() if not self.slot.is_empty() else None
+        described = self._described
+        if model is not None and (described is None or described[0] is not model):
+            # once per model, not once per tick
+            described = self._described = (model, model.describe())
         state = self._state
         stalled = now - self._heartbeat > self._watchdog_budget_s()
         if stalled and state == "running":
             state = "stalled"
         return {
-            "pid": os.getpid(),
+            "pid": self._pid,
             "version": __version__,
             "state": state,
             "updated": round(time.time(), 3),
             "started": round(self._started_wall, 3),
             "uptime_s": round(time.time() - self._started_wall, 1),
             "interval_s": self.config.status.interval_s,
-            "model": model.describe() if model else None,
+            "model": dict(described[1]) if model and described else None,
             "fps": round(fps, 2),
             "fps_cap": self.scheduler.fps_cap,
             "latency_ms": stats.latency_ms(),
@@ -949,7 +940,7 @@ class Daemon:
             snap = self.status_snapshot()
             # compact: json's C encoder only runs without indent (5x cheaper every tick)
             data = (json.dumps(snap, default=str) + "\n").encode()
-            write_status_file(self._status_file, data)
+            self._status_file.write(data)
             self._last_snapshot = snap
         return snap
 
@@ -961,7 +952,7 @@ class Daemon:
             log.warning(
                 "status: cannot link %s to %s (%s)",
                 status_path(self.config),
-                self._status_file,
+                self._status_file.path,
                 exc,
             )
 

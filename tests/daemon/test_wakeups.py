@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.config import load_config
 from agent.control import ControlServer, control_request, control_socket_path
-from agent.daemon import Daemon, sorted_percentile
+from agent.daemon import Daemon
 
 
 def test_control_server_blocks_in_accept_and_stops_at_once(tmp_path: Path) -> None:
@@ -59,13 +59,3 @@ def test_daemon_and_cli_find_the_same_control_socket(make_config: Any, tmp_path:
     assert control_socket_path(default) == default.state_dir / "control.sock"
     custom = load_config(make_config(status={"control_socket": str(tmp_path / "x.sock")}))
     assert Daemon(custom).control.sock_path == control_socket_path(custom) == tmp_path / "x.sock"
-
-
-def test_sorted_percentile_matches_numpy() -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    for n in (1, 2, 3, 10, 2048):
-        ordered = np.sort(rng.random(n))
-        for q in (0.0, 50.0, 95.0, 99.0, 100.0):
-            assert abs(sorted_percentile(ordered, q) - float(np.percentile(ordered, q))) < 1e-12
