@@ -358,6 +358,8 @@ class SinkConfig:
     max_bytes: int = 10 << 20
     backups: int = 3
     queue_size: int = 1000
+    # jsonl: results are gathered this long and written together (0: one write each)
+    flush_interval_s: float = 1.0
     timeout_s: float = 2.0
     # extra HTTP headers for the webhook (e.g. Authorization)
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -373,6 +375,8 @@ class SinkConfig:
             return "topic: required for an mqtt sink"
         if self.queue_size < 1 or self.max_bytes < 1024 or self.backups < 0:
             return "queue_size >= 1, max_bytes >= 1024 and backups >= 0 are required"
+        if not 0.0 <= self.flush_interval_s <= 60.0:
+            return "flush_interval_s: must be between 0 and 60"
         return None
 
 

@@ -34,7 +34,7 @@ from agent.errors import (
 from agent.health.governor import PAUSED, GovernorThread
 from agent.ota.killpoint import kill_point
 from agent.pipeline.latency import LatencyWindow
-from agent.pipeline.postprocess import detections, top_k
+from agent.pipeline.postprocess import detections, top_k_rows
 from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest
 from agent.pipeline.scheduler import FrameScheduler
 from agent.pipeline.sinks import Sink, open_sink
@@ -210,6 +210,10 @@ def load_package_backend(
     return load_model_file(config, model_path, backend, str(runtime.get("precision", "fp32")))
 
 
+# per model: the model, its preprocessing (frames -> input batch) and its batch limit
+ModelParts = tuple[ActiveModel, Callable[[Sequence[Frame]], Any], int | None]
+
+
 class LoopStats:
     """Counters and a latency window the frame loop feeds cheaply; read by the status thread."""
 
@@ -272,6 +276,7 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._wake_fds = (self._wake_r,)
         # closed only when the daemon object is gone, so a late signal never writes to an
         # fd number that something else has reused
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
@@ -280,7 +285,8 @@ class Daemon:
         self._status_file = StatusFile(status_path(config))
         self._pending_source: Source | None = None
         self._retired: list[ActiveModel] = []
-        self._preprocessor_for: tuple[ActiveModel, Preprocessor] | None = None
+        # the active model's preprocessor and batch limit, built once per model
+        self._model_parts: ModelParts | None = None
         # the telemetry meta of the active model, built once per model, not per frame
         self._telemetry_meta: tuple[ActiveModel, dict[str, Any]] | None = None
         self._last_snapshot: dict[str, Any] | None = None
@@ -379,13 +385,22 @@ class Daemon:
         log.info("model: now %s %s", new.name, new.version)
         return old
 
-    def _preprocessor(self, model: ActiveModel) -> Preprocessor:
-        cached = self._preprocessor_for
-        if cached is not None and cached[0] is model:
-            return cached[1]
-        pre = Preprocessor(model.preprocess, model.backend.inputs[0])
-        self._preprocessor_for = (model, pre)
-        return pre
+    def _parts_for(self, model: ActiveModel) -> ModelParts:
+        """What the frame loop needs per model, built once per model rather than per frame."""
+        try:
+            to_batch: Callable[[Sequence[Frame]], Any] = Preprocessor(
+                model.preprocess, model.backend.inputs[0]
+            ).batch
+        except InputDataError as exc:
+            # a schema no frame can meet (mean/std for another channel count): each frame
+            # fails with it and is reported like a bad frame
+            message = str(exc)
+
+            def refuse(_frames: Sequence[Frame]) -> Any:
+                raise InputDataError(message)
+
+            to_batch = refuse
+        return model, to_batch, model.backend.max_batch()
 
     # ------------------------------------------------------------------ events
 
@@ -627,44 +642,54 @@ class Daemon:
         so the frame still runs on its deadline.
         """
         end = time.monotonic() + seconds
-        while not self._stop_requested:
-            left = end - time.monotonic()
-            if left <= 0:
+        left = seconds
+        while left > 0 and not self._stop_requested:
+            # a timeout is the deadline (select restarts itself after a signal, PEP 475)
+            if not select.select(self._wake_fds, (), (), left)[0]:
                 return
-            ready, _, _ = select.select([self._wake_r], [], [], left)
-            if ready:
-                self._drain_wake_pipe()
-                if self._reload_requested:
-                    self._check_requests()
+            self._drain_wake_pipe()
+            if self._reload_requested:
+                self._check_requests()
+            left = end - time.monotonic()
 
     def _read_batch(self, source: Source, model_batch: int | None) -> list[Frame]:
         first = source.read(READ_TIMEOUT_S)
         if first is None:
             return []
-        frames = [first]
         max_batch = self.config.scheduler.max_batch
+        if max_batch == 1 or model_batch == 1:
+            return [first]
+        frames = [first]
         if model_batch is not None:
             # a model with a fixed batch dimension (most TFLite files: 1) takes no more
             max_batch = min(max_batch, model_batch)
-        if max_batch > 1:
-            until = time.monotonic() + self.config.scheduler.max_wait_ms / 1000.0
-            while len(frames) < max_batch:
-                left = until - time.monotonic()
-                frame = source.read(max(0.0, left))
-                if frame is None:
-                    break
-                frames.append(frame)
+        until = time.monotonic() + self.config.scheduler.max_wait_ms / 1000.0
+        while len(frames) < max_batch:
+            left = until - time.monotonic()
+            frame = source.read(max(0.0, left))
+            if frame is None:
+                break
+            frames.append(frame)
         return frames
 
     def loop(self) -> None:
-        """Run frames until asked to stop; each frame reads the model slot exactly once."""
+        """Run frames until asked to stop; each frame reads the model slot exactly once.
+
+        Lean on purpose: under a low FPS cap every frame starts on caches the cap's sleep
+        left cold, where each Python-level call costs microseconds, so the per-frame path
+        reads plain attributes and makes as few calls as it can.
+        """
         scheduler = self.scheduler
         stats = self.stats
         telemetry = self.telemetry
+        slot = self.slot
+        clock = self._clock
+        perf_counter = time.perf_counter
+        add_latency = stats.latencies.add
         # a wake-up left from an earlier stop must not cut this run's first sleep short
         self._drain_wake_pipe()
         while not self._stop_requested:
-            self._heartbeat = self._clock()
+            self._heartbeat = clock()
             if self._reload_requested:
                 self._check_requests()
             if self._pending_source is not None:
@@ -689,34 +714,43 @@ class Daemon:
             # read the slot once, so the batch size and the run come from the same model.
             if self._retired:
                 self._close_retired()
-            model = self.slot.current()
-            frames = self._read_batch(source, model.backend.max_batch())
+            model = slot.current()
+            parts = self._model_parts
+            if parts is None or parts[0] is not model:
+                parts = self._model_parts = self._parts_for(model)
+            frames = self._read_batch(source, parts[2])
             if not frames:
                 if source.exhausted:
                     log.info("source %s finished; stopping", source.name)
                     self.request_stop("source finished")
                 continue
-            if len(frames) > 1:
-                scheduler.charge(len(frames) - 1)
+            n_frames = len(frames)
+            if n_frames > 1:
+                scheduler.charge(n_frames - 1)
             try:
-                x = self._preprocessor(model).batch(frames)
-                started = time.perf_counter()
+                x = parts[1](frames)
+                started = perf_counter()
                 outputs = model.backend.run(x)
-                latency_s = time.perf_counter() - started
+                latency_s = perf_counter() - started
             except (InputDataError, RuntimeFaultError) as exc:
-                stats.errors += 1
-                stats.last_error = str(exc)
-                if isinstance(exc, InputDataError):
-                    stats.bad_frames += len(frames)
-                self._warn_once(f"frame:{type(exc).__name__}", f"frame skipped: {exc}", 30.0)
-                self.event("error", {"where": "frame", "message": str(exc)})
-                self._observe_probation(0.0, None, error=True)
+                self._frame_failed(exc, n_frames)
                 continue
-            stats.latencies.add(latency_s)
+            add_latency(latency_s)
             stats.batches += 1
-            stats.frames += len(frames)
+            stats.frames += n_frames
             confidence = self._emit(model, frames, outputs, latency_s, telemetry)
-            self._observe_probation(latency_s, confidence, error=False)
+            if self._ota_observe is not None:
+                self._observe_probation(latency_s, confidence, error=False)
+
+    def _frame_failed(self, exc: InputDataError | RuntimeFaultError, n_frames: int) -> None:
+        stats = self.stats
+        stats.errors += 1
+        stats.last_error = str(exc)
+        if isinstance(exc, InputDataError):
+            stats.bad_frames += n_frames
+        self._warn_once(f"frame:{type(exc).__name__}", f"frame skipped: {exc}", 30.0)
+        self.event("error", {"where": "frame", "message": str(exc)})
+        self._observe_probation(0.0, None, error=True)
 
     def _observe_probation(self, latency_s: float, confidence: float | None, error: bool) -> None:
         observe = self._ota_observe
@@ -745,9 +779,11 @@ class Daemon:
         if meta is None or meta[0] is not model:
             meta = self._telemetry_meta = (model, {"model": model.name, "version": model.version})
         latency_ms = round(latency_s * 1000.0, 3)
+        detecting = pre.task == "detection"
+        tops = None if detecting else top_k_rows(outputs[0], pre.top_k, model.labels)
         for row, frame in enumerate(frames):
             top_class = -1
-            if pre.task == "detection":
+            if tops is None:
                 found = detections(
                     outputs, pre.score_threshold, pre.iou_threshold, model.labels, row
                 )
@@ -757,7 +793,7 @@ class Daemon:
                     confidence = 0.0
                 key, value = "detections", found
             else:
-                best = top_k(outputs[0][row], pre.top_k, model.labels)
+                best = tops[row]
                 top_class, confidence = int(best[0]["class"]), float(best[0]["score"])
                 key, value = "top", best
             if sinks:
@@ -958,11 +994,14 @@ class Daemon:
 
     def _status_tick(self) -> None:
         snap = self.write_status()
-        # Feed the watchdog only while the frame loop is alive: a hung inference must make
-        # systemd restart us rather than be hidden by this thread.
-        if self._clock() - self._heartbeat <= self._watchdog_budget_s():
-            self.notifier.watchdog()
-        self.notifier.status(self._status_line())
+        if self.notifier.enabled:
+            # one datagram for both: this runs every interval for months
+            fields = [f"STATUS={self._status_line()}"]
+            # Feed the watchdog only while the frame loop is alive: a hung inference must
+            # make systemd restart us rather than be hidden by this thread.
+            if self._clock() - self._heartbeat <= self._watchdog_budget_s():
+                fields.insert(0, "WATCHDOG=1")
+            self.notifier.send(*fields)
         if self.telemetry is not None:
             try:
                 self.telemetry.set_gauges(

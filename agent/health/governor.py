@@ -142,15 +142,13 @@ class GovernorThread:
         self._on_event = on_event
         self._clock = clock
         self._stop = threading.Event()
-        self._paused = threading.Event()
+        # a plain bool, not an Event: the frame loop reads it every frame (an Event's
+        # is_set() is a Python-level call) and nothing waits on it
+        self.paused = False
         self._lock = threading.Lock()
         self.readings = Readings()
         self.last_decision: Decision | None = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused.is_set()
 
     @property
     def state(self) -> str:
@@ -163,10 +161,7 @@ class GovernorThread:
             decision = self.governor.decide(readings)
             self.readings = readings
             self.last_decision = decision
-        if decision.state == PAUSED:
-            self._paused.set()
-        else:
-            self._paused.clear()
+        self.paused = decision.state == PAUSED
         if decision.changed:
             if decision.state != PAUSED:
                 self._apply_cap(decision.fps_cap)
@@ -206,7 +201,7 @@ class GovernorThread:
 
     def stop(self) -> None:
         self._stop.set()
-        self._paused.clear()
+        self.paused = False
         if self._thread is not None:
             self._thread.join(5.0)
 

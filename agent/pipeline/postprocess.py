@@ -32,7 +32,7 @@ def top_k(scores: npt.NDArray[Any], k: int = 1, labels: Sequence[str] = ()) -> l
     """The k best classes of one output row, with probabilities and labels."""
     row = np.asarray(scores, dtype=np.float32).reshape(-1)
     if k <= 1 and 0 < row.size <= SMALL_ROW:
-        return [_top_one(row, labels)]
+        return [_top_one(row.tolist(), labels)]
     probs = row if looks_like_probabilities(row) else softmax(row)
     k = max(1, min(k, row.size))
     best = np.argsort(-probs, kind="stable")[:k]
@@ -46,14 +46,26 @@ def top_k(scores: npt.NDArray[Any], k: int = 1, labels: Sequence[str] = ()) -> l
     return out
 
 
-def _top_one(row: FloatArray, labels: Sequence[str]) -> dict[str, Any]:
+def top_k_rows(output: npt.NDArray[Any], k: int = 1, labels: Sequence[str] = ()) -> list[Any]:
+    """top_k of every row of a batch output: one list of results per row.
+
+    For top-1 over a small row (the usual classifier) the whole batch crosses into Python
+    floats in one call. The frame loop runs this on every frame, right after a cap sleep
+    left the caches cold, where each numpy call on a row costs ~10 us.
+    """
+    arr = np.asarray(output)
+    if k <= 1 and arr.ndim == 2 and 0 < arr.shape[1] <= SMALL_ROW:
+        return [[_top_one(vals, labels)] for vals in arr.astype(np.float32, copy=False).tolist()]
+    return [top_k(arr[i], k, labels) for i in range(arr.shape[0])]
+
+
+def _top_one(vals: list[float], labels: Sequence[str]) -> dict[str, Any]:
     """top_k(row, 1) for a small row in plain Python floats (float64: the score may differ
     from the float32 softmax in the 6th decimal; the class is the first best, as there).
 
     It runs on every frame, and after each FPS-cap sleep the first numpy reduction runs
     on cold caches (~100 us on a busy 2-core box, against ~50 us for this whole path).
     """
-    vals = row.tolist()
     hi = max(vals)
     i = vals.index(hi)
     if min(vals) >= 0.0 and hi <= 1.0 and abs(sum(vals) - 1.0) < 1e-3:

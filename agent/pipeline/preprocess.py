@@ -64,6 +64,8 @@ class Preprocessor:
         self.spec = spec
         dims = [d for d in spec.shape[1:]]
         self._row_shape: tuple[int | None, ...] = tuple(dims)
+        # the row shape to compare with in one step when every dimension is known
+        self._exact_shape = None if None in dims else tuple(dims)
         channels = 3 if config.color_order in ("RGB", "BGR") else 1
         if config.layout == "NCHW" and len(dims) == 3 and dims[0] is not None:
             channels = dims[0]
@@ -133,6 +135,8 @@ class Preprocessor:
         return img
 
     def _check_row(self, row: npt.NDArray[np.float32], frame: Frame) -> None:
+        if row.shape == self._exact_shape:
+            return
         want = self._row_shape
         if row.ndim != len(want) or any(w is not None and w != g for w, g in zip(want, row.shape)):
             shown = tuple("N" if d is None else d for d in want)

@@ -41,7 +41,10 @@ class Sink:
         self.name = name
         self._queue: deque[Mapping[str, Any]] = deque()
         self._max = max(1, queue_size)
-        self._cond = threading.Condition()
+        # put() takes the plain lock, not the Condition: Condition's `with` is two
+        # Python-level calls, and put() runs on the frame loop for every result
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._closing = False
         self._in_flight = 0
         self._gathering = False
@@ -55,7 +58,7 @@ class Sink:
         self._thread.start()
 
     def put(self, item: Mapping[str, Any]) -> None:
-        with self._cond:
+        with self._lock:
             if self._closing:
                 return
             if len(self._queue) >= self._max:
@@ -70,7 +73,7 @@ class Sink:
                 self._cond.notify()
 
     def pending(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._queue) + self._in_flight
 
     def _take(self) -> list[Mapping[str, Any]] | None:
@@ -189,10 +192,19 @@ class JsonlSink(Sink):
     """JSON lines in a file, rotated at ``max_bytes``, keeping ``backups`` old files (.1, .2)."""
 
     kind = "jsonl"
-    # results reach the file within half a second, in one write per batch
-    batch_wait_s = 0.5
 
-    def __init__(self, path: Path, max_bytes: int, backups: int, queue_size: int = 1000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        backups: int,
+        queue_size: int = 1000,
+        flush_interval_s: float = 1.0,
+    ) -> None:
+        # Results reach the file within flush_interval_s, in one write per batch: one
+        # wake-up of this thread per interval however high the frame rate (0: each
+        # result is written as it comes, one wake-up per result).
+        self.batch_wait_s = flush_interval_s
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -326,7 +338,13 @@ def open_sink(config: SinkConfig) -> Sink:
     if config.kind == "jsonl":
         if config.path is None:
             raise ConfigError("sinks: a jsonl sink needs a path")
-        return JsonlSink(config.path, config.max_bytes, config.backups, config.queue_size)
+        return JsonlSink(
+            config.path,
+            config.max_bytes,
+            config.backups,
+            config.queue_size,
+            config.flush_interval_s,
+        )
     if config.kind == "http":
         return HttpSink(config.url or "", config.timeout_s, config.headers, config.queue_size)
     return MqttSink(

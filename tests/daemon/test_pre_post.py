@@ -7,7 +7,7 @@ import pytest
 
 from agent.config import PreprocessConfig
 from agent.errors import ConfigError, InputDataError
-from agent.pipeline.postprocess import detections, nms, softmax, top_k
+from agent.pipeline.postprocess import detections, nms, softmax, top_k, top_k_rows
 from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest, resize_nearest
 from agent.pipeline.sources import Frame
 from agent.runtime.base import TensorSpec
@@ -144,3 +144,21 @@ def test_top_one_matches_the_float32_softmax_path() -> None:
     # a row larger than the plain-Python limit goes through numpy and gives the same answer
     big = rng.normal(0.0, 1.0, 1000).astype(np.float32)
     assert top_k(big, 1)[0]["class"] == int(np.argmax(big))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "k"),
+    [
+        ((3, 10), np.float32, 1),  # the per-frame fast path: one tolist() for the batch
+        ((1, 10), np.float16, 1),
+        ((2, 10), np.float64, 1),
+        ((2, 10), np.float32, 3),  # top-3: per row through numpy
+        ((2, 10, 1, 1), np.float32, 1),  # a 4-D head: each row flattened, as top_k does
+        ((2, 100), np.float32, 1),  # above the plain-Python limit
+    ],
+)
+def test_top_k_rows_is_top_k_of_each_row(shape: tuple[int, ...], dtype: type, k: int) -> None:
+    rng = np.random.default_rng(sum(shape) + k)
+    output = rng.normal(0.0, 2.0, shape).astype(dtype)
+    labels = [f"c{i}" for i in range(7)]
+    assert top_k_rows(output, k, labels) == [top_k(output[i], k, labels) for i in range(shape[0])]
