@@ -6,6 +6,7 @@ import logging
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 # A missing or garbage sensor file is common on real boards: warn once per file per this
 # many seconds, then carry on without it.
 WARN_EVERY_S = 600.0
+# Which sensors a board has, and their names, only change on hot-plug or a driver reload:
+# look again this often so a sensor that appears later is read, not every tick.
+RESCAN_S = 30.0
 # Readings outside this range are garbage (a disconnected probe reads -273 or 255 C).
 PLAUSIBLE_TEMP_C = (-40.0, 150.0)
 
@@ -45,6 +49,37 @@ class ThrottleFlags:
 
     def to_dict(self) -> dict[str, Any]:
         return {"raw": hex(self.raw), "now": list(self.now), "since_boot": list(self.since_boot)}
+
+
+@dataclass(frozen=True)
+class SensorLayout:
+    """The value files one sensor sweep reads and what each is called, found by one scan."""
+
+    # (temp path, type or zone dir name, zone dir name): the name is settled per sweep,
+    # as a repeated type is named <type>.<zone> only when an earlier zone of it read OK
+    zones: tuple[tuple[Path, str, str], ...] = ()
+    # (temp*_input path, "<chip>.<label or tempN>")
+    hwmon_temps: tuple[tuple[Path, str], ...] = ()
+    # (INA3221 iio in_power*_input path in mW, rail name)
+    ina_power: tuple[tuple[Path, str], ...] = ()
+    # (hwmon ina3221 in*_input path in mV, curr*_input path in mA, rail name)
+    hwmon_rails: tuple[tuple[Path, Path, str], ...] = ()
+    throttle_file_exists: bool = False
+
+
+def _read_name(path: Path, encoding: str | None = "ascii") -> str | None:
+    """A sensor's name or label file, stripped; None when it cannot be read."""
+    try:
+        return path.read_text(encoding=encoding).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _sorted_glob(directory: Path, pattern: str) -> list[Path]:
+    try:
+        return sorted(directory.glob(pattern))
+    except OSError:
+        return []
 
 
 @dataclass
@@ -78,10 +113,17 @@ class Readings:
 
 
 class SensorReader:
-    """Reads every sensor the config points at; never raises for a bad sensor file."""
+    """Reads every sensor the config points at; never raises for a bad sensor file.
 
-    def __init__(self, config: GovernorConfig) -> None:
+    The layout (which files to read, what each is called) is found once and again every
+    RESCAN_S or after a discovered file went missing; a sweep then reads only values.
+    """
+
+    def __init__(self, config: GovernorConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self._clock = clock
+        self._layout: SensorLayout | None = None
+        self._layout_found_s = 0.0
         root = config.sysfs_root
         if root is not None:
             self.thermal_root = root / "class" / "thermal"
@@ -113,10 +155,64 @@ class SensorReader:
             self._warned[key] = now
             log.warning("sensor %s (ignored; the governor carries on without it)", message)
 
+    def _sensor_layout(self) -> SensorLayout:
+        """The sensor layout; scanned on first use, when RESCAN_S old, or after a miss."""
+        now_s = self._clock()
+        if self._layout is None or now_s - self._layout_found_s >= RESCAN_S:
+            self._layout = self._discover()
+            self._layout_found_s = now_s
+        return self._layout
+
+    def _discover(self) -> SensorLayout:
+        """Lists the sensor directories and reads every name and label file, once."""
+        zones = []
+        for zone in _sorted_glob(self.thermal_root, "thermal_zone*"):
+            temp = zone / "temp"
+            # a zone without a temp file gives no reading; it is looked for again at rescan
+            if temp.exists():
+                zones.append((temp, _read_name(zone / "type") or zone.name, zone.name))
+        hwmon_temps = []
+        hwmon_rails = []
+        for chip in _sorted_glob(self.hwmon_root, "hwmon*"):
+            chip_name = _read_name(chip / "name")
+            for inp in _sorted_glob(chip, "temp*_input"):
+                label = _read_name(chip / inp.name.replace("_input", "_label"))
+                if label is None:
+                    label = inp.name.replace("_input", "")
+                hwmon_temps.append((inp, f"{chip_name or chip.name}.{label}"))
+            if chip_name is None or "ina3221" not in chip_name:
+                continue
+            for volt in _sorted_glob(chip, "in*_input"):
+                index = volt.name.removeprefix("in").removesuffix("_input")
+                curr = chip / f"curr{index}_input"
+                if not curr.exists():
+                    continue
+                rail = _read_name(chip / f"in{index}_label", encoding=None)
+                hwmon_rails.append(
+                    (volt, curr, f"{chip_name}.rail{index}" if rail is None else rail)
+                )
+        ina_power = []
+        ina = self.i2c_root / "ina3221x"
+        if ina.is_dir():
+            for power in _sorted_glob(ina, "*/iio:device*/in_power*_input"):
+                index = power.name.removeprefix("in_power").removesuffix("_input")
+                rail = _read_name(power.parent / f"rail_name_{index}", encoding=None)
+                ina_power.append((power, f"rail{index}" if rail is None else rail))
+        return SensorLayout(
+            zones=tuple(zones),
+            hwmon_temps=tuple(hwmon_temps),
+            ina_power=tuple(ina_power),
+            hwmon_rails=tuple(hwmon_rails),
+            throttle_file_exists=self.throttle_file is not None and self.throttle_file.exists(),
+        )
+
     def _read_number(self, path: Path, what: str) -> float | None:
         try:
             text = path.read_text(encoding="ascii", errors="strict").strip()
         except FileNotFoundError:
+            # every path read here was discovered: one gone means hot-unplug or a driver
+            # reload, so the next look scans the layout again
+            self._layout = None
             return None
         except (OSError, UnicodeDecodeError) as exc:
             self._warn(str(path), f"{path}: cannot read {what} ({exc})")
@@ -139,46 +235,40 @@ class SensorReader:
             return None
         return temp_c
 
+    # Each public reader looks the layout up; read() takes it once for the whole sweep, so a
+    # file found missing mid-sweep makes the next sweep scan again, not the rest of this one.
+
     def thermal_zones(self) -> dict[str, float]:
         """Temperatures of /sys/class/thermal/thermal_zone*, named by their type file."""
-        temps: dict[str, float] = {}
-        try:
-            zones = sorted(self.thermal_root.glob("thermal_zone*"))
-        except OSError:
-            return temps
-        for zone in zones:
-            temp_c = self._temp_c(zone / "temp")
-            if temp_c is None:
-                continue
-            try:
-                kind = (zone / "type").read_text(encoding="ascii").strip() or zone.name
-            except (OSError, UnicodeDecodeError):
-                kind = zone.name
-            temps[f"{kind}" if kind not in temps else f"{kind}.{zone.name}"] = temp_c
-        return temps
+        return self._zone_temps(self._sensor_layout())
 
     def hwmon_temps(self) -> dict[str, float]:
         """temp*_input of /sys/class/hwmon/hwmon*, named <chip>.<label or tempN>."""
+        return self._hwmon_temps(self._sensor_layout())
+
+    def throttle_flags(self) -> ThrottleFlags | None:
+        """RPi throttle word from the firmware sysfs file, else `vcgencmd get_throttled`."""
+        return self._throttle_flags(self._sensor_layout())
+
+    def jetson_power_w(self) -> dict[str, float]:
+        """Jetson power rails: INA3221 in_power*_input (mW), or hwmon in*_input x curr*_input."""
+        return self._rail_power_w(self._sensor_layout())
+
+    def _zone_temps(self, layout: SensorLayout) -> dict[str, float]:
         temps: dict[str, float] = {}
-        try:
-            chips = sorted(self.hwmon_root.glob("hwmon*"))
-        except OSError:
-            return temps
-        for chip in chips:
-            try:
-                chip_name = (chip / "name").read_text(encoding="ascii").strip() or chip.name
-            except (OSError, UnicodeDecodeError):
-                chip_name = chip.name
-            for inp in sorted(chip.glob("temp*_input")):
-                temp_c = self._temp_c(inp)
-                if temp_c is None:
-                    continue
-                label_file = chip / inp.name.replace("_input", "_label")
-                try:
-                    label = label_file.read_text(encoding="ascii").strip()
-                except (OSError, UnicodeDecodeError):
-                    label = inp.name.replace("_input", "")
-                temps[f"{chip_name}.{label}"] = temp_c
+        for temp_path, kind, zone_name in layout.zones:
+            temp_c = self._temp_c(temp_path)
+            if temp_c is None:
+                continue
+            temps[kind if kind not in temps else f"{kind}.{zone_name}"] = temp_c
+        return temps
+
+    def _hwmon_temps(self, layout: SensorLayout) -> dict[str, float]:
+        temps: dict[str, float] = {}
+        for input_path, name in layout.hwmon_temps:
+            temp_c = self._temp_c(input_path)
+            if temp_c is not None:
+                temps[name] = temp_c
         return temps
 
     def psutil_temps(self) -> dict[str, float]:
@@ -199,12 +289,13 @@ class SensorReader:
                     temps[f"{chip}.{entry.label or i}"] = float(entry.current)
         return temps
 
-    def throttle_flags(self) -> ThrottleFlags | None:
-        """RPi throttle word from the firmware sysfs file, else `vcgencmd get_throttled`."""
-        if self.throttle_file is not None and self.throttle_file.exists():
+    def _throttle_flags(self, layout: SensorLayout) -> ThrottleFlags | None:
+        if self.throttle_file is not None and layout.throttle_file_exists:
             try:
                 text = self.throttle_file.read_text(encoding="ascii").strip()
                 return ThrottleFlags.decode(int(text, 16))
+            except FileNotFoundError:
+                self._layout = None  # gone since the scan: ask vcgencmd, as without the file
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 self._warn(
                     str(self.throttle_file), f"{self.throttle_file}: bad throttle word ({exc})"
@@ -222,56 +313,30 @@ class SensorReader:
             self._warn("vcgencmd", f"vcgencmd get_throttled: {exc}")
             return None
 
-    def jetson_power_w(self) -> dict[str, float]:
-        """Jetson power rails: INA3221 in_power*_input (mW), or hwmon in*_input x curr*_input."""
+    def _rail_power_w(self, layout: SensorLayout) -> dict[str, float]:
         rails: dict[str, float] = {}
-        ina = self.i2c_root / "ina3221x"
-        if ina.is_dir():
-            for power in sorted(ina.glob("*/iio:device*/in_power*_input")):
-                milliwatts = self._read_number(power, "rail power")
-                if milliwatts is None:
-                    continue
-                index = power.name.removeprefix("in_power").removesuffix("_input")
-                try:
-                    label = (power.parent / f"rail_name_{index}").read_text().strip()
-                except OSError:
-                    label = f"rail{index}"
+        for power_path, label in layout.ina_power:
+            milliwatts = self._read_number(power_path, "rail power")
+            if milliwatts is not None:
                 rails[label] = milliwatts / 1000.0
-        try:
-            chips = sorted(self.hwmon_root.glob("hwmon*"))
-        except OSError:
-            chips = []
-        for chip in chips:
-            try:
-                name = (chip / "name").read_text(encoding="ascii").strip()
-            except (OSError, UnicodeDecodeError):
-                continue
-            if "ina3221" not in name:
-                continue
-            for volt in sorted(chip.glob("in*_input")):
-                index = volt.name.removeprefix("in").removesuffix("_input")
-                curr = chip / f"curr{index}_input"
-                if not curr.exists():
-                    continue
-                millivolts = self._read_number(volt, "rail voltage")
-                milliamps = self._read_number(curr, "rail current")
-                if millivolts is None or milliamps is None:
-                    continue
-                try:
-                    label = (chip / f"in{index}_label").read_text().strip()
-                except OSError:
-                    label = f"{name}.rail{index}"
+        for volt_path, curr_path, label in layout.hwmon_rails:
+            millivolts = self._read_number(volt_path, "rail voltage")
+            milliamps = self._read_number(curr_path, "rail current")
+            if millivolts is not None and milliamps is not None:
                 rails[label] = millivolts * milliamps / 1e6
         return rails
 
     def read(self) -> Readings:
-        temps = self.thermal_zones()
-        for name, value in self.hwmon_temps().items():
+        layout = self._sensor_layout()
+        temps = self._zone_temps(layout)
+        for name, value in self._hwmon_temps(layout).items():
             temps.setdefault(name, value)
         for name, value in self.psutil_temps().items():
             temps.setdefault(name, value)
         readings = Readings(
-            temps_c=temps, throttle=self.throttle_flags(), power_w=self.jetson_power_w()
+            temps_c=temps,
+            throttle=self._throttle_flags(layout),
+            power_w=self._rail_power_w(layout),
         )
         if self._use_psutil:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from agent.config import GovernorConfig
 from agent.health.governor import NORMAL, PAUSED, THROTTLED, Governor, GovernorThread
-from agent.health.sensors import Readings, SensorReader, ThrottleFlags
+from agent.health.sensors import RESCAN_S, Readings, SensorReader, ThrottleFlags
 
 
 def cfg(root: Path, **kw: Any) -> GovernorConfig:
@@ -99,6 +100,141 @@ def test_jetson_rails_ina3221_and_hwmon(sysfs: Any) -> None:
     r = SensorReader(cfg(sysfs.root)).read()
     assert r.power_w == {"VDD_IN": 5.2, "VDD_CPU_GPU_CV": 1.8, "VDD_SOC": 2.0}
     assert r.total_power_w == 9.0
+
+
+class FakeClock:
+    """Monotonic seconds that only move when a test says so."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def jetson_like(sysfs: Any) -> list[Path]:
+    """Zones (one type twice), an nvme chip, INA3221 rails both ways; returns the value files."""
+    values = [
+        sysfs.zone(0, 41.0, "CPU-therm"),
+        sysfs.zone(1, 40.5, "GPU-therm"),
+        sysfs.zone(2, 42.0, "SOC-therm"),
+        sysfs.zone(3, 43.0, "SOC-therm"),
+        sysfs.zone(4, 39.0, "tj-thermal"),
+    ]
+    nvme = sysfs.hwmon(
+        0, "nvme", {"temp1_input": "38000", "temp1_label": "Composite", "temp2_input": "39000"}
+    )
+    values += [nvme / "temp1_input", nvme / "temp2_input"]
+    rails = {"in1_input": "5000", "curr1_input": "400", "in1_label": "VDD_SOC"}
+    rails |= {"in2_input": "5000", "curr2_input": "200", "in2_label": "VDD_CPU"}
+    ina = sysfs.hwmon(1, "ina3221", rails)
+    values += [ina / name for name in ["in1_input", "curr1_input", "in2_input", "curr2_input"]]
+    sysfs.ina3221({"VDD_IN": 5200, "VDD_CPU_GPU_CV": 1800, "VDD_DDR": 900})
+    iio = sysfs.root / "bus" / "i2c" / "drivers" / "ina3221x" / "1-0040" / "iio:device0"
+    values += [iio / f"in_power{i}_input" for i in range(3)]
+    return values
+
+
+class FileOps:
+    """Counts the reader's file operations: reads by path, and listings and stats."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: list[Path] = []
+        self.lookups = 0
+        read_text = Path.read_text
+
+        def counted_read(path: Path, *args: Any, **kwargs: Any) -> str:
+            self.reads.append(path)
+            return read_text(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", counted_read)
+        for name in ["glob", "exists", "is_dir"]:
+            monkeypatch.setattr(Path, name, self._counted(getattr(Path, name)))
+
+    def _counted(self, method: Any) -> Any:
+        def counted(path: Path, *args: Any, **kwargs: Any) -> Any:
+            self.lookups += 1
+            return method(path, *args, **kwargs)
+
+        return counted
+
+    def clear(self) -> None:
+        self.reads.clear()
+        self.lookups = 0
+
+
+def test_a_sweep_reads_only_value_files_once_the_layout_is_known(
+    sysfs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = jetson_like(sysfs)
+    ops = FileOps(monkeypatch)
+    reader = SensorReader(cfg(sysfs.root), clock=FakeClock())
+    first = reader.read()
+    assert first.temps_c == {
+        "CPU-therm": 41.0,
+        "GPU-therm": 40.5,
+        "SOC-therm": 42.0,
+        "SOC-therm.thermal_zone3": 43.0,  # a repeated type is named by its zone
+        "tj-thermal": 39.0,
+        "nvme.Composite": 38.0,
+        "nvme.temp2": 39.0,  # no label file: named by the input
+    }
+    assert first.power_w == {
+        "VDD_IN": 5.2,
+        "VDD_CPU_GPU_CV": 1.8,
+        "VDD_DDR": 0.9,
+        "VDD_SOC": 2.0,
+        "VDD_CPU": 1.0,
+    }
+    assert len(ops.reads) > len(values) and ops.lookups > 0  # the scan reads names too
+    ops.clear()
+    assert reader.read() == first
+    assert sorted(ops.reads) == sorted(values)  # each value file once, no name, no listing
+    assert ops.lookups == 0
+
+
+def test_names_are_read_once_values_every_sweep(sysfs: Any) -> None:
+    sysfs.zone(0, 50.0, "cpu-thermal")
+    clock = FakeClock()
+    reader = SensorReader(cfg(sysfs.root), clock=clock)
+    assert reader.read().temps_c == {"cpu-thermal": 50.0}
+    (sysfs.root / "class" / "thermal" / "thermal_zone0" / "type").write_text("soc-thermal\n")
+    sysfs.set_temp(0, 61.0)
+    assert reader.read().temps_c == {"cpu-thermal": 61.0}  # new value, name as found
+    clock.now_s += RESCAN_S
+    assert reader.read().temps_c == {"soc-thermal": 61.0}
+
+
+def test_a_zone_that_appears_later_is_read_after_the_next_scan(sysfs: Any) -> None:
+    sysfs.zone(0, 50.0)
+    clock = FakeClock()
+    reader = SensorReader(cfg(sysfs.root), clock=clock)
+    reader.read()
+    sysfs.zone(1, 55.0, "gpu-thermal")
+    clock.now_s += RESCAN_S - 1
+    assert reader.read().temps_c == {"cpu-thermal": 50.0}  # not looked for yet
+    clock.now_s += 1
+    assert reader.read().temps_c == {"cpu-thermal": 50.0, "gpu-thermal": 55.0}
+
+
+def test_a_removed_zone_drops_out_quietly_and_the_layout_is_found_again(
+    sysfs: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = sysfs.zone(0, 50.0)
+    sysfs.zone(1, 60.0, "gpu-thermal")
+    # the clock never moves: only the missing file can make the reader scan again
+    reader = SensorReader(cfg(sysfs.root), clock=FakeClock())
+    reader.read()
+    shutil.rmtree(sysfs.root / "class" / "thermal" / "thermal_zone1")  # driver unloaded
+    with caplog.at_level(logging.WARNING):
+        assert reader.read().temps_c == {"cpu-thermal": 50.0}
+    assert caplog.messages == [] and reader.warnings == 0
+    # the driver comes back under a new zone number: the next sweep scans and finds it
+    readded = sysfs.zone(2, 58.0, "gpu-thermal")
+    assert reader.read().temps_c == {"cpu-thermal": 50.0, "gpu-thermal": 58.0}
+    ops = FileOps(monkeypatch)
+    reader.read()
+    assert sorted(ops.reads) == [kept, readded] and ops.lookups == 0
 
 
 def temps(t: float) -> Readings:
