@@ -779,8 +779,8 @@ class Daemon:
         if meta is None or meta[0] is not model:
             meta = self._telemetry_meta = (model, {"model": model.name, "version": model.version})
         latency_ms = round(latency_s * 1000.0, 3)
-        detecting = pre.task == "detection"
-        tops = None if detecting else top_k_rows(outputs[0], pre.top_k, model.labels)
+        # classifiers: top-k of the whole batch at once; detectors: per row below
+        tops = None if pre.task == "detection" else top_k_rows(outputs[0], pre.top_k, model.labels)
         for row, frame in enumerate(frames):
             top_class = -1
             if tops is None:
