@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import agent  # noqa: F401  (first: opts out of onnxruntime's telemetry before any test loads it)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODELS = REPO_ROOT / "agent" / "demo" / "models"
 
