@@ -959,6 +959,9 @@ class Daemon:
             "governor": gov,
             "temps_c": gov.get("temps_c", {}),
             "power_w": power,
+            "power_source": gov.get("power_source", "not available"),
+            # board watts over frames per second: the whole board's energy per frame, idle
+            # draw included, not what the model alone adds
             "energy_per_inference_j": round(power / fps, 4) if power and fps > 0 else None,
             "swaps": self.slot.swaps,
             "last_reload": self.last_reload,

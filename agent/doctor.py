@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from agent.config import AgentConfig, GovernorConfig
 from agent.errors import EdgeAgentError
-from agent.health.sensors import SensorReader, ThrottleFlags
+from agent.health.sensors import SensorReader, ThrottleFlags, total_power_w
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -269,7 +269,8 @@ def check_sensors(config: AgentConfig, env: DoctorEnv) -> CheckResult:
     hottest = max(temps, key=lambda k: temps[k])
     detail = f"{len(temps)} temperatures, hottest {hottest} {temps[hottest]:.1f} C"
     if rails:
-        detail += f"; {len(rails)} power rails, {sum(rails.values()):.2f} W"
+        watts, how = total_power_w(rails)
+        detail += f"; {len(rails)} power rails, {watts:.2f} W ({how})"
     if temps[hottest] >= config.governor.soft_limit_c:
         return CheckResult(
             "sensors",

@@ -108,9 +108,11 @@ def format_status(snap: dict[str, Any], running: bool) -> str:
     ]
     if snap.get("power_w") is not None:
         lines.append(
-            f"power:      {snap['power_w']} W, "
+            f"power:      {snap['power_w']} W ({snap.get('power_source', 'rails')}), "
             f"{_fmt(snap.get('energy_per_inference_j'), ' J')}/inference"
         )
+    elif "power_source" in snap:
+        lines.append("power:      not available (no power rails or PMIC on this board)")
     lines += format_ota(snap.get("ota"))
     return "\n".join(lines)
 

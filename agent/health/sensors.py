@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -23,6 +24,15 @@ WARN_EVERY_S = 600.0
 RESCAN_S = 30.0
 # Readings outside this range are garbage (a disconnected probe reads -273 or 255 C).
 PLAUSIBLE_TEMP_C = (-40.0, 150.0)
+
+# Jetson rails that carry the whole module's input: every other rail on the same monitor is
+# a part of it (VDD_CPU_GPU_CV and VDD_SOC are fed from VDD_IN), so adding them counts the
+# same watts twice. With one of these present the total is that rail alone.
+MODULE_INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
+# `vcgencmd pmic_read_adc` (Raspberry Pi 5) runs a firmware call of a few ms: not per tick.
+PMIC_EVERY_S = 10.0
+# "     VDD_CORE_A current(7)=2.14060000A" / "     VDD_CORE_V volt(15)=0.88080000V"
+_PMIC_LINE = re.compile(r"\s*(\w+)_([AV]) (?:current|volt)\(\d+\)=([-+0-9.eE]+)[AV]\s*")
 
 # Raspberry Pi firmware get_throttled bits: 0-3 now, 16-19 since boot.
 THROTTLE_BITS = {
@@ -67,6 +77,40 @@ class SensorLayout:
     throttle_file_exists: bool = False
 
 
+def total_power_w(power_w: dict[str, float]) -> tuple[float | None, str]:
+    """The board's power from its rails, and how it was worked out.
+
+    Sums only independent rails: a module input rail (VDD_IN on Orin / Xavier NX / TX2,
+    POM_5V_IN on the Nano) already holds the others, so it is the total on its own.
+    """
+    if not power_w:
+        return None, "not available"
+    for rail in MODULE_INPUT_RAILS:
+        if rail in power_w:
+            return round(power_w[rail], 3), f"{rail} (module input)"
+    return round(sum(power_w.values()), 3), "sum of independent rails"
+
+
+def parse_pmic_adc(text: str) -> dict[str, float]:
+    """Rail power in W from `vcgencmd pmic_read_adc` output (Raspberry Pi 5 PMIC).
+
+    Each rail has a current (NAME_A) and a voltage (NAME_V) line; a rail with only a
+    voltage (EXT5V, BATT) carries no power figure. PMIC outputs are independent rails.
+    """
+    amps: dict[str, float] = {}
+    volts: dict[str, float] = {}
+    for line in text.splitlines():
+        found = _PMIC_LINE.fullmatch(line)
+        if found is None:
+            continue
+        name, unit, value = found.groups()
+        try:
+            (amps if unit == "A" else volts)[name] = float(value)
+        except ValueError:
+            continue
+    return {f"pmic.{name}": amps[name] * volts[name] for name in amps if name in volts}
+
+
 def _read_name(path: Path, encoding: str | None = "ascii") -> str | None:
     """A sensor's name or label file, stripped; None when it cannot be read."""
     try:
@@ -98,7 +142,11 @@ class Readings:
 
     @property
     def total_power_w(self) -> float | None:
-        return round(sum(self.power_w.values()), 3) if self.power_w else None
+        return total_power_w(self.power_w)[0]
+
+    @property
+    def power_source(self) -> str:
+        return total_power_w(self.power_w)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +155,7 @@ class Readings:
             "throttle": self.throttle.to_dict() if self.throttle else None,
             "power_w": {k: round(v, 3) for k, v in self.power_w.items()},
             "total_power_w": self.total_power_w,
+            "power_source": self.power_source,
             "cpu_percent": self.cpu_percent,
             "free_memory_mb": self.free_memory_mb,
         }
@@ -144,6 +193,9 @@ class SensorReader:
             self._use_psutil_temps = config.use_psutil
             self._vcgencmd = shutil.which("vcgencmd") if config.use_vcgencmd else None
         self._use_psutil = config.use_psutil
+        # Raspberry Pi 5 PMIC rails: (read at monotonic s, rails); None once the firmware
+        # said it has no PMIC ADC (every board before the Pi 5)
+        self._pmic: tuple[float, dict[str, float]] | None = (-PMIC_EVERY_S, {})
         self._warned: dict[str, float] = {}
         self.warnings = 0
 
@@ -326,6 +378,28 @@ class SensorReader:
                 rails[label] = millivolts * milliamps / 1e6
         return rails
 
+    def pmic_power_w(self) -> dict[str, float]:
+        """Raspberry Pi 5 PMIC rail power from `vcgencmd pmic_read_adc`, at most every
+        PMIC_EVERY_S; {} on boards without it (asked once, then never again)."""
+        if self._vcgencmd is None or self._pmic is None:
+            return {}
+        read_s, rails = self._pmic
+        now_s = self._clock()
+        if now_s - read_s < PMIC_EVERY_S:
+            return rails
+        try:
+            done = subprocess.run(
+                [self._vcgencmd, "pmic_read_adc"], capture_output=True, text=True, timeout=2.0
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._warn("vcgencmd", f"vcgencmd pmic_read_adc: {exc}")
+            self._pmic = (now_s, {})
+            return {}
+        rails = parse_pmic_adc(done.stdout) if done.returncode == 0 else {}
+        # a Pi 4 answers "error=2 error_msg=..." or nothing parsable: no PMIC, stop asking
+        self._pmic = (now_s, rails) if rails else None
+        return rails
+
     def read(self) -> Readings:
         layout = self._sensor_layout()
         temps = self._zone_temps(layout)
@@ -336,7 +410,7 @@ class SensorReader:
         readings = Readings(
             temps_c=temps,
             throttle=self._throttle_flags(layout),
-            power_w=self._rail_power_w(layout),
+            power_w=self._rail_power_w(layout) or self.pmic_power_w(),
         )
         if self._use_psutil:
             try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +101,150 @@ def test_jetson_rails_ina3221_and_hwmon(sysfs: Any) -> None:
     sysfs.hwmon(2, "ina3221", {"in1_input": "5000", "curr1_input": "400", "in1_label": "VDD_SOC"})
     r = SensorReader(cfg(sysfs.root)).read()
     assert r.power_w == {"VDD_IN": 5.2, "VDD_CPU_GPU_CV": 1.8, "VDD_SOC": 2.0}
-    assert r.total_power_w == 9.0
+    # VDD_IN feeds the other two: the module's power is VDD_IN alone, never 9.0 W
+    assert r.total_power_w == 5.2
+    assert r.power_source == "VDD_IN (module input)"
+
+
+@dataclass(frozen=True)
+class BoardPower:
+    """One board's rail layout (as its sysfs shows it) and the total it must report."""
+
+    name: str
+    iio_rails_mw: dict[str, float]
+    hwmon_rails: dict[str, str]
+    total_w: float | None
+    source: str
+
+
+BOARD_POWER = [
+    # Orin Nano / NX on L4T 36: hwmon ina3221, VDD_IN is the module input
+    BoardPower(
+        "orin-hwmon",
+        {},
+        {
+            "in1_label": "VDD_IN",
+            "in1_input": "5000",
+            "curr1_input": "1200",
+            "in2_label": "VDD_CPU_GPU_CV",
+            "in2_input": "5000",
+            "curr2_input": "300",
+            "in3_label": "VDD_SOC",
+            "in3_input": "5000",
+            "curr3_input": "250",
+        },
+        6.0,
+        "VDD_IN (module input)",
+    ),
+    # Jetson Nano on L4T 32: iio ina3221x, POM_5V_IN is the module input
+    BoardPower(
+        "nano-iio",
+        {"POM_5V_IN": 3900, "POM_5V_GPU": 400, "POM_5V_CPU": 1100},
+        {},
+        3.9,
+        "POM_5V_IN (module input)",
+    ),
+    # AGX Orin: no whole-module rail; its monitors' rails are independent inputs
+    BoardPower(
+        "agx-orin",
+        {"VDD_GPU_SOC": 4000, "VDD_CPU_CV": 2000, "VIN_SYS_5V0": 3000},
+        {},
+        9.0,
+        "sum of independent rails",
+    ),
+    BoardPower("no-rails", {}, {}, None, "not available"),
+]
+
+
+@pytest.mark.parametrize("board", BOARD_POWER, ids=lambda b: b.name)
+def test_board_power_sums_only_independent_rails(sysfs: Any, board: BoardPower) -> None:
+    if board.iio_rails_mw:
+        sysfs.ina3221(board.iio_rails_mw)
+    if board.hwmon_rails:
+        sysfs.hwmon(1, "ina3221", board.hwmon_rails)
+    r = SensorReader(cfg(sysfs.root)).read()
+    assert r.total_power_w == board.total_w
+    assert r.power_source == board.source
+    assert r.to_dict()["power_source"] == board.source
+
+
+# Real `vcgencmd pmic_read_adc` output of a Raspberry Pi 5 (trimmed to five rails).
+PI5_PMIC_ADC = """\
+     3V7_WL_SW_A current(0)=0.00390372A
+       3V3_SYS_A current(1)=0.05269074A
+      DDR_VDD2_A current(4)=0.01171116A
+     VDD_CORE_A current(7)=0.70000000A
+          HDMI_A current(11)=0.00000000A
+     3V7_WL_SW_V volt(12)=3.74426500V
+       3V3_SYS_V volt(13)=3.31208800V
+      DDR_VDD2_V volt(16)=1.11172000V
+     VDD_CORE_V volt(19)=0.88000000V
+          HDMI_V volt(23)=5.14800000V
+         EXT5V_V volt(24)=5.14800000V
+          BATT_V volt(25)=0.00000000V
+"""
+
+
+def _fake_vcgencmd(bin_dir: Path, pmic_output: str | None, calls: Path) -> None:
+    """A `vcgencmd` on PATH answering like the firmware (a Pi 4 has no pmic_read_adc)."""
+    bin_dir.mkdir()
+    out = bin_dir / "pmic.txt"
+    out.write_text(pmic_output or "")
+    script = bin_dir / "vcgencmd"
+    pmic = f'cat "{out}"' if pmic_output is not None else 'echo "error=2 error_msg=..."; exit 2'
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> "{calls}"\n'
+        'case "$1" in\n'
+        "  get_throttled) echo throttled=0x0 ;;\n"
+        f"  pmic_read_adc) {pmic} ;;\n"
+        "esac\n"
+    )
+    script.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("board", "pmic_output", "total_w", "source"),
+    [
+        # 0.0146 + 0.1745 + 0.0130 + 0.6160 + 0 W (current x voltage per rail)
+        ("pi5", PI5_PMIC_ADC, 0.818, "sum of independent rails"),
+        ("pi4", None, None, "not available"),
+    ],
+)
+def test_raspberry_pi_pmic_power(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    board: str,
+    pmic_output: str | None,
+    total_w: float | None,
+    source: str,
+) -> None:
+    calls = tmp_path / "calls.txt"
+    _fake_vcgencmd(tmp_path / "bin", pmic_output, calls)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    clock = FakeClock()
+    config = GovernorConfig(
+        thermal_root=tmp_path / "thermal",
+        hwmon_root=tmp_path / "hwmon",
+        throttle_file=tmp_path / "no-throttle-file",
+        use_psutil=False,
+    )
+    reader = SensorReader(config, clock=clock)
+    first = reader.read()
+    assert first.total_power_w == (None if total_w is None else pytest.approx(total_w, abs=1e-3))
+    assert first.power_source == source
+    if pmic_output is not None:
+        assert "pmic.VDD_CORE" in first.power_w and "pmic.EXT5V" not in first.power_w
+    for _ in range(3):
+        clock.now_s += 1.0
+        reader.read()
+    asked = calls.read_text().splitlines().count("pmic_read_adc")
+    # a Pi 5 is asked once per PMIC_EVERY_S, a board without a PMIC ADC only once ever
+    assert asked == 1
+    clock.now_s += 60.0
+    reader.read()
+    asked = calls.read_text().splitlines().count("pmic_read_adc")
+    assert asked == (2 if pmic_output is not None else 1)
 
 
 class FakeClock:
@@ -301,3 +446,27 @@ def test_thread_tick_applies_cap_and_sends_governor_step_events(sysfs: Any) -> N
     assert events[1][1]["state"] == PAUSED and "hard limit" in events[1][1]["reason"]
     snap = thread.snapshot()
     assert snap["state"] == PAUSED and snap["temps_c"] == {"cpu-thermal": 90.0}
+
+
+@pytest.mark.parametrize(
+    ("power", "source", "shown"),
+    [
+        (
+            6.0,
+            "VDD_IN (module input)",
+            "power:      6.0 W (VDD_IN (module input)), 0.3 J/inference",
+        ),
+        (None, "not available", "power:      not available (no power rails or PMIC on this board)"),
+    ],
+)
+def test_status_says_where_power_comes_from(power: float | None, source: str, shown: str) -> None:
+    from agent.commands.daemon import format_status
+
+    snap = {
+        "state": "running",
+        "fps": 20.0,
+        "power_w": power,
+        "power_source": source,
+        "energy_per_inference_j": 0.3 if power else None,
+    }
+    assert shown in format_status(snap, running=True).splitlines()

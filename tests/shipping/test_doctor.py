@@ -94,8 +94,8 @@ def test_jetson(tmp_path: Path, state_dir: Path) -> None:
     sensors = rows["sensors"]
     assert sensors.status == "ok"
     assert "4 temperatures, hottest tj-thermal 52.0 C" in sensors.detail
-    # VDD_IN 6 W + 2 W + 1.5 W from the INA3221 hwmon files
-    assert "3 power rails, 9.50 W" in sensors.detail
+    # VDD_IN 6 W, VDD_CPU_GPU_CV 2 W, VDD_SOC 1.5 W: the last two are parts of VDD_IN
+    assert "3 power rails, 6.00 W (VDD_IN (module input))" in sensors.detail
     assert rows["throttle"].status == "skip"
     assert rows["camera"].status == "skip"
 
