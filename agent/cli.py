@@ -24,6 +24,32 @@ COMMAND_MODULES = (
     "agent.commands.device",
 )
 
+# Which module defines each top-level command, so a command imports only its own module
+# (and what that module needs): on a 512 MB board `status` must not load numpy, requests
+# and cryptography. `edge-agent --help` and unknown commands still import them all.
+# tests/test_cli_lean.py checks this table against what the modules really add.
+COMMANDS = {
+    "infer": "agent.commands.runtime",
+    "bench-model": "agent.commands.runtime",
+    "keys": "agent.commands.package",
+    "package": "agent.commands.package",
+    "gate": "agent.commands.gate",
+    "run": "agent.commands.daemon",
+    "status": "agent.commands.daemon",
+    "telemetry": "agent.commands.telemetry",
+    "provision": "agent.commands.ota",
+    "install": "agent.commands.ota",
+    "update": "agent.commands.ota",
+    "rollback": "agent.commands.ota",
+    "repo": "agent.commands.fleet",
+    "publish": "agent.commands.fleet",
+    "rollout": "agent.commands.fleet",
+    "serve": "agent.commands.fleet",
+    "token": "agent.commands.fleet",
+    "doctor": "agent.commands.device",
+    "config": "agent.commands.device",
+}
+
 EPILOG = """\
 examples:
   edge-agent infer --model models/digits_fp32.onnx --input x.npy --output y.npy
@@ -41,7 +67,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with ``command`` (a known top-level command) only its module is
+    imported and added, which is all parsing that command needs."""
     parser = _Parser(
         prog="edge-agent",
         description="On-device inference agent with signed, gated over-the-air model updates.",
@@ -52,10 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         module = importlib.import_module(name)
         module.add_commands(sub)
     return parser
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """The top-level command named in ``argv`` (the global options take no values)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:
@@ -68,7 +102,12 @@ def setup_logging(debug: bool, quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_in(argv)
+    if command is None and "--version" in argv:
+        print(f"edge-agent {__version__}")  # before any command module is imported
+        return 0
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()

@@ -15,10 +15,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import AgentConfig, PreprocessConfig, load_config
@@ -44,6 +43,9 @@ from agent.runtime import BackendOptions, load_backend
 from agent.runtime.base import Backend
 from agent.sdnotify import Notifier
 from agent.telemetry.identity import resolve_device_id
+
+if TYPE_CHECKING:  # the metrics endpoint imports http.server only when it is configured
+    from http.server import ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -1045,6 +1047,8 @@ class Daemon:
         if not port:
             return
         daemon = self
+
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         class MetricsHandler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:

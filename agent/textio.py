@@ -8,16 +8,18 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import InputDataError, UsageError
+
+if TYPE_CHECKING:  # numpy is imported by the two .npy helpers only: not every command needs it
+    import numpy.typing as npt
 
 
 def load_npy(path: Path, max_bytes: int = 1 << 31) -> npt.NDArray[Any]:
     """Load an .npy file without pickles; one-line errors for missing or broken files."""
+    import numpy as np
+
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -75,6 +77,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def save_npy(path: Path, arr: npt.NDArray[Any]) -> None:
     import io
+
+    import numpy as np
 
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)

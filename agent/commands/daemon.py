@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.commands import SubParsers, add_command
-from agent.config import load_config
 from agent.errors import EXIT_OK, EXIT_REFUSED, StateError
 
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
@@ -166,6 +165,8 @@ def read_ota_status(state_dir: Path) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.config is not None:
+        from agent.config import load_config
+
         cfg = load_config(args.config)
         state_dir = cfg.state_dir
         path = cfg.status.path or cfg.state_dir / "status.json"

@@ -9,12 +9,14 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.commands import SubParsers, add_command
-from agent.config import AgentConfig, load_config
 from agent.errors import EdgeAgentError, OTAError, StateError, UsageError
 from agent.textio import write_atomic
+
+if TYPE_CHECKING:  # `status` imports this module for ota_status(): no YAML parser for it
+    from agent.config import AgentConfig
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.yaml")
 CONTROL_TIMEOUT_S = 600.0
@@ -82,6 +84,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def load_agent_config(args: argparse.Namespace) -> AgentConfig:
     """The config named by --config (or the default file when present), with --state-dir."""
+    from agent.config import AgentConfig, load_config
+
     path = args.config
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
@@ -281,8 +285,7 @@ def _rollback(args: argparse.Namespace) -> int:
 def ota_status(state_dir: Path) -> dict[str, Any]:
     """OTA fields for `edge-agent status --json`: versions, state, last gate report, refusal."""
     from agent.ota import install
-    from agent.ota.journal import Journal
-    from agent.ota.service import LAST_GATE_REPORT
+    from agent.ota.journal import LAST_GATE_REPORT, Journal
 
     def version_of(which: str) -> str | None:
         pkg_dir = install.resolve(state_dir, which)
@@ -311,7 +314,7 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
             out["state"] = last.state.value
             out["last_change"] = {k: v for k, v in last.to_dict().items() if k != "detail"}
         if last is not None and last.package:
-            from agent.package import ReleaseFloor
+            from agent.package.floor import ReleaseFloor
 
             with ReleaseFloor(state_dir / "state.db") as floor:
                 out["release_floor"] = floor.get(last.package)

@@ -17,6 +17,9 @@ from agent.ota.killpoint import kill_point
 from agent.ota.states import AT_REST, OTAState, check_transition, parse_state
 from agent.sqlitedb import open_db
 
+# ota_values key of the last gate report (the service writes it, status reads it)
+LAST_GATE_REPORT = "last_gate_report"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ota_journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -32,7 +32,7 @@ from agent.ota import install
 from agent.ota.channel import ChannelClient, ChannelDocument, LastKnownGoodClock
 from agent.ota.download import TargetRef, download_target
 from agent.ota.fetch import FetchLimits, HttpFetcher
-from agent.ota.journal import Journal, JournalEntry
+from agent.ota.journal import LAST_GATE_REPORT, Journal, JournalEntry
 from agent.ota.killpoint import kill_point
 from agent.ota.membership import in_rollout, poll_delay_s, rollout_bucket
 from agent.ota.probation import (
@@ -52,7 +52,6 @@ from agent.telemetry.identity import resolve_device_id
 
 log = logging.getLogger(__name__)
 
-LAST_GATE_REPORT = "last_gate_report"
 STAGING_EXTRACT_PREFIX = "extract-"
 
 

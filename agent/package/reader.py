@@ -435,46 +435,14 @@ def check_npy_file(path: Path, rel: str) -> None:
 
 
 def onnx_external_data(path: Path) -> str | None:
-    """The name of a tensor that points at external data, or None when there is none."""
-    try:
-        import onnx
-    except ImportError:
-        # Without the onnx package: an external-data entry always carries the key
-        # "location" (protobuf field 1, length 8), which weights almost never spell out.
-        with path.open("rb") as fh:
-            tail = b""
-            while chunk := fh.read(1 << 20):
-                if b"\n\x08location" in tail + chunk:
-                    return "(unknown tensor)"
-                tail = chunk[-16:]
-        return None
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, ValueError and friends
-        raise ModelError(f"{path.name}: not a valid ONNX model ({str(exc)[:80]})") from None
-    external = onnx.TensorProto.EXTERNAL
+    """The name of a tensor that points at external data, or None when there is none.
 
-    def in_graph(graph: Any) -> str | None:
-        for t in graph.initializer:
-            if t.data_location == external:
-                return str(t.name)
-        for st in graph.sparse_initializer:
-            if st.values.data_location == external:
-                return str(st.values.name)
-        for node in graph.node:
-            for attr in node.attribute:
-                tensors = [attr.t, *attr.tensors] if attr.HasField("t") else list(attr.tensors)
-                for t in tensors:
-                    if t.data_location == external:
-                        return f"{node.name or node.op_type}.{attr.name}"
-                subgraphs = [attr.g, *attr.graphs] if attr.HasField("g") else list(attr.graphs)
-                for g in subgraphs:
-                    found = in_graph(g)
-                    if found:
-                        return found
-        return None
+    Read from the protobuf wire format (agent.runtime.onnx_wire): the same check with or
+    without the `onnx` package, which devices do not install.
+    """
+    from agent.runtime.onnx_wire import external_data_tensor
 
-    return in_graph(model.graph)
+    return external_data_tensor(path)
 
 
 def check_onnx_file(path: Path, rel: str) -> None:

@@ -139,22 +139,11 @@ def _spec(arg: Any) -> TensorSpec:
 
 def refuse_external_data(path: Path) -> None:
     """Refuse an ONNX file that points at external data (it could read any file)."""
-    try:
-        import onnx
-    except ImportError:
-        # Without the onnx package, fall back to a byte scan for the marker field name.
-        if b"external_data" in path.read_bytes():
-            raise ModelError(f"{path}: ONNX model uses external data, which is refused") from None
-        return
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise ModelError(
-                f"{path}: ONNX model uses external data ({tensor.name}), which is refused"
-            )
+    from agent.runtime.onnx_wire import external_data_tensor
+
+    found = external_data_tensor(path)
+    if found is not None:
+        raise ModelError(f"{path}: ONNX model uses external data ({found}), which is refused")
 
 
 def _first_line(exc: BaseException) -> str:
