@@ -406,6 +406,20 @@ class TelemetryStore(ABC):
         )
         return {device: state for device, state in rows}
 
+    def state_reports(self, package: str, version: str) -> list[tuple[str, str, float]]:
+        """(device_id, state, received_s) of every install report for this version, in the
+        device's order; received_s is this server's clock when the report arrived, which a
+        device cannot set (its own timeUnixNano may come from a clock years off)."""
+        # ota_states shares the logs key, so the join finds each report's one logs row.
+        rows = self._query(
+            "SELECT o.device_id, o.state, l.received_s FROM ota_states o JOIN logs l "
+            "ON l.device_id = o.device_id AND l.boot_id = o.boot_id AND l.seq = o.seq "
+            f"WHERE o.package = ? AND o.version = ? AND o.state NOT IN {IDLE_STATES} "
+            f"ORDER BY o.time_ns, o.{self.arrival_column}",
+            (package, version),
+        )
+        return [(str(device), str(state), float(received)) for device, state, received in rows]
+
     def count_rows(self, table: str) -> int:
         if table not in TABLES:
             raise UsageError(f"unknown table {table!r}")
