@@ -135,7 +135,9 @@ def read_regular(
 def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created if needed): one writer at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a symlink planted at the lock's name is refused, not followed (O_CREAT
+    # through a dangling link would create its target, wherever it points).
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from agent.package import (
 )
 from agent.package.build import file_digest, read_head
 from agent.runtime import load_backend
-from agent.textio import PRIVATE_MODE, atomic_file, load_npy, write_atomic
+from agent.textio import PRIVATE_MODE, atomic_file, file_lock, load_npy, write_atomic
 
 from .conftest import DIGITS_ONNX, REPO_ROOT, Forge
 
@@ -606,3 +607,13 @@ def test_the_same_values_without_the_trailing_newline_pass(forge: Forge) -> None
     assert _manifest_with(forge, name="digits", version="1.1.0").name == "digits"
     assert str(parse_version("1.3.0")) == "1.3.0"
     assert forge.keyring.revoked  # the keyring the rows edit does revoke a key
+
+
+def test_file_lock_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
+    lock = tmp_path / ".lock"
+    elsewhere = tmp_path / "elsewhere"
+    lock.symlink_to(elsewhere)
+    with pytest.raises(OSError) as info, file_lock(lock):
+        pass
+    assert info.value.errno == errno.ELOOP
+    assert not elsewhere.exists()
