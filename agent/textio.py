@@ -11,16 +11,20 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, overload
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from agent.errors import EdgeAgentError, InputDataError, UsageError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 
 def load_npy(path: Path, max_bytes: int = 1 << 31) -> npt.NDArray[Any]:
     """Load an .npy file without pickles; one-line errors for missing or broken files."""
+    # numpy is imported where it is used: config loading and key files use this module's
+    # file helpers, and `edge-agent status` must not pay numpy's import for them.
+    import numpy as np
+
     with open_regular(path, ".npy file", InputDataError) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > max_bytes:
@@ -196,7 +200,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def save_npy(path: Path, arr: npt.NDArray[Any]) -> None:
-    import io
+    import numpy as np
 
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
