@@ -170,17 +170,13 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, source: str = "<c
 
 def load_yaml_file(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
     """Read a YAML file with ``safe_load`` and a size cap; errors name the file and line."""
+    # Imported here: textio brings numpy, which loading a config does not otherwise need.
+    from agent.textio import read_regular
+
+    raw = read_regular(path, max_bytes, "file", ConfigError)
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if size > max_bytes:
-        raise ConfigError(f"{path}: file is {size} bytes, more than the {max_bytes} allowed")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     try:
         return yaml.safe_load(text)

@@ -142,8 +142,16 @@ class StatusFile:
             self._write(data)
 
     def _write(self, data: bytes) -> None:
-        # plain os calls: the buffered file object costs more than the write itself
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # plain os calls: the buffered file object costs more than the write itself.
+        # O_EXCL|O_NOFOLLOW: status.path may sit in a shared folder such as /tmp, where
+        # the temp name can be guessed; a file or symlink left there is removed, never
+        # written through (the normal case costs no extra call).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._tmp, flags, 0o644)
+        except FileExistsError:
+            os.unlink(self._tmp)
+            fd = os.open(self._tmp, flags, 0o644)
         try:
             os.write(fd, data)
         finally:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.commands import SubParsers, add_command
 from agent.errors import EdgeAgentError, OTAError, StateError, UsageError
-from agent.textio import write_atomic
+from agent.textio import check_regular_file, read_regular, write_atomic
 
 if TYPE_CHECKING:  # `status` imports this module for ota_status(): no YAML parser for it
     from agent.config import AgentConfig
@@ -146,11 +146,7 @@ def _provision(args: argparse.Namespace) -> int:
 
 def _read_small(path: Path, max_bytes: int) -> bytes:
     try:
-        if path.stat().st_size > max_bytes:
-            raise UsageError(f"{path}: larger than {max_bytes} bytes")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
+        return read_regular(path, max_bytes)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
 
@@ -202,8 +198,8 @@ def _service(cfg: AgentConfig) -> Any:
 def _install(args: argparse.Namespace) -> int:
     cfg = load_agent_config(args)
     tar = args.package.resolve()
-    if not tar.is_file():
-        raise UsageError(f"{args.package}: file not found")
+    # Refused here, before the daemon or the OTA lock is involved (a FIFO would block).
+    check_regular_file(tar, "package file")
     reply = _ask_daemon(cfg, {"cmd": "install", "path": str(tar)})
     if reply is not None:
         return _daemon_result(args, reply)

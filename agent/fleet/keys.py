@@ -57,15 +57,10 @@ def tuf_key_from_hex(public_hex: str, keyid: str | None = None) -> SSlibKey:
 
 
 def _read_small(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_KEY_FILE_BYTES:
-            raise ConfigError(f"{path}: key file is {size} bytes, more than {MAX_KEY_FILE_BYTES}")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: key file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read key file ({exc.strerror})") from None
+    # Imported here: textio brings numpy, which the fleet commands do not otherwise need.
+    from agent.textio import read_regular
+
+    return read_regular(path, MAX_KEY_FILE_BYTES, "key file", ConfigError)
 
 
 def _parse_expires(value: object, where: Path) -> datetime | None:

@@ -452,18 +452,65 @@ def _state_lock(base: Path) -> Iterator[None]:
 class ReportSource(Protocol):
     """Where the controller reads device state from (the server's telemetry store)."""
 
-    def latest_states(self, package: str, version: str) -> Mapping[str, str]:
-        """device_id -> the newest ota.state for this package version."""
+    def state_reports(self, package: str, version: str) -> Sequence[tuple[str, str, float]]:
+        """(device_id, ota.state, received_s) of each report for this package version, oldest
+        first in the device's own order; received_s is the server's clock at arrival."""
 
     def known_devices(self) -> Iterable[str]:
         """Every device id the server has heard from."""
 
 
+def stage_start_times_s(state: RolloutState) -> list[float]:
+    """When each stage up to the current one started, in seconds since the epoch.
+
+    Stage 0 started with the rollout, each later one at the promote entry that left the
+    stage before it. The current stage's start is kept on the state itself, so a history
+    that lost entries only makes the rule stricter. Times are kept to the second, so a
+    stage's window opens up to a second before its true start.
+    """
+    current = _parse_iso(state.stage_started).timestamp()
+    starts = [_parse_iso(state.started).timestamp() if state.started else current]
+    for entry in state.history:
+        if len(starts) > state.stage:
+            break
+        if entry.get("action") == "promote" and isinstance(entry.get("time"), str):
+            starts.append(max(starts[-1], _parse_iso(entry["time"]).timestamp()))
+    starts += [current] * (state.stage + 1 - len(starts))
+    starts = starts[: state.stage + 1]
+    starts[-1] = current
+    return starts
+
+
 def count_reports(state: RolloutState, source: ReportSource) -> StageCounts:
-    states = source.latest_states(state.package, state.version)
+    """The stage's counts: only members of the current stage, only reports they made after
+    the stage that took them in had started (server receipt time).
+
+    A device outside the stage cannot promote or abort it, whatever it reports; a report
+    sent before its sender was in the rollout (an outsider then, or a stale report from
+    before the rollout began) does not count either. A canary taken in at 1 % keeps its
+    reports through the later stages: it is still a member and reported as one.
+    """
+    starts = stage_start_times_s(state)
+    stages = state.policy.stages_percent[: state.stage + 1]
+    since: dict[str, float | None] = {}
+
+    def member_since_s(device: str) -> float | None:
+        if device not in since:
+            bucket = member_bucket(device, state.salt)
+            since[device] = next(
+                (start for start, percent in zip(starts, stages) if bucket < percent * 100),
+                None,
+            )
+        return since[device]
+
+    states: dict[str, str] = {}
+    for device, ota_state, received_s in source.state_reports(state.package, state.version):
+        joined_s = member_since_s(device)
+        if joined_s is not None and received_s >= joined_s:
+            states[device] = ota_state  # rows come oldest first: the newest one stays
     committed = sum(1 for s in states.values() if s in SUCCESS_STATES)
     failed = sum(1 for s in states.values() if s in FAILED_STATES)
-    members = sum(1 for d in source.known_devices() if is_member(d, state.salt, state.percent))
+    members = sum(1 for d in source.known_devices() if member_since_s(d) is not None)
     return StageCounts(committed, failed, len(states) - committed - failed, members)
 
 

@@ -29,7 +29,7 @@ from agent.fleet.tokens import device_for_token, load_tokens
 
 log = logging.getLogger(__name__)
 
-METADATA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.json$")
+METADATA_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.json", re.ASCII)
 MAX_METADATA_RESPONSE_BYTES = 4 << 20
 
 
@@ -95,7 +95,7 @@ def create_app(
     def metadata_file(name: str) -> Response:
         # timestamp.json and root.json are replaced in place: read each in one go, so a
         # client never gets the old file's length with the new file's bytes.
-        if not METADATA_NAME_RE.match(name):
+        if not METADATA_NAME_RE.fullmatch(name):
             return JSONResponse({"error": "not found"}, status_code=404)
         try:
             with (metadata_dir / name).open("rb") as fh:
@@ -119,7 +119,12 @@ def create_app(
 
     async def read_body(request: Request) -> bytes | JSONResponse:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+        if (
+            declared is not None
+            and declared.isascii()  # str.isdigit() also takes other scripts' digits
+            and declared.isdigit()
+            and int(declared) > config.max_body_bytes
+        ):
             return problem(413, f"body over {config.max_body_bytes} bytes", request)
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -128,15 +133,23 @@ def create_app(
                 return problem(413, f"body over {config.max_body_bytes} bytes", request)
             chunks.append(chunk)
         body = b"".join(chunks)
-        if request.headers.get("content-encoding", "").lower() == "gzip":
-            try:
-                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                body = inflater.decompress(body, config.max_decompressed_bytes + 1)
-                if len(body) > config.max_decompressed_bytes or inflater.unconsumed_tail:
-                    return problem(413, "gzip body inflates past the limit", request)
-            except zlib.error:
-                return problem(400, "body is not valid gzip", request)
-        return body
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding != "gzip":
+            return problem(415, f"Content-Encoding {encoding!r} is not supported (gzip)", request)
+        try:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            inflated = inflater.decompress(body, config.max_decompressed_bytes + 1)
+        except zlib.error as exc:
+            return problem(400, f"body is not valid gzip ({exc})", request)
+        if len(inflated) > config.max_decompressed_bytes or inflater.unconsumed_tail:
+            return problem(413, "gzip body inflates past the limit", request)
+        if not inflater.eof:
+            return problem(400, "body is not valid gzip (the stream is cut short)", request)
+        if inflater.unused_data:
+            return problem(400, "body is not valid gzip (bytes after the stream)", request)
+        return inflated
 
     def authenticate(request: Request) -> str | JSONResponse:
         header = request.headers.get("authorization", "")
@@ -153,15 +166,23 @@ def create_app(
         body = await read_body(request)
         if isinstance(body, JSONResponse):
             return body
-        if "json" not in request.headers.get("content-type", "application/json"):
+        if not is_json_media_type(request.headers.get("content-type", "application/json")):
             return problem(415, "only OTLP/JSON (application/json) is accepted", request)
         try:
             payload = json.loads(body)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+            return problem(400, f"body is not JSON ({_short(exc)})", request)
+        except RecursionError:
+            return problem(400, "body is not JSON we accept (nested too deeply)", request)
+        try:
             rows: Any = parse_otlp_logs(payload) if kind == "logs" else parse_otlp_metrics(payload)
-        except ValueError as exc:  # BadPayloadError is not a ValueError; JSON errors are
-            return problem(400, f"body is not JSON ({exc})", request)
         except BadPayloadError as exc:
             return problem(400, str(exc), request)
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError):
+            # The parser checks every shape it reads; this is the net for one it missed, so
+            # a device gets a 400 (it drops the batch) and not a 500 (it would resend forever).
+            log.exception("unexpected OTLP body shape")
+            return problem(400, "body does not follow OTLP/JSON", request)
         strangers = {r.device_id for r in rows} - {device}
         if strangers:
             return problem(
@@ -217,6 +238,19 @@ def create_app(
         return HTMLResponse(render_status_page(sts, charts))
 
     return app
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """application/json or any +json type, parameters (charset) ignored."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _short(exc: BaseException, max_chars: int = 120) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def serve(config: ServerConfig, store: TelemetryStore, keys: Sequence[OperatorKey]) -> None:

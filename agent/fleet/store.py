@@ -22,6 +22,8 @@ MAX_ATTR_TEXT = 64 << 10
 # Both backends store these as signed 64-bit integers; bigger values are a bad payload (400),
 # not a storage failure the device would retry forever.
 INT64_MAX = (1 << 63) - 1
+# kvlistValue / arrayValue nesting accepted in one attribute value (parsed recursively).
+MAX_VALUE_DEPTH = 16
 
 
 class BadPayloadError(InputDataError):
@@ -54,9 +56,12 @@ class MetricRow:
 # ---------------------------------------------------------------------------------------
 
 
-def _any_value(value: Any, where: str) -> Any:
+def _any_value(value: Any, where: str, depth: int = 0) -> Any:
     if not isinstance(value, dict):
         raise BadPayloadError(f"{where}: AnyValue must be an object")
+    if depth > MAX_VALUE_DEPTH:
+        # Our devices send flat attributes; a deep tree is an attack on the recursion below.
+        raise BadPayloadError(f"{where}: values nested deeper than {MAX_VALUE_DEPTH} levels")
     if "stringValue" in value:
         return _text(value["stringValue"], where)
     if "boolValue" in value:
@@ -64,18 +69,19 @@ def _any_value(value: Any, where: str) -> Any:
     if "intValue" in value:
         try:
             return int(value["intValue"])  # OTLP/JSON sends 64-bit ints as strings
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e999)
             raise BadPayloadError(f"{where}: intValue is not an integer") from None
     if "doubleValue" in value:
         try:
             return float(value["doubleValue"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
             raise BadPayloadError(f"{where}: doubleValue is not a number") from None
     if "arrayValue" in value:
-        items = (value["arrayValue"] or {}).get("values", [])
-        return [_any_value(v, where) for v in _list(items, where)]
+        items = _object(value["arrayValue"], f"{where}.arrayValue").get("values", [])
+        return [_any_value(v, where, depth + 1) for v in _list(items, where)]
     if "kvlistValue" in value:
-        return _attributes((value["kvlistValue"] or {}).get("values", []), where)
+        items = _object(value["kvlistValue"], f"{where}.kvlistValue").get("values", [])
+        return _attributes(items, where, depth + 1)
     if "bytesValue" in value:
         return _text(value["bytesValue"], where)
     return None
@@ -95,6 +101,15 @@ def _int64(value: int, where: str) -> int:
     return value
 
 
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """An optional JSON object (absent or null reads as empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadPayloadError(f"{where}: expected an object")
+    return value
+
+
 def _list(value: Any, where: str) -> list[Any]:
     if value is None:
         return []
@@ -103,12 +118,12 @@ def _list(value: Any, where: str) -> list[Any]:
     return value
 
 
-def _attributes(items: Any, where: str) -> dict[str, Any]:
+def _attributes(items: Any, where: str, depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in _list(items, where):
         if not isinstance(item, dict) or not isinstance(item.get("key"), str):
             raise BadPayloadError(f"{where}: attribute without a string key")
-        out[item["key"]] = _any_value(item.get("value", {}), f"{where}.{item['key']}")
+        out[item["key"]] = _any_value(item.get("value", {}), f"{where}.{item['key']}", depth)
     return out
 
 
@@ -116,7 +131,7 @@ def _time_ns(record: Mapping[str, Any], where: str) -> int:
     raw = record.get("timeUnixNano") or record.get("observedTimeUnixNano") or 0
     try:
         time_ns = int(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e999)
         raise BadPayloadError(f"{where}: timeUnixNano is not an integer") from None
     return _int64(time_ns, f"{where}.timeUnixNano")
 
@@ -134,7 +149,8 @@ def parse_otlp_logs(payload: Any) -> list[LogRow]:
         where_r = f"resourceLogs[{i}]"
         if not isinstance(rl, dict):
             raise BadPayloadError(f"{where_r}: expected an object")
-        resource_attrs = _attributes((rl.get("resource") or {}).get("attributes"), where_r)
+        resource = _object(rl.get("resource"), f"{where_r}.resource")
+        resource_attrs = _attributes(resource.get("attributes"), where_r)
         for j, sl in enumerate(_list(rl.get("scopeLogs"), f"{where_r}.scopeLogs")):
             if not isinstance(sl, dict):
                 raise BadPayloadError(f"{where_r}.scopeLogs[{j}]: expected an object")
@@ -181,7 +197,8 @@ def parse_otlp_metrics(payload: Any) -> list[MetricRow]:
         where_r = f"resourceMetrics[{i}]"
         if not isinstance(rm, dict):
             raise BadPayloadError(f"{where_r}: expected an object")
-        resource_attrs = _attributes((rm.get("resource") or {}).get("attributes"), where_r)
+        resource = _object(rm.get("resource"), f"{where_r}.resource")
+        resource_attrs = _attributes(resource.get("attributes"), where_r)
         for j, sm in enumerate(_list(rm.get("scopeMetrics"), f"{where_r}.scopeMetrics")):
             if not isinstance(sm, dict):
                 raise BadPayloadError(f"{where_r}.scopeMetrics[{j}]: expected an object")
@@ -209,7 +226,7 @@ def parse_otlp_metrics(payload: Any) -> list[MetricRow]:
                     raw = point.get("asDouble", point.get("asInt", point.get("sum")))
                     try:
                         value = None if raw is None else float(raw)
-                    except (TypeError, ValueError):
+                    except (TypeError, ValueError, OverflowError):
                         raise BadPayloadError(f"{pw}: value is not a number") from None
                     rows.append(
                         MetricRow(device_id, metric["name"], _time_ns(point, pw), value, attrs)
@@ -405,6 +422,20 @@ class TelemetryStore(ABC):
             (package, version),
         )
         return {device: state for device, state in rows}
+
+    def state_reports(self, package: str, version: str) -> list[tuple[str, str, float]]:
+        """(device_id, state, received_s) of every install report for this version, in the
+        device's order; received_s is this server's clock when the report arrived, which a
+        device cannot set (its own timeUnixNano may come from a clock years off)."""
+        # ota_states shares the logs key, so the join finds each report's one logs row.
+        rows = self._query(
+            "SELECT o.device_id, o.state, l.received_s FROM ota_states o JOIN logs l "
+            "ON l.device_id = o.device_id AND l.boot_id = o.boot_id AND l.seq = o.seq "
+            f"WHERE o.package = ? AND o.version = ? AND o.state NOT IN {IDLE_STATES} "
+            f"ORDER BY o.time_ns, o.{self.arrival_column}",
+            (package, version),
+        )
+        return [(str(device), str(state), float(received)) for device, state, received in rows]
 
     def count_rows(self, table: str) -> int:
         if table not in TABLES:

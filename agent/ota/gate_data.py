@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from agent.errors import GoldenSetError, ModelError
 from agent.runtime.base import file_sha256
-from agent.textio import load_npy
+from agent.textio import load_npy, open_regular
 
 GOLDEN_FILES = ("inputs.npy", "labels.npy", "slices.npy", "reference.npy")
 GOLDEN_FILE_MAX_BYTES = 1 << 31
@@ -95,7 +95,8 @@ NPY_MAGIC = b"\x93NUMPY"
 # structured dtypes, goes through numpy's own parser (ast.literal_eval, ~100 µs cold).
 _NPY_PLAIN_HEADER = re.compile(
     r"\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), "
-    r"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n"
+    r"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n",
+    re.ASCII,
 )
 
 
@@ -136,13 +137,7 @@ def read_npy_hashed(
 ) -> tuple[npt.NDArray[Any], str]:
     """Load an .npy array (no pickles) and the sha256 of the file, reading its bytes once:
     the header is parsed, the data is read straight into the array and hashed from there."""
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        raise GoldenSetError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise GoldenSetError(f"{path}: cannot read ({exc.strerror})") from None
-    with fh:
+    with open_regular(path, "file", GoldenSetError) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > max_bytes:
             raise GoldenSetError(f"{path}: {size} bytes is more than the {max_bytes} allowed")
@@ -183,7 +178,8 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
     inputs_path = golden_dir / "inputs.npy"
     labels_path = golden_dir / "labels.npy"
     for required in (inputs_path, labels_path):
-        if not required.is_file():
+        # exists(), not is_file(): a FIFO or folder in its place is refused by name below.
+        if not required.exists():
             raise GoldenSetError(
                 f"{required}: missing (a golden set needs inputs.npy and labels.npy)"
             )
@@ -237,7 +233,7 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
 
 
 def _optional(path: Path, rows: int, hashes: dict[str, str]) -> npt.NDArray[Any] | None:
-    if not path.is_file():
+    if not path.exists():
         return None
     arr, hashes[path.name] = read_npy_hashed(path)
     if len(arr) != rows:
@@ -323,7 +319,7 @@ def scan_model_file(
     quantized = False
     tail = b""
     try:
-        with path.open("rb") as fh:
+        with open_regular(path, "model file", ModelError) as fh:
             while chunk := fh.read(chunk_bytes):
                 digest.update(chunk)
                 if is_onnx and not quantized:
@@ -352,14 +348,15 @@ def resolve_model(source: Path, backend: str = "auto") -> GateModel:
         model_path = (source / runtime["model"]).resolve()
         if source.resolve() not in model_path.parents:
             raise ModelError(f"{source / 'manifest.json'}: runtime.model leaves the package")
-        if not model_path.is_file():
+        if not model_path.exists():
             raise ModelError(f"{model_path}: model file named by the manifest is missing")
         kind = str(runtime.get("kind", ""))
         chosen = backend if backend != "auto" else RUNTIME_TO_BACKEND.get(kind, "auto")
         sha256, scanned = scan_model_file(model_path)
         precision = str(runtime.get("precision") or scanned)
         return GateModel(model_path, chosen, precision, manifest, sha256)
-    if not source.is_file():
+    if not source.exists():
         raise ModelError(f"{source}: model file or package directory not found")
+    # A FIFO, device or socket is refused by name (scan_model_file opens nothing else).
     sha256, precision = scan_model_file(source)
     return GateModel(source, backend, precision, None, sha256)

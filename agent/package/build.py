@@ -35,9 +35,11 @@ from agent.package.manifest import (
 from agent.package.reader import BACKEND_FOR_KIND, ReadLimits, _read_small_member, compare_schema
 from agent.package.tarstream import CHUNK_BYTES, END_OF_ARCHIVE, TarReader, padding, tar_header
 from agent.runtime.base import TensorSpec
-from agent.textio import fsync_dir
+from agent.textio import atomic_file, open_regular, read_regular
 
 KIND_FOR_SUFFIX = {".onnx": "onnx", ".tflite": "tflite", ".engine": "tensorrt", ".plan": "tensorrt"}
+# Labels are one line each; even 21k ImageNet classes take about 300 kB.
+MAX_LABELS_BYTES = 16 << 20
 SCHEMA_KEYS = (
     "name",
     "version",
@@ -58,7 +60,7 @@ def file_digest(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     try:
-        with path.open("rb") as fh:
+        with open_regular(path) as fh:
             while chunk := fh.read(CHUNK_BYTES):
                 digest.update(chunk)
                 size += len(chunk)
@@ -78,29 +80,19 @@ def write_package(
     out_path: Path, manifest_raw: bytes, sig_raw: bytes, files: Sequence[tuple[str, Path]]
 ) -> Path:
     """Write the tar atomically: manifest.json, manifest.sig.json, then ``files`` in order."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     try:
-        with tmp.open("wb") as out:
+        with atomic_file(out_path) as out:
             for name, data in ((MANIFEST_NAME, manifest_raw), (SIGNATURES_NAME, sig_raw)):
                 out.write(tar_header(name, len(data)) + data + padding(len(data)))
             for name, src in files:
-                size = src.stat().st_size
-                out.write(tar_header(name, size))
-                with src.open("rb") as fh:
+                with open_regular(src) as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    out.write(tar_header(name, size))
                     shutil.copyfileobj(fh, out, CHUNK_BYTES)
                 out.write(padding(size))
             out.write(END_OF_ARCHIVE)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"{out_path}: cannot write package ({exc.strerror})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out_path.parent)
     return out_path
 
 
@@ -129,7 +121,7 @@ def package_from_files(
 
 def read_labels(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_LABELS_BYTES, "labels file").decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read labels ({exc})") from None
     labels = [line.strip() for line in text.splitlines()]
@@ -268,13 +260,7 @@ class PackageHead:
 def read_head(pkg: Path, limits: ReadLimits | None = None) -> PackageHead:
     """Read manifest.json and manifest.sig.json (no signature check: for sign and inspect)."""
     limits = limits or ReadLimits()
-    try:
-        fh = pkg.open("rb")
-    except FileNotFoundError:
-        raise UsageError(f"{pkg}: package file not found") from None
-    except OSError as exc:
-        raise UsageError(f"{pkg}: cannot open package ({exc.strerror})") from None
-    with fh:
+    with open_regular(pkg, "package file") as fh:
         reader = TarReader(fh, limits.max_package_bytes)
         m_raw = _read_small_member(reader, MANIFEST_NAME, "first", limits.max_manifest_bytes)
         s_raw = _read_small_member(reader, SIGNATURES_NAME, "second", limits.max_signatures_bytes)
@@ -294,21 +280,15 @@ def sign_package(pkg: Path, key: SigningKey) -> tuple[bool, int]:
         return False, len(head.signatures)
     sigs = [*head.signatures, key.sign(head.manifest_raw)]
     sig_raw = signatures_bytes(sigs)
-    tmp = pkg.with_name(f".{pkg.name}.tmp{os.getpid()}")
     try:
-        with pkg.open("rb") as src, tmp.open("wb") as out:
+        with open_regular(pkg, "package file") as src, atomic_file(pkg) as out:
             for name, data in ((MANIFEST_NAME, head.manifest_raw), (SIGNATURES_NAME, sig_raw)):
                 out.write(tar_header(name, len(data)) + data + padding(len(data)))
             # The file members are copied byte for byte; their hashes are in the manifest.
             src.seek(head.rest_offset)
             shutil.copyfileobj(src, out, CHUNK_BYTES)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, pkg)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"{pkg}: cannot rewrite package ({exc.strerror})") from None
-    fsync_dir(pkg.parent)
     return True, len(sigs)
 
 

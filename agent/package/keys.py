@@ -18,15 +18,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import ConfigError, ManifestError, SignatureError, UsageError
 from agent.package.manifest import SIGNATURES_NAME, load_json_strict
-from agent.textio import write_atomic
+from agent.textio import read_regular, write_atomic
 
 ROLES = ("release", "rollout", "root", "targets", "snapshot", "timestamp")
 KEYRING_NAME = "keyring.json"
 MAX_SIGNATURES_BYTES = 64 << 10
 MAX_SIGNATURES = 64
 MAX_KEY_FILE_BYTES = 16 << 10
-_KEYID_RE = re.compile(r"^[0-9a-f]{64}$")
-_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+MAX_KEYRING_BYTES = 1 << 20
+# Used with fullmatch: ``$`` alone would let a trailing newline through.
+_KEYID_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_KEY_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}", re.ASCII)
 
 
 def keyid_of(public: Ed25519PublicKey) -> str:
@@ -82,7 +84,7 @@ def generate_key(
     if role not in ROLES:
         raise UsageError(f"unknown key role {role!r} (choose from {', '.join(ROLES)})")
     name = name or role
-    if not _KEY_NAME_RE.match(name):
+    if not _KEY_NAME_RE.fullmatch(name):
         raise UsageError(f"key name {name!r}: use letters, digits and '._-'")
     key_path = out_dir / f"{name}.key"
     pub_path = out_dir / f"{name}.pub.json"
@@ -109,25 +111,12 @@ def generate_key(
 
 
 def key_is_encrypted(path: Path) -> bool:
-    try:
-        head = path.read_bytes()[:100]
-    except FileNotFoundError:
-        raise UsageError(f"{path}: key file not found") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read key ({exc.strerror})") from None
-    return b"ENCRYPTED" in head
+    return b"ENCRYPTED" in read_regular(path, MAX_KEY_FILE_BYTES, "key file")[:100]
 
 
 def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
     """Load an Ed25519 PKCS#8 PEM private key; one-line errors for every way it fails."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: key file not found") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read key ({exc.strerror})") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise UsageError(f"{path}: {len(data)} bytes is too large for a key file")
+    data = read_regular(path, MAX_KEY_FILE_BYTES, "key file")
     try:
         key = serialization.load_pem_private_key(data, password=passphrase or None)
     except TypeError:
@@ -167,10 +156,8 @@ def parse_public_key(data: Any, source: str) -> PublicKey:
 
 
 def load_public_key_file(path: Path) -> PublicKey:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read public key ({exc.strerror})") from None
+    # One byte over the cap still reaches load_json_strict, which names the limit.
+    raw = read_regular(path, MAX_KEY_FILE_BYTES + 1, "public key file", ConfigError)
     try:
         data = load_json_strict(raw, str(path), MAX_KEY_FILE_BYTES)
     except ManifestError as exc:
@@ -205,18 +192,14 @@ class Keyring:
     def load(cls, directory: Path) -> Keyring:
         """Read ``keyring.json`` and the ``*.pub.json`` files beside it."""
         path = directory / KEYRING_NAME
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: keyring not found") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read keyring ({exc.strerror})") from None
+        # One byte over the cap still reaches load_json_strict, which names the limit.
+        raw = read_regular(path, MAX_KEYRING_BYTES + 1, "keyring", ConfigError)
         keys: dict[str, PublicKey] = {}
         for pub in sorted(directory.glob("*.pub.json")):
             key = load_public_key_file(pub)
             keys[key.keyid] = key
         try:
-            doc = load_json_strict(raw, str(path), 1 << 20)
+            doc = load_json_strict(raw, str(path), MAX_KEYRING_BYTES)
         except ManifestError as exc:
             raise ConfigError(str(exc)) from None
         return cls.from_dict(doc, keys, str(path))
@@ -233,7 +216,7 @@ class Keyring:
             raise ConfigError(f"{source}: version: expected an integer >= 1")
         revoked_raw = doc.get("revoked", [])
         if not isinstance(revoked_raw, list) or not all(
-            isinstance(k, str) and _KEYID_RE.match(k) for k in revoked_raw
+            isinstance(k, str) and _KEYID_RE.fullmatch(k) for k in revoked_raw
         ):
             raise ConfigError(f"{source}: revoked: expected a list of 64-hex key ids")
         revoked = frozenset(revoked_raw)
@@ -248,7 +231,7 @@ class Keyring:
             if not isinstance(ids, list) or not all(isinstance(k, str) for k in ids):
                 raise ConfigError(f"{where}.keyids: expected a list of key ids")
             for k in ids:
-                if not _KEYID_RE.match(k):
+                if not _KEYID_RE.fullmatch(k):
                     raise ConfigError(f"{where}.keyids: {k!r} is not a 64-hex key id")
                 if k not in keys:
                     raise ConfigError(f"{where}.keyids: no *.pub.json file for key {k[:16]}")

@@ -55,11 +55,13 @@ GATE_KEYS = (
     "miou_drop_max_pp",
 )
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_CREATED_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
-_PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
-_FEATURE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Validating patterns: always used with fullmatch (``$`` alone lets "digits\n" through) and
+# re.ASCII (``\d`` alone takes any script's digits).
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
+_SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z", re.ASCII)
+_PATH_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", re.ASCII)
+_FEATURE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,7 @@ class _Check:
             self.fail(path, f"expected a string, got {_kind(v)}")
         if len(v) > max_chars:
             self.fail(path, f"longer than {max_chars} characters")
-        if pattern is not None and not pattern.match(v):
+        if pattern is not None and not pattern.fullmatch(v):
             shown = v if len(v) <= 40 else v[:37] + "..."
             self.fail(path, f"{shown!r} does not match {pattern.pattern}")
         return v
@@ -370,7 +372,7 @@ def check_relative_path(path: str) -> str | None:
     if len(parts) > MAX_PATH_DEPTH:
         return f"path deeper than {MAX_PATH_DEPTH} levels"
     for part in parts:
-        if not _PATH_PART_RE.match(part):
+        if not _PATH_PART_RE.fullmatch(part):
             return f"path part {part!r} is not allowed (letters, digits, '._-', no leading dot)"
     return None
 
@@ -431,7 +433,7 @@ def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
             c.fail(f"{p}.path", f"duplicate path {fpath!r}")
         seen.add(fpath.lower())
         sha = fd["sha256"]
-        if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+        if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
             c.fail(f"{p}.sha256", "expected 64 hex chars")
         size = c.integer(fd["size"], f"{p}.size", 0, (1 << 62))
         files.append(FileEntry(fpath, sha, size))

@@ -7,7 +7,6 @@ import io
 import logging
 import os
 import shutil
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from agent.package.manifest import (
 )
 from agent.package.tarstream import Member, TarReader
 from agent.runtime.base import TensorSpec
+from agent.textio import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,12 @@ Source = Path | str | BinaryIO
 def _open_source(source: Source, limits: ReadLimits) -> Iterator[tuple[BinaryIO, int | None]]:
     if isinstance(source, (str, Path)):
         path = Path(source)
-        try:
-            # Unbuffered: readinto() then fills our chunk buffer with no extra copy.
-            fh = path.open("rb", buffering=0)
-        except FileNotFoundError:
-            raise UsageError(f"{path}: package file not found") from None
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot open package ({exc.strerror})") from None
+        # A FIFO, device or directory is refused before it is opened: a FIFO would block
+        # the open forever (and the OTA lock with it). Unbuffered: readinto() then fills
+        # our chunk buffer with no extra copy.
+        fh = open_regular(path, "package file", UsageError, buffering=0)
         try:
             st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise PackageError(f"{path}: not a regular file")
             if st.st_size > limits.max_package_bytes:
                 raise UnsafePackageError(
                     f"{path}: package is {st.st_size} bytes, more than the "

@@ -9,10 +9,12 @@ from functools import total_ordering
 from agent.errors import ManifestError
 
 # The official semver.org regex, without named groups; numbers have no leading zeros.
+# fullmatch and re.ASCII: "1.0.0\n" and other scripts' digits ("1.\u0663.0") are not versions.
 _SEMVER_RE = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?",
+    re.ASCII,
 )
 MAX_VERSION_CHARS = 128
 
@@ -62,7 +64,7 @@ def parse_version(text: object, where: str = "version") -> Version:
         raise ManifestError(f"{where}: expected a semver string, got {type(text).__name__}")
     if len(text) > MAX_VERSION_CHARS:
         raise ManifestError(f"{where}: version longer than {MAX_VERSION_CHARS} characters")
-    match = _SEMVER_RE.match(text)
+    match = _SEMVER_RE.fullmatch(text)
     if match is None:
         shown = text if len(text) <= 40 else text[:37] + "..."
         raise ManifestError(f"{where}: {shown!r} is not a semantic version like 1.2.3")

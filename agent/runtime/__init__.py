@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.errors import BackendUnavailableError, ModelError
-from agent.runtime.base import Backend, BackendOptions, Quantization, TensorSpec
+from agent.runtime.base import Backend, BackendOptions, Quantization, TensorSpec, check_model_file
 
 __all__ = [
     "BACKEND_NAMES",
@@ -109,8 +109,8 @@ def load_backend(
 ) -> Backend:
     """Load a model file with the requested (or best available) backend."""
     path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path}: model file not found")
+    # Before select_backend sniffs the file and ONNX's external-data check reads it.
+    check_model_file(path)
     name, reason = select_backend(path, backend)
     log.debug("backend %s chosen for %s (%s)", name, path, reason)
     if name == "onnx":

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import InputDataError, ModelError
+from agent.textio import check_regular_file, open_regular
 
 FloatArray = npt.NDArray[np.float32]
 AnyArray = npt.NDArray[Any]
@@ -80,19 +81,19 @@ class BackendOptions:
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
     """Stream a file through sha256 (models can be hundreds of MB)."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_regular(path, "model file", ModelError) as fh:
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def check_model_file(path: Path) -> None:
-    """Refuse a path that is missing, empty or not a regular file, with a one-line reason."""
-    if not path.exists():
-        raise ModelError(f"{path}: model file not found")
-    if not path.is_file():
-        raise ModelError(f"{path}: not a regular file")
-    if path.stat().st_size == 0:
+    """Refuse a path that is missing, empty or not a regular file, with a one-line reason.
+
+    Runtimes open the model by name, so this runs before any of them (or our own sniffing)
+    touches it: a FIFO would block the open forever and a device could be acted on.
+    """
+    if check_regular_file(path, "model file", ModelError).st_size == 0:
         raise ModelError(f"{path}: model file is empty")
 
 
