@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from agent.errors import FetchError, IntegrityError, RepositoryError
+from agent.errors import FetchError, RepositoryError
 from agent.fleet.repo import write_channel
 from agent.ota import install
 from agent.ota.channel import ChannelDocument
+from agent.ota.download import TargetMismatchError
 from agent.ota.membership import in_rollout, rollout_bucket
 from agent.ota.states import OTAState
 
@@ -136,16 +137,24 @@ def test_network_cut_resumes_with_range(tmp_path: Path, http_dir: Any) -> None:
     assert faults["cuts"] == 0 and svc.journal.state() is OTAState.PROBATION
 
 
-def test_wrong_bytes_are_refused(tmp_path: Path, http_dir: Any) -> None:
+def test_wrong_bytes_are_a_retryable_fetch_failure(tmp_path: Path, http_dir: Any) -> None:
     url, www, faults = http_dir
     dev = _repo_device(tmp_path, url, www)
     _publish(dev, www, "1.0.0", 1)
     faults.update(targets="wrong")
     svc = dev.service()
-    with pytest.raises(IntegrityError):
+    with pytest.raises(TargetMismatchError, match="does not match the signed"):
         svc.update_now()
-    assert svc.journal.state() is OTAState.REJECTED
-    assert not list((dev.state_dir / "staging").glob("*.part"))
+    # the network's bytes are not a verdict on the release: back to IDLE, nothing refused,
+    # the bad file gone so the next poll downloads from byte 0
+    assert svc.journal.state() is OTAState.IDLE
+    assert svc.journal.last_refusal() is None
+    assert not list((dev.state_dir / "staging").glob("digits-1.0.0.tar*"))
+    faults.pop("targets")
+    faults["requests"] = []
+    assert svc.update_now().take and svc.journal.state() is OTAState.PROBATION
+    package_gets = [r for r in faults["requests"] if "/targets/packages/" in r[0]]
+    assert package_gets and all(rng is None for _, rng in package_gets)
 
 
 def test_dripping_server_is_cut_off(tmp_path: Path, http_dir: Any) -> None:
