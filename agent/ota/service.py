@@ -1036,10 +1036,11 @@ class OTAService:
         from agent.package import Keyring
         from agent.package.revert import revert_target, verify_revert
 
-        where = f"{revert_target(doc.package, doc.version)}"
+        where = revert_target(doc.package, doc.version)
         try:
             auth = verify_revert(data, Keyring.load(self._keyring_dir()), where)
-        except RefusedError as exc:
+        except EdgeAgentError as exc:
+            # without a verified revert the release is judged against the floor as usual
             log.warning("OTA: ignoring revert authorisation: %s", exc)
             return doc
         return dataclasses.replace(doc, revert=auth)

@@ -158,3 +158,15 @@ def test_sign_revert_publish_and_rollout_back_from_the_cli(
     with pytest.raises(SystemExit):
         main(["package", "sign-revert", "--help"])
     assert "example:" in capsys.readouterr().out
+
+
+def test_repo_init_signs_empty_delegated_roles(tmp_path: Path) -> None:
+    keys, _ = _release_keys(tmp_path)
+    www = tmp_path / "repo"
+    init_repo(www, keys, release_threshold=2)
+    repo = load_repo(www)
+    assert set(repo.delegated) == {"release", "rollout"}
+    assert all(md.signed.version == 1 and not md.signed.targets for md in repo.delegated.values())
+    assert {"release.json", "rollout.json"} <= set(repo.snapshot.signed.meta)
+    # the release threshold signed the empty release role, as it will sign every version
+    assert len(repo.delegated["release"].signatures) == 2
