@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import Metadata
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient.updater import Updater
 
 from agent.errors import DowngradeError, FetchError, RepositoryError, StateError
@@ -141,6 +143,21 @@ class LastKnownGoodClock:
     def now_s(self) -> float:
         return self.reference_s()
 
+    def cap(self, limit_s: float) -> None:
+        """Lower the mark to ``limit_s`` when it is above (healing a mark no verified check
+        could have set; see ChannelClient._heal_mark)."""
+        mark = self.mark_s()
+        if mark > limit_s:
+            log.warning(
+                "last-known-good time %d is past anything this device verified; lowered to %d",
+                mark,
+                int(limit_s),
+            )
+            # marks only rise, so forget and raise again; a kill in between leaves no mark,
+            # which the next verified check sets again
+            self._journal.delete_mark(LKG_MARK)
+            self._journal.raise_mark(LKG_MARK, int(limit_s))
+
     def confirm(self, reading_s: float, expires_s: Sequence[float]) -> None:
         """Raise the mark to ``reading_s``, capped at ``expires_s``: call only after metadata
         with those expiries verified at ``reference_s(reading_s)``."""
@@ -200,6 +217,7 @@ class ChannelClient:
             raise StateError(
                 f"{self.metadata_dir}/root.json: no trusted TUF root (run edge-agent provision)"
             )
+        self._heal_mark()
         # One reading for the whole check: it is the time the metadata is verified at, and
         # the only one the last-known-good mark may move to afterwards.
         reading_s = self.clock.system_s()
@@ -268,6 +286,20 @@ class ChannelClient:
         except OSError as exc:
             raise StateError(f"{self.metadata_dir}: cannot store TUF metadata ({exc})") from None
         return ChannelState(document=doc, package=ref, tuf_versions=versions, revert=revert)
+
+    def _heal_mark(self) -> None:
+        """A verified check never leaves the mark past the expiry of the timestamp it
+        verified (and a later timestamp is only trusted when valid at the mark), so a mark
+        past the locally trusted timestamp's expiry came from an older agent (a channel
+        document's ``updated`` or one wrong clock reading): lower it to that expiry, and
+        the genuine repository is followed again."""
+        try:
+            data = (self.metadata_dir / "timestamp.json").read_bytes()
+            expires = Metadata.from_bytes(data).signed.expires
+        except (OSError, DeserializationError):
+            return  # no timestamp trusted yet: nothing to compare with
+        # a check that verified it ran before it expired: at most one second before
+        self.clock.cap(expires.timestamp() - 1)
 
     def _fetch_revert(self, updater: Updater, doc: ChannelDocument) -> bytes | None:
         """The revert authorisation target for the offered version, or None without one."""
