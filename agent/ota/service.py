@@ -1015,7 +1015,8 @@ class OTAService:
                 self._enter(
                     OTAState.IDLE, reason=decision.reason, package=doc.package, version=doc.version
                 )
-                self.rollback(decision.reason)
+                if proceed:  # the poll and `update --now`; a plain check only reports it
+                    self.rollback(decision.reason)
                 return decision
             if decision.take:
                 decision = dataclasses.replace(decision, package_ref=state.package)

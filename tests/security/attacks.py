@@ -407,10 +407,13 @@ def controller_abort(w: World) -> Outcome:
     aborted = H.channel_doc("1.1.0", 2, revert_versions=["1.1.0"])
     aborted["rollout"]["aborted"] = True
     w.channel(aborted)
-    _, reason = _try(w.svc.check)
+    _, reason = _try(w.svc.check)  # only reports what the poll will do
+    reported = w.running() == "1.1.0"
+    _, reason = _try(w.svc.update_now)
     downloads = len(w.mirror.package_gets()) - gets
     ok = (
-        w.running() == "1.0.0"
+        reported
+        and w.running() == "1.0.0"
         and w.svc.journal.state() is OTAState.ROLLED_BACK
         and downloads == 0
         and w.floor() == 2
