@@ -428,6 +428,9 @@ class OTAConfig:
     poll_interval_s: float = 3600.0
     poll_jitter_s: float = 300.0
     pin_version: str | None = None
+    # The package name this device follows before it runs any package (afterwards: the
+    # name it runs). A channel carrying another name is not followed.
+    package: str | None = None
     golden_dir: Path | None = None
     policy_path: Path | None = None
     probation_frames: int = 200

@@ -71,7 +71,16 @@ def _repo_rotate_root(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from agent.fleet.repo import publish_package
+    from agent.fleet.repo import publish_package, publish_revert
+    from agent.package.revert import REVERT_SUFFIX
+
+    if args.package.name.endswith(REVERT_SUFFIX):
+        pkg = publish_revert(args.repo, args.package, _keys(args.keys))
+        print(
+            f"published revert to {pkg.name} {pkg.version} (release_counter {pkg.release_counter})"
+        )
+        print(f"  target {pkg.target}  {pkg.length} bytes  sha256 {pkg.sha256[:16]}...")
+        return 0
 
     pkg = publish_package(args.repo, args.package, _keys(args.keys), channel=args.channel)
     print(f"published {pkg.name} {pkg.version} (release_counter {pkg.release_counter})")
@@ -342,10 +351,16 @@ def add_commands(sub: SubParsers) -> None:
         sub,
         "publish",
         _publish,
-        "add a signed package to the repository (refuses unsigned, older, mismatched)",
-        "edge-agent publish digits-1.1.0.tar --repo ./repo --keys ./keys",
+        "add a signed package (or a signed revert authorisation, *.revert.json) to the "
+        "repository (refuses unsigned, older, mismatched)",
+        "edge-agent publish digits-1.1.0.tar --repo ./repo --keys ./keys\n  "
+        "edge-agent publish dist/digits-1.0.0.revert.json --repo ./repo --keys ./keys",
     )
-    p.add_argument("package", type=Path, help="package tar built by `package build`")
+    p.add_argument(
+        "package",
+        type=Path,
+        help="package tar built by `package build`, or a `package sign-revert` file",
+    )
     p.add_argument("--repo", type=Path, required=True, help="repository folder")
     p.add_argument(
         "--keys",

@@ -33,6 +33,7 @@ from agent.package.keys import (
     write_keyring,
 )
 from agent.package.reader import read_package
+from agent.package.revert import sign_revert_file
 from agent.textio import format_table
 
 
@@ -152,6 +153,29 @@ def cmd_package_sign(args: argparse.Namespace) -> int:
     added, count = sign_package(Path(args.package), key)
     state = "signed" if added else "already signed"
     print(f"{state} {args.package} with key {key.keyid[:16]} ({count} signature(s))")
+    return EXIT_OK
+
+
+def cmd_package_sign_revert(args: argparse.Namespace) -> int:
+    from agent.package.revert import REVERT_SUFFIX, revert_target
+
+    key_path = Path(args.key)
+    key = load_signing_key(key_path, _signing_passphrase(key_path, args.passphrase_env))
+    out = Path(args.out)
+    if out.is_dir() or not out.name.endswith(REVERT_SUFFIX):
+        if args.package is None or args.version is None:
+            raise UsageError(
+                f"{out}: give a *{REVERT_SUFFIX} file, or --package and --version to name one"
+            )
+        out = out / revert_target(args.package, args.version).rpartition("/")[2]
+    auth, count = sign_revert_file(
+        out, key, args.package, args.version, args.release_counter, args.max_floor
+    )
+    print(
+        f"signed revert to {auth.package} {auth.version} (release_counter "
+        f"{auth.release_counter}, floors up to {auth.max_floor}) with key {key.keyid[:16]} "
+        f"({count} signature(s)): {out}"
+    )
     return EXIT_OK
 
 
@@ -331,6 +355,30 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("package")
     p.add_argument("--key", required=True, help="Ed25519 private key (.key)")
     p.add_argument("--passphrase-env", metavar="VAR")
+
+    p = add_command(
+        pkg_sub,
+        "sign-revert",
+        cmd_package_sign_revert,
+        "Create or add one release signature to a revert authorisation: the only thing that "
+        "lets devices go below their release floor (to an older published release). Publish "
+        "it with `edge-agent publish`, then point the channel at that release.",
+        "edge-agent package sign-revert --package digits --version 1.0.0 "
+        "--release-counter 1 --max-floor 2 --key keys/release-1.key --out dist/",
+    )
+    p.add_argument("--package", help="package name (to create the file)")
+    p.add_argument("--version", help="the older published version devices may go back to")
+    p.add_argument("--release-counter", type=int, help="that version's release_counter")
+    p.add_argument(
+        "--max-floor",
+        type=int,
+        help="the highest device floor this revert applies to (the bad release's counter)",
+    )
+    p.add_argument("--key", required=True, help="Ed25519 release private key (.key)")
+    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument(
+        "--out", required=True, help="output directory or <name>-<version>.revert.json path"
+    )
 
     p = add_command(
         pkg_sub,

@@ -43,6 +43,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.fleet.keys import OperatorKey, keys_for_role
+from agent.package.revert import REVERT_SUFFIX
 from agent.textio import file_lock, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -370,8 +371,26 @@ def init_repo(
             targets.add_key(key.tuf_key, role)
     targets_md = Metadata(targets)
     _sign(targets_md, _signers_for(root.roles["targets"].keyids, 1, keys, "targets"))
+    # Empty release and rollout metadata (version 1), listed in the snapshot, so a device
+    # provisioned before the first publish or rollout finds every delegated role and polls
+    # cleanly ("not published yet") instead of failing on a role missing from the snapshot.
+    delegated_md: dict[str, Metadata[Targets]] = {}
+    for role, threshold in ((RELEASE_ROLE, release_threshold), (ROLLOUT_ROLE, 1)):
+        md: Metadata[Targets] = Metadata(
+            Targets(version=1, expires=_expiry(now, expiry.days_for(role)))
+        )
+        keyids = [key.keyid for key in by_role[role]]
+        _sign(md, _signers_for(keyids, threshold, keys, role))
+        delegated_md[role] = md
     snapshot_md = Metadata(
-        Snapshot(expires=_expiry(now, expiry.snapshot_days), meta={"targets.json": MetaFile(1)})
+        Snapshot(
+            expires=_expiry(now, expiry.snapshot_days),
+            meta={
+                "targets.json": MetaFile(1),
+                f"{RELEASE_ROLE}.json": MetaFile(1),
+                f"{ROLLOUT_ROLE}.json": MetaFile(1),
+            },
+        )
     )
     _sign(snapshot_md, _signers_for(root.roles["snapshot"].keyids, 1, keys, "snapshot"))
     timestamp_md = Metadata(
@@ -383,6 +402,8 @@ def init_repo(
     with repo_lock(base):
         _write_metadata(metadata_dir, "root", root_md)
         _write_metadata(metadata_dir, "targets", targets_md)
+        for role, md in delegated_md.items():
+            _write_metadata(metadata_dir, role, md)
         _write_metadata(metadata_dir, "snapshot", snapshot_md)
         _write_metadata(metadata_dir, "timestamp", timestamp_md)
     log.info("repository created in %s", base)
@@ -441,6 +462,8 @@ def published_packages(repo: LoadedRepo, name: str | None = None) -> list[Publis
         return []
     out = []
     for path, target in md.signed.targets.items():
+        if path.endswith(REVERT_SUFFIX):
+            continue  # revert authorisations live beside the packages, under packages/*
         custom = target.custom
         if name is not None and custom.get("name") != name:
             continue
@@ -525,6 +548,68 @@ def publish_package(
         facts.name,
         facts.version,
         facts.release_counter,
+        target,
+        tfile.length,
+        tfile.hashes["sha256"],
+    )
+
+
+def publish_revert(
+    base: Path,
+    revert_path: Path,
+    keys: Sequence[OperatorKey],
+    expiry: RepoExpiry | None = None,
+    now: datetime | None = None,
+) -> PublishedPackage:
+    """Add a release-threshold-signed revert authorisation (``package sign-revert``) to the
+    release role as ``packages/<name>-<version>.revert.json``; it must name a published
+    release and carry a threshold of the delegation's release signatures."""
+    from agent.package import Keyring, PublicKey
+    from agent.package.keys import RoleKeys
+    from agent.package.revert import revert_target, verify_revert
+
+    expiry = expiry or RepoExpiry()
+    now = now or utc_now()
+    _check_key_expiry(keys, now)
+    if not revert_path.is_file():
+        raise UsageError(f"{revert_path}: revert file not found")
+    data = revert_path.read_bytes()
+    with repo_lock(base):
+        repo = load_repo(base)
+        _check_offline_roles_fresh(repo, now)
+        trusted, threshold = _release_keyring(repo)
+        keyring = Keyring(
+            roles={RELEASE_ROLE: RoleKeys(tuple(trusted), threshold)},
+            keys={
+                kid: PublicKey(
+                    kid, RELEASE_ROLE, Ed25519PublicKey.from_public_bytes(bytes.fromhex(h))
+                )
+                for kid, h in trusted.items()
+            },
+            source=f"{repo.base} release delegation",
+        )
+        auth = verify_revert(data, keyring, str(revert_path))
+        match = [
+            p
+            for p in published_packages(repo, auth.package)
+            if (p.version, p.release_counter) == (auth.version, auth.release_counter)
+        ]
+        if not match:
+            raise UsageError(
+                f"{revert_path}: {auth.package} {auth.version} (release_counter "
+                f"{auth.release_counter}) is not a published release"
+            )
+        release_signers = _delegation_signers(repo, RELEASE_ROLE, keys)
+        target = revert_target(auth.package, auth.version)
+        tfile = TargetFile.from_data(target, data, ["sha256"])
+        tfile.unrecognized_fields["custom"] = {"revert": auth.body()}
+        write_atomic(_hashed_target_path(repo.targets_dir, target, tfile.hashes["sha256"]), data)
+        _add_delegated_target(repo, RELEASE_ROLE, target, tfile, release_signers, keys, now, expiry)
+    log.info("published revert to %s %s as %s", auth.package, auth.version, target)
+    return PublishedPackage(
+        auth.package,
+        auth.version,
+        auth.release_counter,
         target,
         tfile.length,
         tfile.hashes["sha256"],

@@ -16,6 +16,8 @@ from typing import Any, Literal, Protocol
 from agent.errors import ConfigError, RepositoryError, UsageError
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import (
+    RELEASE_ROLE,
+    LoadedRepo,
     RepoExpiry,
     check_channel_name,
     load_repo,
@@ -298,6 +300,14 @@ def _publish(
     _save_state(base, state)
 
 
+def _revert_published(repo: LoadedRepo, name: str, version: str) -> bool:
+    """The release role signs a revert authorisation for ``name`` ``version``."""
+    from agent.package.revert import revert_target
+
+    md = repo.delegated.get(RELEASE_ROLE)
+    return md is not None and revert_target(name, version) in md.signed.targets
+
+
 def start_rollout(
     base: Path,
     channel: str,
@@ -335,9 +345,13 @@ def start_rollout(
     pkg = found[0]
     if current is not None:
         cur_version = str(current.get("release", {}).get("version", "0.0.0"))
-        if semver_key(version) <= semver_key(cur_version):
+        if semver_key(version) <= semver_key(cur_version) and not _revert_published(
+            repo, name, version
+        ):
             raise UsageError(
-                f"channel {channel!r} already carries {name} {cur_version}; {version} is not newer"
+                f"channel {channel!r} already carries {name} {cur_version}; {version} is not "
+                "newer (going back needs a revert signed by the release keys: "
+                "package sign-revert, then publish it)"
             )
     state = RolloutState(
         channel=channel,

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import Metadata
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient.updater import Updater
 
 from agent.errors import DowngradeError, FetchError, RepositoryError, StateError
 from agent.ota.download import TargetRef
 from agent.ota.fetch import HttpFetcher, TufFetcher
 from agent.ota.journal import Journal
+from agent.package.revert import MAX_REVERT_BYTES, RevertAuthorisation, revert_target
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,9 @@ class ChannelDocument:
     # sha256 of the exact document bytes: refusals are kept until this changes
     fingerprint: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
+    # Never parsed from the document: the device attaches the release role's revert
+    # authorisation for this version once its release-threshold signatures verified.
+    revert: RevertAuthorisation | None = None
 
     @classmethod
     def parse(cls, data: bytes, where: str) -> ChannelDocument:
@@ -106,32 +113,76 @@ def _field(doc: Mapping[str, Any], key: str, kind: Any, where: str, prefix: str 
 
 
 class LastKnownGoodClock:
-    """Wall time that never goes backwards: the later of the system clock and the best seen.
+    """The time TUF expiry is judged at: the system clock, or the last-known-good mark when
+    the clock reads earlier than the mark (a Raspberry Pi without RTC boots in the past).
 
-    A Raspberry Pi has no RTC and boots with a stale clock; expiry is judged against this.
-    The mark lives in the journal's fsynced high-water marks.
+    The mark (an fsynced journal high-water mark) moves only through ``confirm``: after a
+    refresh verified at one system-clock reading, to that reading, capped at the earliest
+    expiry of the metadata just verified. A reading is thus trusted only when metadata
+    signed by the timestamp, snapshot, targets and channel roles was valid at it; a clock
+    years ahead verifies nothing (the offline targets role expires first), so it never
+    moves the mark and heals as soon as the clock is right. Channel documents (rollout
+    key) and unverified readings never move it.
     """
 
     def __init__(self, journal: Journal, system_clock: Callable[[], float] = time.time) -> None:
         self._journal = journal
         self._system_clock = system_clock
 
-    def now_s(self) -> float:
-        return max(float(self._journal.mark(LKG_MARK)), self._system_clock())
+    def mark_s(self) -> float:
+        return float(self._journal.mark(LKG_MARK))
 
-    def advance(self, seen_s: float) -> None:
-        """Raise the mark to ``seen_s`` (a trusted time) if that is later."""
-        if seen_s > self._journal.mark(LKG_MARK):
-            self._journal.raise_mark(LKG_MARK, int(seen_s))
+    def system_s(self) -> float:
+        return float(self._system_clock())
+
+    def reference_s(self, reading_s: float | None = None) -> float:
+        """The expiry reference for a clock ``reading_s`` (default: read the clock now)."""
+        reading = self.system_s() if reading_s is None else reading_s
+        return max(reading, self.mark_s())
+
+    def now_s(self) -> float:
+        return self.reference_s()
+
+    def cap(self, limit_s: float) -> None:
+        """Lower the mark to ``limit_s`` when it is above (healing a mark no verified check
+        could have set; see ChannelClient._heal_mark)."""
+        mark = self.mark_s()
+        if mark > limit_s:
+            log.warning(
+                "last-known-good time %d is past anything this device verified; lowered to %d",
+                mark,
+                int(limit_s),
+            )
+            # marks only rise, so forget and raise again; a kill in between leaves no mark,
+            # which the next verified check sets again
+            self._journal.delete_mark(LKG_MARK)
+            self._journal.raise_mark(LKG_MARK, int(limit_s))
+
+    def confirm(self, reading_s: float, expires_s: Sequence[float]) -> None:
+        """Raise the mark to ``reading_s``, capped at ``expires_s``: call only after metadata
+        with those expiries verified at ``reference_s(reading_s)``."""
+        seen = min([reading_s, *expires_s])
+        if seen > self.mark_s():
+            self._journal.raise_mark(LKG_MARK, int(seen))
 
 
 @dataclass(frozen=True)
 class ChannelState:
-    """A verified channel document and the package target it names."""
+    """A verified channel document and the package target it names.
+
+    ``revert`` holds the bytes of the release role's revert authorisation for the offered
+    version when the caller asked for it and the repository has one (TUF checked its hash;
+    its own release-threshold signatures are the device's to check against its keyring).
+    """
 
     document: ChannelDocument
     package: TargetRef
     tuf_versions: Mapping[str, int]
+    revert: bytes | None = None
+
+
+class ChannelNotPublishedError(RepositoryError):
+    """The repository is genuine and fresh but signs no document for this channel yet."""
 
 
 class ChannelClient:
@@ -152,17 +203,25 @@ class ChannelClient:
         self.http = http or HttpFetcher()
         self.clock = clock or LastKnownGoodClock(journal)
 
-    def fetch_channel(self, channel: str) -> ChannelState:
+    def fetch_channel(
+        self, channel: str, want_revert: Callable[[ChannelDocument], bool] | None = None
+    ) -> ChannelState:
         """Refresh TUF, verify ``channels/<channel>.json`` and look up its package target.
 
-        Raises RepositoryError for bad, expired or replayed metadata, FetchError when the
-        repository cannot be reached.
+        ``want_revert(doc)`` True: also fetch the release role's revert authorisation for
+        the offered version, if the repository signs one. Raises RepositoryError for bad,
+        expired or replayed metadata (ChannelNotPublishedError when the channel has no
+        document yet), FetchError when the repository cannot be reached.
         """
         if not (self.metadata_dir / "root.json").exists():
             raise StateError(
                 f"{self.metadata_dir}/root.json: no trusted TUF root (run edge-agent provision)"
             )
-        self.clock.advance(time.time())
+        self._heal_mark()
+        # One reading for the whole check: it is the time the metadata is verified at, and
+        # the only one the last-known-good mark may move to afterwards.
+        reading_s = self.clock.system_s()
+        revert: bytes | None = None
         try:
             updater = Updater(
                 metadata_dir=str(self.metadata_dir),
@@ -174,14 +233,18 @@ class ChannelClient:
             )
             # Expiry is judged against the last-known-good time, not a stale boot clock.
             updater._trusted_set.reference_time = dt.datetime.fromtimestamp(
-                self.clock.now_s(), dt.timezone.utc
+                self.clock.reference_s(reading_s), dt.timezone.utc
             )
             updater.refresh()
             versions = self._check_marks(updater)
             channel_path = f"channels/{channel}.json"
             info = updater.get_targetinfo(channel_path)
             if info is None:
-                raise RepositoryError(f"{self.base_url}: no signed target {channel_path}")
+                self._confirm_clock(updater, reading_s)
+                raise ChannelNotPublishedError(
+                    f"{self.base_url}: channel {channel!r} is not published yet "
+                    f"(no signed target {channel_path})"
+                )
             self.staging_dir.mkdir(parents=True, exist_ok=True)
             dest = self.staging_dir / f"channel-{channel}.json"
             updater.download_target(info, filepath=str(dest))
@@ -207,6 +270,9 @@ class ChannelClient:
                 sha256=sha,
                 filename=doc.target.rpartition("/")[2],
             )
+            if want_revert is not None and want_revert(doc):
+                revert = self._fetch_revert(updater, doc)
+            self._confirm_clock(updater, reading_s)
         except tuf_exceptions.ExpiredMetadataError as exc:
             raise RepositoryError(f"{self.base_url}: expired TUF metadata ({exc})") from None
         except tuf_exceptions.BadVersionNumberError as exc:
@@ -219,11 +285,46 @@ class ChannelClient:
             raise FetchError(f"{self.base_url}: cannot fetch TUF metadata ({exc})") from None
         except OSError as exc:
             raise StateError(f"{self.metadata_dir}: cannot store TUF metadata ({exc})") from None
-        seen = doc.updated_epoch_s()
-        if seen is not None:
-            # The rollout role signed this time, so the clock may trust it as a floor.
-            self.clock.advance(min(seen, self.clock.now_s() + 366 * 86400))
-        return ChannelState(document=doc, package=ref, tuf_versions=versions)
+        return ChannelState(document=doc, package=ref, tuf_versions=versions, revert=revert)
+
+    def _heal_mark(self) -> None:
+        """A verified check never leaves the mark past the expiry of the timestamp it
+        verified (and a later timestamp is only trusted when valid at the mark), so a mark
+        past the locally trusted timestamp's expiry came from an older agent (a channel
+        document's ``updated`` or one wrong clock reading): lower it to that expiry, and
+        the genuine repository is followed again."""
+        try:
+            data = (self.metadata_dir / "timestamp.json").read_bytes()
+            expires = Metadata.from_bytes(data).signed.expires
+        except (OSError, DeserializationError):
+            return  # no timestamp trusted yet: nothing to compare with
+        # a check that verified it ran before it expired: at most one second before
+        self.clock.cap(expires.timestamp() - 1)
+
+    def _fetch_revert(self, updater: Updater, doc: ChannelDocument) -> bytes | None:
+        """The revert authorisation target for the offered version, or None without one."""
+        target = revert_target(doc.package, doc.version)
+        info = updater.get_targetinfo(target)
+        if info is None:
+            return None
+        if info.length > MAX_REVERT_BYTES:
+            raise RepositoryError(f"{target}: {info.length} bytes, over {MAX_REVERT_BYTES}")
+        dest = self.staging_dir / f"revert-{doc.channel}.json"
+        updater.download_target(info, filepath=str(dest))
+        return dest.read_bytes()
+
+    def _confirm_clock(self, updater: Updater, reading_s: float) -> None:
+        """Every role this check used verified at ``reading_s``: let the mark move to it,
+        but never past the earliest expiry among them."""
+        trusted = updater._trusted_set
+        expires = [
+            signed.expires.timestamp()
+            for signed in (trusted.timestamp, trusted.snapshot, trusted.targets)
+        ]
+        for role in ("rollout", "release"):
+            with contextlib.suppress(KeyError):
+                expires.append(trusted[role].expires.timestamp())
+        self.clock.confirm(reading_s, expires)
 
     def _check_marks(self, updater: Updater) -> dict[str, int]:
         trusted = updater._trusted_set

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import FetchError, IntegrityError, OTAError
+from agent.errors import FetchError, OTAError
 from agent.ota.fetch import HttpFetcher, TransferCut
 from agent.ota.killpoint import kill_point
 from agent.textio import fsync_dir
@@ -18,6 +18,15 @@ log = logging.getLogger(__name__)
 
 # A download is fsynced every this many bytes so a resume after power loss loses little.
 SYNC_EVERY_BYTES = 1 << 20
+
+
+class TargetMismatchError(FetchError):
+    """The bytes served are not the signed target (wrong hash, more than the signed length).
+
+    A fetch failure, not a refusal: the network (a broken cache, a man in the middle) must
+    not be able to make a device refuse a genuine release. The bad file is deleted, so the
+    next try downloads from byte 0.
+    """
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,9 @@ def download_target(
 
     A ``<file>.part`` left by an earlier cut (this run or a previous process) is resumed
     with a Range request; a server that ignores Range restarts from zero. More bytes than
-    the signed length, or a wrong sha256, deletes the partial file and raises.
+    the signed length, or a wrong sha256, deletes the partial file and raises
+    TargetMismatchError; a transfer still short after ``attempts`` raises TransferCut.
+    Both are FetchErrors: retry later.
     """
     final = staging_dir / target.filename
     part = staging_dir / (target.filename + ".part")
@@ -77,9 +88,9 @@ def download_target(
     digest = _sha256_of(part)
     if digest != target.sha256:
         part.unlink(missing_ok=True)
-        raise IntegrityError(
+        raise TargetMismatchError(
             f"{target.url}: sha256 {digest[:16]}... does not match the signed "
-            f"{target.sha256[:16]}..."
+            f"{target.sha256[:16]}... (deleted; the next try starts from byte 0)"
         )
     os.replace(part, final)
     fsync_dir(staging_dir)
@@ -103,8 +114,9 @@ def _fetch_into(http: HttpFetcher, target: TargetRef, part: Path) -> None:
                 if have + len(chunk) > target.length:
                     fh.close()
                     part.unlink(missing_ok=True)
-                    raise IntegrityError(
-                        f"{target.url}: server sent more than the signed {target.length} bytes"
+                    raise TargetMismatchError(
+                        f"{target.url}: server sent more than the signed {target.length} "
+                        "bytes (deleted; the next try starts from byte 0)"
                     )
                 fh.write(chunk)
                 have += len(chunk)

@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import StateError
+from agent.errors import PackageError, StateError
 from agent.ota.killpoint import kill_point
 from agent.textio import fsync_dir
 
@@ -84,7 +84,9 @@ def place_package(state_dir: Path, extracted_root: Path, dir_name: str) -> Path:
 
     The move is a rename on one filesystem, so models/ never holds half a package. A
     leftover directory of the same name (an earlier interrupted attempt) is replaced
-    unless a link points at it.
+    unless a link points at it; a linked one is reused only when its manifest is the same
+    bytes (same name and version, other bytes: PackageError, or the old files would run
+    under the new package's name).
     """
     models = state_dir / MODELS
     models.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,11 @@ def place_package(state_dir: Path, extracted_root: Path, dir_name: str) -> Path:
     links = read_links(state_dir)
     if dest.exists():
         if dir_name in (links.current, links.previous):
+            if _manifest_bytes(dest) != _manifest_bytes(extracted_root):
+                raise PackageError(
+                    f"{dir_name} is already installed with another manifest "
+                    "(same name and version, other bytes)"
+                )
             return dest
         remove_tree(dest)
     kill_point("install.before_rename")
@@ -101,6 +108,13 @@ def place_package(state_dir: Path, extracted_root: Path, dir_name: str) -> Path:
     _make_read_only(dest)
     kill_point("install.sealed")
     return dest
+
+
+def _manifest_bytes(package_dir: Path) -> bytes | None:
+    try:
+        return (package_dir / "manifest.json").read_bytes()
+    except OSError:
+        return None
 
 
 def switch_to(state_dir: Path, dir_name: str) -> Links:

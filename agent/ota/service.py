@@ -24,12 +24,18 @@ from agent.errors import (
     GateFailedError,
     ModelError,
     OTAError,
+    PackageError,
     RefusedError,
     RepositoryError,
     StateError,
 )
 from agent.ota import install
-from agent.ota.channel import ChannelClient, ChannelDocument, LastKnownGoodClock
+from agent.ota.channel import (
+    ChannelClient,
+    ChannelDocument,
+    ChannelNotPublishedError,
+    LastKnownGoodClock,
+)
 from agent.ota.download import TargetRef, download_target
 from agent.ota.fetch import FetchLimits, HttpFetcher
 from agent.ota.journal import LAST_GATE_REPORT, Journal, JournalEntry
@@ -279,6 +285,8 @@ class CheckResult:
     document: ChannelDocument | None = None
     bucket: int | None = None
     package_ref: TargetRef | None = None
+    # the channel lists the running version in revert_versions: roll back locally
+    rollback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         doc = self.document
@@ -594,7 +602,9 @@ class OTAService:
     def _check_manifest(self, manifest: Any, channel: ChannelDocument | None) -> None:
         """Compat and anti-downgrade on the verified manifest, before anything is extracted."""
         check_compat(manifest, __version__, self.config.ota.hardware_class, installed_runtimes())
-        reverting = channel is not None and manifest.version in channel.revert_versions
+        reverting = self._revert_allows(
+            channel, manifest.name, manifest.version, manifest.release_counter
+        )
         self._check_floor(manifest.name, manifest.version, manifest.release_counter, reverting)
 
     def _check_release(self, pkg: ExtractedPackage, channel: ChannelDocument | None) -> None:
@@ -604,10 +614,39 @@ class OTAService:
                 f"channel {channel.channel} names {channel.package} {channel.version} but the "
                 f"package is {pkg.name} {pkg.version}"
             )
-        reverting = channel is not None and pkg.version in channel.revert_versions
+        reverting = self._revert_allows(channel, pkg.name, pkg.version, pkg.release_counter)
         # Again after extraction: an injected reader may skip the hook, and the floor is
         # cheap to read.
         self._check_floor(pkg.name, pkg.version, pkg.release_counter, reverting)
+        self._check_same_version(pkg)
+
+    def _revert_allows(
+        self, channel: ChannelDocument | None, name: str, version: str, counter: int
+    ) -> bool:
+        """Only a revert signed by the release threshold (attached to the channel document
+        after verification) lets a package below the floor in; revert_versions never does."""
+        if channel is None or channel.revert is None:
+            return False
+        return channel.revert.allows(name, version, counter, self.release_floor(name))
+
+    def _check_same_version(self, pkg: ExtractedPackage) -> None:
+        """PackageError when models/ already holds this name and version (as current or
+        previous) with another manifest: activating it would run the old bytes and report
+        them as the new install."""
+        dir_name = install.package_dir_name(pkg.name, pkg.version)
+        links = install.read_links(self.state_dir)
+        if dir_name not in (links.current, links.previous):
+            return
+        on_disk = self.state_dir / install.MODELS / dir_name / "manifest.json"
+        try:
+            same = on_disk.read_bytes() == (pkg.root / "manifest.json").read_bytes()
+        except OSError:
+            return  # an unreadable installed copy is replaced by place_package's checks
+        if not same:
+            raise PackageError(
+                f"{pkg.name} {pkg.version} is already installed with another manifest "
+                "(same name and version, other bytes); publish the change as a new version"
+            )
 
     def _refuse(
         self,
@@ -961,19 +1000,57 @@ class OTAService:
             )
             client = client or self.channel_client()
             try:
-                state = client.fetch_channel(ota.channel)
+                state = client.fetch_channel(ota.channel, want_revert=self._below_floor)
+            except ChannelNotPublishedError as exc:
+                # a fresh repository: nothing to follow yet, and nothing wrong
+                self._enter(OTAState.IDLE, reason=str(exc))
+                return CheckResult(False, f"channel {ota.channel} is not published yet")
             except (RefusedError, FetchError, StateError) as exc:
                 self._enter(OTAState.IDLE, reason=f"check failed: {exc}")
                 raise
-            doc = state.document
+            doc = self._with_revert(state.document, state.revert)
             decision = self._decide(doc)
+            if decision.rollback:
+                self._enter(
+                    OTAState.IDLE, reason=decision.reason, package=doc.package, version=doc.version
+                )
+                if proceed:  # the poll and `update --now`; a plain check only reports it
+                    self.rollback(decision.reason)
+                return decision
             if decision.take:
-                decision = CheckResult(True, decision.reason, doc, decision.bucket, state.package)
+                decision = dataclasses.replace(decision, package_ref=state.package)
             if not decision.take or not proceed:
                 self._enter(
                     OTAState.IDLE, reason=decision.reason, package=doc.package, version=doc.version
                 )
             return decision
+
+    def _below_floor(self, doc: ChannelDocument) -> bool:
+        return doc.release_counter <= self.release_floor(doc.package)
+
+    def _with_revert(self, doc: ChannelDocument, data: bytes | None) -> ChannelDocument:
+        """The document with the release role's revert authorisation attached once its
+        release-threshold signatures verify against this device's keyring."""
+        if data is None:
+            return doc
+        from agent.package import Keyring
+        from agent.package.revert import revert_target, verify_revert
+
+        where = revert_target(doc.package, doc.version)
+        try:
+            auth = verify_revert(data, Keyring.load(self._keyring_dir()), where)
+        except EdgeAgentError as exc:
+            # without a verified revert the release is judged against the floor as usual
+            log.warning("OTA: ignoring revert authorisation: %s", exc)
+            return doc
+        return dataclasses.replace(doc, revert=auth)
+
+    def followed_package(self) -> str | None:
+        """The one package name this device follows: the one it runs, else ``ota.package``."""
+        manifest = self.current_manifest()
+        if manifest is not None and manifest.get("name"):
+            return str(manifest["name"])
+        return self.config.ota.package
 
     def _decide(self, doc: ChannelDocument) -> CheckResult:
         ota = self.config.ota
@@ -983,13 +1060,34 @@ class OTAService:
         def no(reason: str) -> CheckResult:
             return CheckResult(False, reason, doc, bucket)
 
+        followed = self.followed_package()
+        if followed is not None and doc.package != followed:
+            # the online rollout key must not move a device to a name whose floor is empty
+            return no(
+                f"channel {doc.channel} carries package {doc.package!r}; this device "
+                f"follows {followed!r}"
+            )
+        current = self.current_version()
+        if current and current in doc.revert_versions:
+            previous = self.current_manifest(install.PREVIOUS)
+            if previous is not None and previous.get("name") == doc.package:
+                # the controller's abort: back to the locally kept, already verified previous
+                # model (no download, the floor stays where it is)
+                return CheckResult(
+                    False,
+                    f"channel reverts {doc.package} {current}: rolling back to "
+                    f"{previous.get('version')}",
+                    doc,
+                    bucket,
+                    rollback=True,
+                )
         if doc.aborted:
             return no("rollout aborted")
         if doc.paused:
             return no("rollout paused")
         if ota.pin_version and doc.version != ota.pin_version:
             return no(f"pinned to {ota.pin_version}")
-        if doc.version == self.current_version():
+        if doc.version == current:
             return no("up to date")
         if not in_rollout(device, doc.salt, doc.percent):
             return no(f"not in rollout (bucket {bucket} >= {doc.percent * 100:.0f})")
@@ -997,8 +1095,19 @@ class OTAService:
         if refused:
             return no(f"refused earlier: {refused}")
         floor = self.release_floor(doc.package)
-        if doc.release_counter <= floor and doc.version not in doc.revert_versions:
-            return no(f"release_counter {doc.release_counter} is not above the floor {floor}")
+        if doc.release_counter <= floor:
+            if doc.revert is None:
+                return no(
+                    f"release_counter {doc.release_counter} is not above the floor {floor} "
+                    "(going below it needs a revert signed by the release keys)"
+                )
+            try:
+                doc.revert.check(doc.package, doc.version, doc.release_counter, floor)
+            except DowngradeError as exc:
+                return no(str(exc))
+            return CheckResult(
+                True, f"taking {doc.package} {doc.version} (signed revert)", doc, bucket
+            )
         return CheckResult(True, f"taking {doc.package} {doc.version}", doc, bucket)
 
     def update_now(self, client: ChannelClient | None = None) -> CheckResult:
@@ -1025,12 +1134,12 @@ class OTAService:
                     self.staging_dir,
                     reserve_bytes=self.config.ota.reserve_free_bytes,
                 )
-            except RefusedError as exc:
-                self._refuse(str(exc), doc.fingerprint)
-                raise
             except (FetchError, OTAError) as exc:
-                # Network trouble: the partial file stays in staging for a Range resume.
-                self._enter(OTAState.IDLE, reason=f"download failed: {exc}")
+                # The network is not the attacker's vote: a cut, a wrong hash or too many
+                # bytes is a fetch failure, retried on the next poll (a cut resumes with
+                # Range, a bad file is gone and starts from byte 0), never a refusal the
+                # rollout controller would count.
+                self._enter(OTAState.IDLE, reason=f"download failed, will retry: {exc}")
                 raise
         self.install_file(path, channel=doc)
         path.unlink(missing_ok=True)

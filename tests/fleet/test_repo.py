@@ -136,7 +136,8 @@ def test_publish_refusals_leave_repository_unchanged(
         snap.write_text(snap.read_text()[:-40])
     elif case == "bad_signature_on_release_metadata":
         pkg = build_package(out, release, version="1.1.0", release_counter=2)
-        rel = repo / "metadata" / "1.release.json"
+        # repo init wrote an empty 1.release.json; the first publish made version 2
+        rel = repo / "metadata" / "2.release.json"
         doc = json.loads(rel.read_text())
         doc["signed"]["targets"]["packages/digits-1.0.0.tar"]["length"] += 1
         rel.write_text(json.dumps(doc))

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from agent.errors import FetchError, IntegrityError, RepositoryError
-from agent.fleet.repo import write_channel
+from agent.errors import FetchError, RepositoryError
+from agent.fleet.repo import refresh_repo, write_channel
 from agent.ota import install
 from agent.ota.channel import ChannelDocument
+from agent.ota.download import TargetMismatchError
 from agent.ota.membership import in_rollout, rollout_bucket
 from agent.ota.states import OTAState
 
@@ -95,13 +96,33 @@ def test_expired_metadata_is_refused_by_last_known_good_clock(
     url, www, _ = http_dir
     dev = _repo_device(tmp_path, url, www)
     _publish(dev, www, "1.0.0", 1)
+    # Three days from now the device verifies the repository as it was then ...
+    later = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=3)
+    refresh_repo(www, dev.keys, now=later)
+    ahead = dev.service(system_clock=lambda: later.timestamp() + 60)
+    assert ahead.check().take
+    assert ahead.journal.mark("clock.last_known_good_s") == int(later.timestamp() + 60)
+    ahead.close()
+    # ... then boots with a clock behind that and is served a timestamp (newer version)
+    # that expired before the time it already saw: a stale boot clock must not win.
+    refresh_repo(www, dev.keys)
     svc = dev.service()
-    svc.check()
-    # The clock once saw a time past the timestamp's expiry; a stale boot clock must not win.
-    later = (datetime.now(timezone.utc) + timedelta(days=3)).timestamp()
-    svc.journal.raise_mark("clock.last_known_good_s", int(later))
     with pytest.raises(RepositoryError, match="expired"):
         svc.check()
+
+
+def test_mark_an_older_agent_pushed_ahead_heals(tmp_path: Path, http_dir: Any) -> None:
+    url, www, _ = http_dir
+    dev = _repo_device(tmp_path, url, www)
+    _publish(dev, www, "1.0.0", 1)
+    svc = dev.service()
+    assert svc.check().take
+    # what an older agent did with a channel document dated a year ahead: no verified
+    # timestamp allows that mark, so the next check lowers it and follows the repository
+    ahead = datetime.now(timezone.utc) + timedelta(days=366)
+    svc.journal.raise_mark("clock.last_known_good_s", int(ahead.timestamp()))
+    assert svc.check().take
+    assert svc.journal.mark("clock.last_known_good_s") < ahead.timestamp() - 300 * 86400
 
 
 def test_channel_to_wrong_key_package_is_refused(tmp_path: Path, http_dir: Any) -> None:
@@ -136,16 +157,24 @@ def test_network_cut_resumes_with_range(tmp_path: Path, http_dir: Any) -> None:
     assert faults["cuts"] == 0 and svc.journal.state() is OTAState.PROBATION
 
 
-def test_wrong_bytes_are_refused(tmp_path: Path, http_dir: Any) -> None:
+def test_wrong_bytes_are_a_retryable_fetch_failure(tmp_path: Path, http_dir: Any) -> None:
     url, www, faults = http_dir
     dev = _repo_device(tmp_path, url, www)
     _publish(dev, www, "1.0.0", 1)
     faults.update(targets="wrong")
     svc = dev.service()
-    with pytest.raises(IntegrityError):
+    with pytest.raises(TargetMismatchError, match="does not match the signed"):
         svc.update_now()
-    assert svc.journal.state() is OTAState.REJECTED
-    assert not list((dev.state_dir / "staging").glob("*.part"))
+    # the network's bytes are not a verdict on the release: back to IDLE, nothing refused,
+    # the bad file gone so the next poll downloads from byte 0
+    assert svc.journal.state() is OTAState.IDLE
+    assert svc.journal.last_refusal() is None
+    assert not list((dev.state_dir / "staging").glob("digits-1.0.0.tar*"))
+    faults.pop("targets")
+    faults["requests"] = []
+    assert svc.update_now().take and svc.journal.state() is OTAState.PROBATION
+    package_gets = [r for r in faults["requests"] if "/targets/packages/" in r[0]]
+    assert package_gets and all(rng is None for _, rng in package_gets)
 
 
 def test_dripping_server_is_cut_off(tmp_path: Path, http_dir: Any) -> None:
