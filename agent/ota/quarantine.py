@@ -77,7 +77,9 @@ def state_db_problem(path: Path) -> str | None:
         db.close()
     results = [str(r[0]) for r in rows]
     if results != ["ok"]:
-        return "quick_check: " + "; ".join(results[:3])
+        # one line for the log and the event: the first findings are enough to say why
+        text = "; ".join(line for r in results for line in r.splitlines())
+        return "quick_check: " + (text[:200] + "..." if len(text) > 200 else text)
     return None
 
 
