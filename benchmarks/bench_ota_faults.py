@@ -207,8 +207,11 @@ def child_main(
     except BaseException as exc:
         problems = [f"agent crashed: {type(exc).__name__}: {exc}"]
         code = 1
+    from agent.ota import killpoint
+
+    passed = getattr(killpoint._hits, "passed", 0)
     with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps(problems) + "\n").encode())
+        os.write(fd, (json.dumps({"problems": problems, "points": passed}) + "\n").encode())
     os._exit(code)
 
 
@@ -277,9 +280,13 @@ def run_round(
     if fault.startswith("kill") or fault == "crash_cand":
         landed = killed
     problems: list[str] = []
+    passed = 0
     if not killed:
-        lines = [x for x in report.splitlines() if x.startswith("[")]
-        problems = json.loads(lines[-1]) if lines else ["agent died without a report"]
+        lines = [x for x in report.splitlines() if x.startswith("{")]
+        reported = json.loads(lines[-1]) if lines else {"problems": ["agent died silently"]}
+        problems, passed = list(reported["problems"]), int(reported.get("points", 0))
+    if not landed and passed:
+        detail = f"{detail}; the run passed {passed} points"
     return landed, problems, detail
 
 
@@ -515,7 +522,10 @@ def main() -> int:
                     if not landed:
                         life_run_s = max(0.2, time.monotonic() - run_started)
                         if fault in ("kill_point", "enospc"):
-                            points_left = max(1, points_left // 2)
+                            # the whole run passed fewer points than drawn: draw from those
+                            passed = detail.rpartition("passed ")[2].split(" ")[0]
+                            points_left = int(passed) if passed.isdigit() else points_left // 2
+                            points_left = max(1, points_left)
                         missed[fault] += 1  # the cycle ended before the kill: no fault
                         if missed.total() > 20 * args.rounds:
                             print("too many rounds without a fault", file=sys.stderr)
@@ -528,6 +538,7 @@ def main() -> int:
                         bad[fault] += 1
                         if len(examples) < 12:
                             examples.append(f"{fault} ({detail}): {problems}")
+                            print(f"  bad: {examples[-1]}", flush=True)
                 # The device carries on: a clean cycle must end on 1.3.0, committed.
                 _, problems, _ = run_round(dev, packages, "none", rng, 0, cycle_s, disk)
                 problems += check_and_poll(dev, final=True)
@@ -535,6 +546,7 @@ def main() -> int:
                     bad["clean"] += 1
                     if len(examples) < 12:
                         examples.append(f"clean cycle after {in_life} faults: {problems}")
+                        print(f"  bad: {examples[-1]}", flush=True)
                 shutil.rmtree(where / f"life{lives}")
                 if lives % 20 == 0:
                     rate = rounds.total() / (time.monotonic() - bench_started)

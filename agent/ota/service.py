@@ -473,10 +473,16 @@ class OTAService:
                 # floor low (a replayed older release would then pass).
                 self._finish_commit(last)
             if last is None or last.state in AT_REST:
-                return "nothing in flight"
+                return (
+                    "rollback recorded"
+                    if self._record_silent_switch(last)
+                    else ("nothing in flight")
+                )
             action = RECOVERY[last.state]
             key = f"attempts:{last.package}-{last.version}"
             if action is Recovery.CONTINUE_PROBATION:
+                if self._record_silent_switch(last):
+                    return "rollback recorded"
                 if not agent_start:
                     return "probation in progress"
                 restarts = int(last.detail.get("restarts", 0)) + 1
@@ -556,7 +562,9 @@ class OTAService:
                 return "nothing in flight"
             if last.state is OTAState.COMMITTED:
                 self._redo_commit_tail(last)
-                return "nothing in flight"
+            resting = last.state in AT_REST or last.state is OTAState.PROBATION
+            if resting and self._record_silent_switch(last):
+                return "rollback recorded"
             if last.state in AT_REST:
                 return "nothing in flight"
             if last.state is OTAState.PROBATION:
@@ -583,6 +591,39 @@ class OTAService:
                 reason=f"{last.state.value} ended by a failed write in this process; will retry",
             )
             return "abandoned"
+
+    def _record_silent_switch(self, last: JournalEntry | None) -> bool:
+        """Journal a rollback whose link switch landed but whose ROLLED_BACK row did not
+        (killed, or the write failed on a full disk), so the journal agrees with the links.
+
+        The journal's live version (PROBATION's, COMMITTED's, or a ROLLED_BACK's
+        from_version) is then ``previous`` and ``current`` names another version.
+        """
+        if last is None:
+            return False
+        made_live = (
+            last
+            if last.state is OTAState.PROBATION
+            else self.journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
+        )
+        if made_live is None:
+            return False
+        live = (
+            made_live.from_version if made_live.state is OTAState.ROLLED_BACK else made_live.version
+        )
+        current = self.current_version()
+        previous = str((self.current_manifest(install.PREVIOUS) or {}).get("version", ""))
+        if not live or not current or live == current or previous != live:
+            return False
+        self._enter(
+            OTAState.ROLLED_BACK,
+            package=made_live.package,
+            version=live,
+            from_version=current,
+            reason=f"links were switched back to {current} without a journal row "
+            "(rollback interrupted); recorded now",
+        )
+        return True
 
     def _redo_commit_tail(self, entry: JournalEntry) -> None:
         """A COMMITTED whose floor raise failed (disk full) is finished by the next step."""

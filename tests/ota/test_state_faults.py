@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.config import AgentConfig, TelemetryConfig
+from agent.config import TelemetryConfig
 from agent.errors import EdgeAgentError, StateError
 from agent.ota import install
 from agent.ota.journal import Journal
@@ -210,7 +210,7 @@ def test_a_rebuilt_journal_still_refuses_a_replayed_release(tmp_path: Path) -> N
     assert release_floor(dev) == 2  # from the active manifest's release_counter
     svc = dev.service()
     try:
-        with pytest.raises(EdgeAgentError, match="not above the floor|below"):
+        with pytest.raises(EdgeAgentError, match=r"not above the floor|below"):
             svc.install_file(dev.package("1.0.5", 2))
         assert model_runs(dev.state_dir) == "1.1.0"
     finally:
@@ -297,12 +297,11 @@ def test_a_full_disk_never_wedges_ota(
     # a slot, as in a daemon: probation is watched in-process
     svc = OTAService(dev.config, slot=ModelSlot(), gate=gate)
     try:
-        with pytest.raises((EdgeAgentError, OSError)):
-            with svc.step():
-                svc.update_now()
-                if row.fills_at == "probation ends":
-                    fill_once()
-                    feed_frames(svc, 20)
+        with pytest.raises((EdgeAgentError, OSError)), svc.step():
+            svc.update_now()
+            if row.fills_at == "probation ends":
+                fill_once()
+                feed_frames(svc, 20)
         assert filled, "the disk never filled"
         last = svc.journal.last()
         assert last is not None
@@ -428,3 +427,35 @@ def _broken() -> bytes:
     from .conftest import broken_digits_model
 
     return broken_digits_model()
+
+
+def test_a_rollback_whose_row_cannot_be_saved_is_recorded_by_the_next_step(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    dev = moved(committed_device(tmp_path / "dev"), small_disk / "state")
+    svc = OTAService(dev.config, slot=ModelSlot())
+    try:
+        svc.install_file(dev.package("1.1.0", 2, "digits_int8.onnx", precision="int8"))
+        feed_frames(svc, 20)
+        assert svc.journal.state() is OTAState.COMMITTED
+        filler = fill(small_disk)
+        # the links switch (a symlink needs no data block) but ROLLED_BACK cannot be saved
+        with pytest.raises(StateError), svc.step():
+            svc.rollback("operator asked")
+        assert install.read_links(dev.state_dir).current == "digits-1.0.0"
+        last = svc.journal.last()
+        assert last is not None and (last.state, last.version) in {
+            (OTAState.COMMITTED, "1.1.0"),  # the journal contradicts the links ...
+            (OTAState.ROLLED_BACK, "1.1.0"),  # ... or the step's way out recorded it
+        }
+        filler.unlink()
+        with svc.step():
+            pass  # the next step (a poll, say) makes the journal agree with the links
+        last = svc.journal.last()
+        assert last is not None and last.state is OTAState.ROLLED_BACK
+        assert (last.version, last.from_version) == ("1.1.0", "1.0.0")
+    finally:
+        svc.close()
+    # a restart agrees too
+    assert recover_at_start(dev.config) == "nothing in flight"
+    assert model_runs(dev.state_dir) == "1.0.0"
