@@ -42,6 +42,7 @@ from agent.pipeline.sources import Frame, Source, open_source
 from agent.runtime import BackendOptions, load_backend
 from agent.runtime.base import Backend
 from agent.sdnotify import Notifier
+from agent.statelock import StateDirLock
 from agent.telemetry.identity import resolve_device_id
 
 if TYPE_CHECKING:  # the metrics endpoint imports http.server only when it is configured
@@ -57,6 +58,8 @@ READ_TIMEOUT_S = 0.2
 SLEEP_SLICE_S = 0.1
 # with no systemd watchdog, a loop silent this long is reported as stalled in status
 STALL_S = 10.0
+# how long a starting daemon waits for a CLI command that holds the state dir's lock
+STATE_LOCK_WAIT_S = 120.0
 RUNTIME_FOR_KIND = {"onnx": "auto", "tflite": "litert", "tensorrt": "tensorrt"}
 # the configured backends that can run a package of each runtime.kind
 PACKAGE_BACKENDS = {"onnx": ("onnx", "tensorrt"), "tflite": ("litert",), "tensorrt": ("tensorrt",)}
@@ -308,6 +311,8 @@ class Daemon:
         self._state = "starting"
         self._status_thread: threading.Thread | None = None
         self._http: ThreadingHTTPServer | None = None
+        # one writer per state dir: held from start to the end of shutdown (agent/statelock.py)
+        self._state_lock = StateDirLock(config.state_dir)
         self._ota: Any = None
         self._ota_observe: Callable[..., Any] | None = None
         self._last_warn: dict[str, float] = {}
@@ -496,6 +501,9 @@ class Daemon:
             raise StateError(
                 f"{self.state_dir}: cannot create the state dir ({exc.strerror})"
             ) from None
+        # before anything reads or writes the state dir; a CLI command holding it for a
+        # moment (an install without a daemon) is waited for
+        self._state_lock.acquire(timeout_s=STATE_LOCK_WAIT_S, role="daemon")
         self._start_telemetry()
         self._recover_ota()
         model = self.load_initial_model()
@@ -637,6 +645,7 @@ class Daemon:
             except Exception:
                 log.exception("telemetry: close failed")
         self.notifier.close()
+        self._state_lock.release()
         log.info(
             "edge-agent stopped (%s) after %d frames",
             self.exit_reason or "stopped",

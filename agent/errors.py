@@ -112,4 +112,8 @@ class RepositoryError(RefusedError):
 
 
 class StateError(EdgeAgentError):
-    """The on-device state directory or journal is inconsistent or unwritable."""
+    """The on-device state does not allow it now: no previous model, a model on probation,
+    a state dir locked by another process, a journal that cannot be read or written."""
+
+    # not a bug (1) and not the user's input (2): the device's state refuses it, like a check
+    exit_code = EXIT_REFUSED

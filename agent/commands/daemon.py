@@ -122,10 +122,37 @@ def format_ota(ota: Any) -> list[str]:
         return []
     if ota.get("error"):
         return [f"ota:        {ota['error']}"]
+    active = ota.get("active")
+    at_rest = (
+        f" {active.get('state')} ({active.get('reason')})"
+        if isinstance(active, dict)
+        else " (no journal row for it)"
+        if ota.get("active_version")
+        else ""
+    )
     lines = [
-        f"ota:        active {ota.get('active_version') or '-'}, previous "
-        f"{ota.get('previous_version') or '-'}, state {ota.get('state', '-')}"
+        f"ota:        active {ota.get('active_version') or '-'}{at_rest}, previous "
+        f"{ota.get('previous_version') or '-'}"
     ]
+    flight = ota.get("in_flight")
+    outcome = ota.get("last_outcome")
+    if isinstance(flight, dict):
+        lines.append(
+            f"update:     {flight.get('state')} {flight.get('package')} "
+            f"{flight.get('version')} (in progress: {flight.get('reason')})"
+        )
+    elif isinstance(outcome, dict) and not _same_row(outcome, active):
+        lines.append(
+            f"update:     {outcome.get('state')} {outcome.get('package')} "
+            f"{outcome.get('version')} ({outcome.get('reason')}) {_ago(outcome.get('ts'))}"
+        )
+    check = ota.get("last_check")
+    if isinstance(check, dict):
+        lines.append(
+            f"checked:    {_ago(check.get('ts'))}: "
+            + ("" if check.get("ok") else "FAILED: ")
+            + f"{check.get('outcome')}"
+        )
     gate = ota.get("last_gate")
     if isinstance(gate, dict):
         failed = ", ".join(
@@ -144,6 +171,24 @@ def format_ota(ota: Any) -> list[str]:
             f"{refusal.get('reason')}"
         )
     return lines
+
+
+def _same_row(a: Any, b: Any) -> bool:
+    return isinstance(a, dict) and isinstance(b, dict) and a.get("seq") == b.get("seq")
+
+
+def _ago(ts: Any) -> str:
+    """``12 s ago`` style age of a unix time (``at ?`` when it is not one)."""
+    if not isinstance(ts, (int, float)):
+        return "at ?"
+    age_s = time.time() - float(ts)
+    if age_s < 0:
+        return time.strftime("at %Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
+    if age_s < 120:
+        return f"{age_s:.0f} s ago"
+    if age_s < 7200:
+        return f"{age_s / 60:.0f} min ago"
+    return time.strftime("at %Y-%m-%d %H:%M UTC", time.gmtime(float(ts)))
 
 
 def _short(value: Any) -> str:

@@ -260,12 +260,45 @@ def _serve(args: argparse.Namespace) -> int:
         controller_interval_s=args.controller_interval_s,
     )
     keys = _keys(args.keys) if args.keys else []
+    _check_port_free(args.host, args.port)
     store = open_store(config.db_url)
     try:
         serve(config, store, keys)
+    except SystemExit as exc:
+        # uvicorn logs a failed bind and exits 1; a port taken since the check above is
+        # still the user's to change, not a bug
+        if exc.code not in (0, None):
+            raise UsageError(
+                f"{args.host}:{args.port}: the server could not start (port in use?) (serve --port)"
+            ) from None
     finally:
         store.close()
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """UsageError (exit 2) when ``host:port`` cannot be bound, before anything starts."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UsageError(
+            f"{host}: cannot resolve the listen address ({exc}) (serve --host)"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        # as uvicorn binds: SO_REUSEADDR, so a port in TIME_WAIT is not "in use"
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+    except OSError as exc:
+        raise UsageError(
+            f"{host}:{port}: cannot listen there ({exc.strerror or exc}; another server "
+            "may hold the port) (serve --port)"
+        ) from None
+    finally:
+        probe.close()
 
 
 def _token_add(args: argparse.Namespace) -> int:

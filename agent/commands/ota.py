@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.commands import SubParsers, add_command
-from agent.errors import EdgeAgentError, OTAError, StateError, UsageError
+from agent.errors import EXIT_REFUSED, EdgeAgentError, OTAError, StateError, UsageError
 from agent.textio import check_regular_file, read_regular, write_atomic
 
 if TYPE_CHECKING:  # `status` imports this module for ota_status(): no YAML parser for it
@@ -184,12 +186,48 @@ def _daemon_result(args: argparse.Namespace, reply: dict[str, Any]) -> int:
     return 0
 
 
-def _service(cfg: AgentConfig) -> Any:
-    from agent.ota.service import OTAService
+@contextlib.contextmanager
+def _direct(cfg: AgentConfig) -> Iterator[Any]:
+    """The OTA service on the state dir itself, with the state dir's lock held.
 
-    service = OTAService(cfg)
-    service.recover(agent_start=False)
-    return service
+    Only when no daemon answered on the control socket: the lock makes this process the
+    one writer. A lock held by a process whose socket does not answer (a daemon still
+    starting, or hung; another CLI command) is one Error line, exit 3.
+    """
+    from agent.control import control_socket_path
+    from agent.ota.service import OTAService, check_state_files
+    from agent.statelock import StateDirLock, StateDirLockedError
+
+    lock = StateDirLock(cfg.state_dir)
+    try:
+        lock.acquire()
+    except StateDirLockedError as exc:
+        who = f"process {exc.holder_pid}" if exc.holder_pid else "another process"
+        raise StateError(
+            f"{cfg.state_dir} is locked by {who} but no daemon answers on "
+            f"{control_socket_path(cfg)}: wait for the daemon to finish starting or the "
+            "other command to end, or stop it, then try again"
+        ) from None
+    try:
+        check_state_files(cfg)
+        service = OTAService(cfg)
+        try:
+            service.recover(agent_start=False)
+            yield service
+        finally:
+            service.close()
+    finally:
+        lock.release()
+
+
+def _require_previous(state_dir: Path) -> None:
+    from agent.ota import install
+
+    if install.resolve(state_dir, install.PREVIOUS) is None:
+        raise StateError(
+            f"{state_dir}: no previous model to roll back to (only the current one is "
+            "installed; install another package to have one)"
+        )
 
 
 # ---------------------------------------------------------------------------- install
@@ -203,16 +241,18 @@ def _install(args: argparse.Namespace) -> int:
     reply = _ask_daemon(cfg, {"cmd": "install", "path": str(tar)})
     if reply is not None:
         return _daemon_result(args, reply)
-    service = _service(cfg)
-    try:
+    from agent.ota.service import refuse_during_probation
+
+    with _direct(cfg) as service:
         if service.journal.state().value == "PROBATION":
+            # no daemon runs: finish the pending probation offline first
             _probe(service, cfg)
-        entry = service.install_file(tar)
+        refuse_during_probation(service)
+        with service.step():
+            entry = service.install_file(tar)
         # No daemon runs: probation is a frame-by-frame run on the golden inputs here.
         verdict = _probe(service, cfg)
         last = service.journal.last()
-    finally:
-        service.close()
     assert last is not None
     _print(
         args,
@@ -220,7 +260,9 @@ def _install(args: argparse.Namespace) -> int:
         f"installed {entry.package} {entry.version} (was {entry.from_version or 'none'}); "
         f"probation {verdict}: state {last.state.value}",
     )
-    return 0 if last.state.value == "COMMITTED" else 3
+    # PROBATION (the daemon or a later run finishes it) and COMMITTED are both success;
+    # a probation that rolled the model back is a refusal
+    return 0 if last.state.value in ("PROBATION", "COMMITTED") else EXIT_REFUSED
 
 
 def _probe(service: Any, cfg: AgentConfig) -> str:
@@ -237,17 +279,17 @@ def _probe(service: Any, cfg: AgentConfig) -> str:
 
 
 def _update(args: argparse.Namespace) -> int:
+    from agent.ota.service import require_repository
+
     cfg = load_agent_config(args)
-    if args.now:
-        reply = _ask_daemon(cfg, {"cmd": "update"})
-        if reply is not None:
-            return _daemon_result(args, reply)
-    service = _service(cfg)
-    try:
-        result = service.update_now() if args.now else service.check()
+    require_repository(cfg)
+    reply = _ask_daemon(cfg, {"cmd": "update"} if args.now else {"cmd": "check"})
+    if reply is not None:
+        return _daemon_result(args, reply)
+    with _direct(cfg) as service:
+        with service.step():
+            result = service.update_now() if args.now else service.check()
         state = service.journal.state().value
-    finally:
-        service.close()
     data = {**result.to_dict(), "state": state}
     verb = "installed" if (args.now and result.take) else "would take" if result.take else "no"
     _print(args, data, f"{verb}: {result.reason} (state {state})")
@@ -262,11 +304,10 @@ def _rollback(args: argparse.Namespace) -> int:
     reply = _ask_daemon(cfg, {"cmd": "rollback"})
     if reply is not None:
         return _daemon_result(args, reply)
-    service = _service(cfg)
-    try:
-        entry = service.rollback("operator asked")
-    finally:
-        service.close()
+    with _direct(cfg) as service:
+        _require_previous(cfg.state_dir)
+        with service.step():
+            entry = service.rollback("operator asked")
     _print(
         args,
         entry.to_dict(),
@@ -279,9 +320,14 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def ota_status(state_dir: Path) -> dict[str, Any]:
-    """OTA fields for `edge-agent status --json`: versions, state, last gate report, refusal."""
+    """OTA fields for `edge-agent status --json`: versions, the active model's at-rest
+    state, the last attempt, the last check, the last gate report and refusal.
+
+    Read-only (state.db is opened with mode=ro), so it is safe beside a running daemon.
+    """
     from agent.ota import install
-    from agent.ota.journal import LAST_GATE_REPORT, Journal
+    from agent.ota.journal import END_STATES, LAST_CHECK, LAST_GATE_REPORT, Journal
+    from agent.ota.states import AT_REST, OTAState
 
     def version_of(which: str) -> str | None:
         pkg_dir = install.resolve(state_dir, which)
@@ -292,28 +338,58 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             return None
 
+    def row(entry: Any) -> dict[str, Any] | None:
+        if entry is None:
+            return None
+        return {k: v for k, v in entry.to_dict().items() if k not in ("detail", "txn")}
+
+    active_version = version_of(install.CURRENT)
     out: dict[str, Any] = {
-        "active_version": version_of(install.CURRENT),
+        "active_version": active_version,
         "previous_version": version_of(install.PREVIOUS),
         "state": "IDLE",
+        "active": None,
+        "last_outcome": None,
+        "in_flight": None,
+        "last_check": None,
         "last_change": None,
         "last_gate_report": None,
         "last_refusal": None,
         "release_floor": None,
     }
     if not (state_dir / "state.db").exists():
+        out["last_gate"] = None
+        out["last_refusal_reason"] = None
         return out
-    journal = Journal(state_dir / "state.db")
+    journal = Journal(state_dir / "state.db", readonly=True)
     try:
         last = journal.last()
         if last is not None:
             out["state"] = last.state.value
-            out["last_change"] = {k: v for k, v in last.to_dict().items() if k != "detail"}
-        if last is not None and last.package:
-            from agent.package.floor import ReleaseFloor
-
-            with ReleaseFloor(state_dir / "state.db") as floor:
-                out["release_floor"] = floor.get(last.package)
+            out["last_change"] = row(last)
+            if last.state not in AT_REST:
+                out["in_flight"] = row(last)
+        # What runs: the newest row that made a model live (COMMITTED names it in
+        # version, ROLLED_BACK in from_version); a model on probation is not at rest.
+        made_live = journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
+        if last is not None and last.state is OTAState.PROBATION:
+            made_live = last
+        if made_live is not None:
+            live = (
+                made_live.from_version
+                if made_live.state is OTAState.ROLLED_BACK
+                else made_live.version
+            )
+            if live == active_version:
+                out["active"] = {**(row(made_live) or {}), "live_version": live}
+        out["last_outcome"] = row(journal.last_in(END_STATES))
+        check = journal.get_value(LAST_CHECK)
+        out["last_check"] = json.loads(check) if check else None
+        package = last.package if last is not None and last.package else None
+        if package is None and made_live is not None:
+            package = made_live.package or None
+        if package:
+            out["release_floor"] = journal.release_floor(package)
         report = journal.get_value(LAST_GATE_REPORT)
         out["last_gate_report"] = json.loads(report) if report else None
         out["last_refusal"] = journal.last_refusal()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -19,6 +20,19 @@ from agent.sqlitedb import open_db
 
 # ota_values key of the last gate report (the service writes it, status reads it)
 LAST_GATE_REPORT = "last_gate_report"
+# ota_values row with the last channel check's time and outcome (checks that change
+# nothing are not journaled; status reads this instead)
+LAST_CHECK = "last_check"
+# At-rest rows kept in ota_journal; older ones are pruned as new rows arrive (the last row
+# of each end state is always kept: status shows them).
+KEEP_ROWS = 200
+# The end states whose newest row status reads (what runs, and the last attempt's outcome).
+END_STATES: tuple[OTAState, ...] = (
+    OTAState.COMMITTED,
+    OTAState.REJECTED,
+    OTAState.ROLLED_BACK,
+)
+_COLUMNS = "seq, txn, ts, state, package, version, from_version, reason, channel, detail"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ota_journal (
@@ -84,10 +98,23 @@ class Journal:
     new row, never half of one.
     """
 
-    def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        clock: Callable[[], float] = time.time,
+        *,
+        keep_rows: int = KEEP_ROWS,
+        readonly: bool = False,
+    ) -> None:
         self.db_path = db_path
         self._clock = clock
         self._lock = threading.RLock()
+        self.keep_rows = keep_rows
+        if readonly:
+            # `edge-agent status` reads beside a running daemon: it must never write
+            # (no schema, no journal-mode change), so a CLI is never a second writer.
+            self._db = open_readonly(db_path, what="OTA journal")
+            return
         # FULL: a committed state survives a power cut, which is the journal's job.
         self._db = open_db(
             db_path,
@@ -109,12 +136,20 @@ class Journal:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    # Also when COMMIT itself fails (disk full, I/O error): a transaction
+                    # left open would make every later BEGIN fail, wedging the journal
+                    # for the life of the process.
+                    self._rollback_quietly()
                     raise
-                self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StateError(f"{self.db_path}: OTA journal write failed ({exc})") from None
+
+    def _rollback_quietly(self) -> None:
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     # ---- states ----
 
@@ -123,8 +158,7 @@ class Journal:
         with self._lock:
             try:
                 row = self._db.execute(
-                    "SELECT seq, txn, ts, state, package, version, from_version, reason, "
-                    "channel, detail FROM ota_journal ORDER BY seq DESC LIMIT 1"
+                    f"SELECT {_COLUMNS} FROM ota_journal ORDER BY seq DESC LIMIT 1"
                 ).fetchone()
             except sqlite3.Error as exc:
                 raise StateError(f"{self.db_path}: cannot read the OTA journal ({exc})") from None
@@ -138,11 +172,64 @@ class Journal:
         """The last ``limit`` saved states, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, txn, ts, state, package, version, from_version, reason, "
-                "channel, detail FROM ota_journal ORDER BY seq DESC LIMIT ?",
+                f"SELECT {_COLUMNS} FROM ota_journal ORDER BY seq DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [_entry(r) for r in reversed(rows)]
+
+    def last_in(self, states: tuple[OTAState, ...]) -> JournalEntry | None:
+        """The newest row in one of ``states`` (e.g. the last COMMITTED or ROLLED_BACK)."""
+        marks = ", ".join("?" for _ in states)
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM ota_journal WHERE state IN ({marks}) "
+                    "ORDER BY seq DESC LIMIT 1",
+                    tuple(s.value for s in states),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise StateError(f"{self.db_path}: cannot read the OTA journal ({exc})") from None
+        return _entry(row) if row else None
+
+    def rows(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM ota_journal").fetchone()[0])
+
+    def seed(
+        self,
+        state: OTAState,
+        *,
+        package: str,
+        version: str,
+        reason: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> JournalEntry:
+        """The first row of a rebuilt journal (an at-rest state with no transition before it).
+
+        Only for a journal that is empty: a quarantined state.db rebuilt from the links.
+        """
+        if state not in AT_REST:
+            raise StateError(f"OTA journal: cannot seed the in-flight state {state.value}")
+        with self._write() as db:
+            if db.execute("SELECT count(*) FROM ota_journal").fetchone()[0]:
+                raise StateError(f"{self.db_path}: OTA journal is not empty; not seeding it")
+            cur = db.execute(
+                "INSERT INTO ota_journal (txn, ts, state, package, version, reason, detail) "
+                "VALUES (0, ?, ?, ?, ?, ?, ?)",
+                (
+                    self._clock(),
+                    state.value,
+                    package,
+                    version,
+                    reason,
+                    json.dumps(dict(detail or {}), sort_keys=True),
+                ),
+            )
+            seq = int(cur.lastrowid or 0)
+            db.execute("UPDATE ota_journal SET txn = ? WHERE seq = ?", (seq, seq))
+        entry = self.last()
+        assert entry is not None
+        return entry
 
     def enter(
         self,
@@ -164,8 +251,7 @@ class Journal:
         kill_point(f"journal.before:{state.value}")
         with self._write() as db:
             prev = db.execute(
-                "SELECT seq, txn, ts, state, package, version, from_version, reason, "
-                "channel, detail FROM ota_journal ORDER BY seq DESC LIMIT 1"
+                f"SELECT {_COLUMNS} FROM ota_journal ORDER BY seq DESC LIMIT 1"
             ).fetchone()
             last = _entry(prev) if prev else None
             current = last.state if last else OTAState.IDLE
@@ -190,10 +276,37 @@ class Journal:
             seq = int(cur.lastrowid or 0)
             txn = seq if new_txn or last is None else last.txn
             db.execute("UPDATE ota_journal SET txn = ? WHERE seq = ?", (txn, seq))
+            if state in AT_REST:
+                self._prune(db, seq)
         kill_point(f"journal.saved:{state.value}")
         entry = self.last()
         assert entry is not None
         return entry
+
+    def _prune(self, db: sqlite3.Connection, newest_seq: int) -> None:
+        """Keep the journal bounded: drop rows older than the last ``keep_rows``, except
+        the newest row of each end state (status shows what runs and the last outcome).
+
+        Runs only when an attempt came to rest, so no in-flight attempt loses its rows.
+        """
+        marks = ", ".join("?" for _ in END_STATES)
+        db.execute(
+            "DELETE FROM ota_journal WHERE seq <= ? AND seq NOT IN "
+            f"(SELECT max(seq) FROM ota_journal WHERE state IN ({marks}) GROUP BY state)",
+            (newest_seq - self.keep_rows, *(s.value for s in END_STATES)),
+        )
+
+    def release_floor(self, name: str) -> int | None:
+        """The release floor (agent.package.ReleaseFloor's table) read on this connection,
+        so a read-only journal can show it; None when nothing was committed."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT release_counter FROM release_floor WHERE name = ?", (name,)
+                ).fetchone()
+            except sqlite3.OperationalError:  # no such table: nothing committed yet
+                return None
+        return None if row is None else int(row[0])
 
     # ---- refusals: not retried until the channel changes ----
 
@@ -273,6 +386,20 @@ class Journal:
     def delete_value(self, name: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM ota_values WHERE name = ?", (name,))
+
+
+def open_readonly(db_path: Path, *, what: str) -> sqlite3.Connection:
+    """A read-only connection to an existing state.db (StateError when it cannot open)."""
+    try:
+        return sqlite3.connect(
+            f"{db_path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            timeout=10.0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise StateError(f"{db_path}: cannot open the {what} ({exc})") from None
 
 
 def _entry(row: tuple[Any, ...]) -> JournalEntry:

@@ -10,7 +10,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from agent import __version__
 from agent.config import AgentConfig, PreprocessConfig
 from agent.errors import (
+    ConfigError,
     DowngradeError,
     EdgeAgentError,
     FetchError,
@@ -38,7 +39,7 @@ from agent.ota.channel import (
 )
 from agent.ota.download import TargetRef, download_target
 from agent.ota.fetch import FetchLimits, HttpFetcher
-from agent.ota.journal import LAST_GATE_REPORT, Journal, JournalEntry
+from agent.ota.journal import LAST_CHECK, LAST_GATE_REPORT, Journal, JournalEntry
 from agent.ota.killpoint import kill_point
 from agent.ota.membership import in_rollout, poll_delay_s, rollout_bucket
 from agent.ota.probation import (
@@ -50,6 +51,7 @@ from agent.ota.probation import (
     crash_loop_tripped,
     probation_latency_p95_ms,
 )
+from agent.ota.quarantine import Quarantined, StartCheck, check_state_dir, check_tuf_root
 from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
 from agent.package import ReleaseFloor, check_compat
 from agent.runtime import installed_runtimes
@@ -323,6 +325,10 @@ class OTAService:
     probation_policy: ProbationPolicy | None = None
     _watch: ProbationWatch | None = field(default=None, init=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+    # operations (poll, install, rollback) running in this process; see step()
+    _busy: int = field(default=0, init=False)
+    _busy_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    last_check: dict[str, Any] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.state_dir = self.config.state_dir
@@ -471,10 +477,16 @@ class OTAService:
                 # floor low (a replayed older release would then pass).
                 self._finish_commit(last)
             if last is None or last.state in AT_REST:
-                return "nothing in flight"
+                return (
+                    "rollback recorded"
+                    if self._record_silent_switch(last)
+                    else ("nothing in flight")
+                )
             action = RECOVERY[last.state]
             key = f"attempts:{last.package}-{last.version}"
             if action is Recovery.CONTINUE_PROBATION:
+                if self._record_silent_switch(last):
+                    return "rollback recorded"
                 if not agent_start:
                     return "probation in progress"
                 restarts = int(last.detail.get("restarts", 0)) + 1
@@ -512,6 +524,169 @@ class OTAService:
                 reason=f"interrupted in {last.state.value} (attempt {attempts}); will retry",
             )
             return "abandoned"
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One OTA operation (a poll, an install, a rollback) of this process.
+
+        A step that failed on a journal write (disk full, I/O error) may leave its
+        in-flight row behind; no other operation of this process owns it then, so the
+        next step to start (the next poll, say) clears it first (``clear_stale``) instead
+        of failing on "CHECKING -> CHECKING is not allowed" forever. A failed step also
+        tries to clear its own row on the way out.
+        """
+        with self._busy_lock:
+            if self._busy == 0:
+                self.clear_stale()
+            self._busy += 1
+        try:
+            yield
+        except BaseException:
+            with self._busy_lock:
+                self._busy -= 1
+                if self._busy == 0:
+                    try:
+                        self.clear_stale()
+                    except EdgeAgentError as exc:  # still failing: the next step tries again
+                        log.warning("OTA: cannot clear the failed step yet: %s", exc)
+            raise
+        with self._busy_lock:
+            self._busy -= 1
+
+    def clear_stale(self) -> str:
+        """Undo an in-flight row that no running operation of this process owns.
+
+        Like recover(), but not a restart: nothing counts toward the crash-loop breaker
+        or a version's interruption count (a full disk is not the package's fault).
+        Returns what was done.
+        """
+        with self._lock:
+            last = self.journal.last()
+            if last is None:
+                return "nothing in flight"
+            if last.state is OTAState.COMMITTED:
+                self._redo_commit_tail(last)
+            resting = last.state in AT_REST or last.state is OTAState.PROBATION
+            if resting and self._record_silent_switch(last):
+                return "rollback recorded"
+            if last.state in AT_REST:
+                return "nothing in flight"
+            if last.state is OTAState.PROBATION:
+                if self._watch is None and (self.daemon is not None or self.slot is not None):
+                    # the commit or rollback that ended the watch failed to save: judge again
+                    self._start_watch(last)
+                    return "probation watch re-armed"
+                return "probation in progress"
+            self._clean_staging_extracts()
+            action = RECOVERY[last.state]
+            if action is Recovery.UNDO_ACTIVATION:
+                before = last.detail.get("links_before") or {}
+                install.restore_links(
+                    self.state_dir, install.Links(before.get("current"), before.get("previous"))
+                )
+                self._reload_current_into_slot()
+                self._enter(
+                    OTAState.ROLLED_BACK,
+                    reason="activation failed to save its state; links restored",
+                )
+                return "activation undone"
+            self._enter(
+                OTAState.IDLE,
+                reason=f"{last.state.value} ended by a failed write in this process; will retry",
+            )
+            return "abandoned"
+
+    def _record_silent_switch(self, last: JournalEntry | None) -> bool:
+        """Journal a rollback whose link switch landed but whose ROLLED_BACK row did not
+        (killed, or the write failed on a full disk), so the journal agrees with the links.
+
+        The journal's live version (PROBATION's, COMMITTED's, or a ROLLED_BACK's
+        from_version) is then ``previous`` and ``current`` names another version.
+        """
+        if last is None:
+            return False
+        made_live = (
+            last
+            if last.state is OTAState.PROBATION
+            else self.journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
+        )
+        if made_live is None:
+            return False
+        live = (
+            made_live.from_version if made_live.state is OTAState.ROLLED_BACK else made_live.version
+        )
+        current = self.current_version()
+        previous = str((self.current_manifest(install.PREVIOUS) or {}).get("version", ""))
+        if not live or not current or live == current or previous != live:
+            return False
+        self._enter(
+            OTAState.ROLLED_BACK,
+            package=made_live.package,
+            version=live,
+            from_version=current,
+            reason=f"links were switched back to {current} without a journal row "
+            "(rollback interrupted); recorded now",
+        )
+        return True
+
+    def _redo_commit_tail(self, entry: JournalEntry) -> None:
+        """A COMMITTED whose floor raise failed (disk full) is finished by the next step."""
+        counter = entry.detail.get("release_counter")
+        if (
+            entry.package
+            and isinstance(counter, int)
+            and self.release_floor(entry.package) < counter
+        ):
+            self._finish_commit(entry)
+
+    def _reload_current_into_slot(self) -> None:
+        """After links were restored in a running daemon: run what ``current`` names again."""
+        if self.slot is None and self.daemon is None:
+            return
+        live = self.slot.current() if self.slot is not None else None
+        manifest = self.current_manifest()
+        pkg_dir = install.resolve(self.state_dir, install.CURRENT)
+        if manifest is None or pkg_dir is None:
+            return
+        if live is not None and getattr(live, "version", None) == manifest.get("version"):
+            return
+        backend = self._load_backend(pkg_dir, manifest)
+        backend.warmup(max(1, self.config.model.warmup_runs))
+        self._hot_swap(backend, pkg_dir, manifest)
+
+    def rebuild_from_links(self, quarantined: Quarantined | None = None) -> str:
+        """Seed a fresh journal from the ``current`` link after state.db was quarantined.
+
+        The active package's manifest must verify against the keyring (signatures and
+        file hashes); its release_counter becomes the floor and the journal rests in
+        COMMITTED for it. Without a verified current package the journal stays empty.
+        """
+        from agent.package import Keyring, load_installed
+
+        where = f" (old file kept as {quarantined.moved_to.name})" if quarantined else ""
+        pkg_dir = install.resolve(self.state_dir, install.CURRENT)
+        if pkg_dir is None:
+            return "no current package: empty journal" + where
+        try:
+            keyring = Keyring.load(self._keyring_dir())
+            manifest = load_installed(pkg_dir, keyring, check_files=True)
+        except EdgeAgentError as exc:
+            log.error("state.db rebuild: current package %s does not verify: %s", pkg_dir, exc)
+            return f"current package does not verify ({exc}): empty journal" + where
+        with self._release_floor() as floor:
+            floor.raise_to(manifest.name, manifest.release_counter, manifest.version)
+        entry = self.journal.seed(
+            OTAState.COMMITTED,
+            package=manifest.name,
+            version=manifest.version,
+            reason="state.db rebuilt from the links" + where,
+            detail={"release_counter": manifest.release_counter, "rebuilt": True},
+        )
+        self._emit(entry)
+        return (
+            f"journal rebuilt: {manifest.name} {manifest.version} COMMITTED, floor "
+            f"{manifest.release_counter}" + where
+        )
 
     def _record_refusal(self, entry: JournalEntry, reason: str) -> None:
         channel_key = str(entry.detail.get("channel_key", "local"))
@@ -977,10 +1152,12 @@ class OTAService:
         return ChannelClient(self.state_dir, url, self.journal, http, clock)
 
     def check(self, client: ChannelClient | None = None, proceed: bool = False) -> CheckResult:
-        """Look at the channel and decide whether to take its release (journals CHECKING).
+        """Look at the channel and decide whether to take its release.
 
-        With ``proceed`` the journal stays in CHECKING for the caller's DOWNLOADING;
-        otherwise it returns to IDLE, with the decision as the reason.
+        A check that takes nothing changes nothing: it is not journaled and sends no
+        event; its time and outcome are kept in the ``last_check`` value (and in memory
+        when even that cannot be written) for `edge-agent status`. With ``proceed`` and a
+        release to take, the journal enters CHECKING for the caller's DOWNLOADING.
         """
         with self._lock:
             ota = self.config.ota
@@ -991,37 +1168,43 @@ class OTAService:
                 return CheckResult(
                     False, f"{last.package} {last.version} is on probation; checking after it"
                 )
-            self._enter(
-                OTAState.CHECKING,
-                channel=ota.channel,
-                package="",
-                version="",
-                reason="checking the channel",
-            )
-            client = client or self.channel_client()
+            if last is not None and last.state not in AT_REST:
+                # another operation of this process (an install from the control socket)
+                # is in flight; step() has already cleared rows that nobody owns
+                return CheckResult(
+                    False,
+                    f"{last.state.value} {last.package} {last.version} in progress; "
+                    "checking after it",
+                )
             try:
+                check_tuf_root(self.state_dir)
+                client = client or self.channel_client()
                 state = client.fetch_channel(ota.channel, want_revert=self._below_floor)
             except ChannelNotPublishedError as exc:
                 # a fresh repository: nothing to follow yet, and nothing wrong
-                self._enter(OTAState.IDLE, reason=str(exc))
+                self._note_check(ok=True, outcome=str(exc))
                 return CheckResult(False, f"channel {ota.channel} is not published yet")
             except (RefusedError, FetchError, StateError) as exc:
-                self._enter(OTAState.IDLE, reason=f"check failed: {exc}")
+                self._note_check(ok=False, outcome=f"check failed: {exc}")
                 raise
             doc = self._with_revert(state.document, state.revert)
             decision = self._decide(doc)
+            self._note_check(ok=True, outcome=decision.reason, version=doc.version)
             if decision.rollback:
-                self._enter(
-                    OTAState.IDLE, reason=decision.reason, package=doc.package, version=doc.version
-                )
+                # the controller aborted a release this device runs: back to the local
+                # previous model (journaled by rollback(); the check itself is not)
                 if proceed:  # the poll and `update --now`; a plain check only reports it
                     self.rollback(decision.reason)
                 return decision
             if decision.take:
                 decision = dataclasses.replace(decision, package_ref=state.package)
-            if not decision.take or not proceed:
+            if decision.take and proceed:
                 self._enter(
-                    OTAState.IDLE, reason=decision.reason, package=doc.package, version=doc.version
+                    OTAState.CHECKING,
+                    channel=ota.channel,
+                    package=doc.package,
+                    version=doc.version,
+                    reason=decision.reason,
                 )
             return decision
 
@@ -1051,6 +1234,22 @@ class OTAService:
         if manifest is not None and manifest.get("name"):
             return str(manifest["name"])
         return self.config.ota.package
+
+    def _note_check(self, *, ok: bool, outcome: str, version: str | None = None) -> None:
+        """Keep the last check's time and outcome (a value row, not a journal row)."""
+        self.last_check = {
+            "ts": self.system_clock(),
+            "ok": ok,
+            "outcome": outcome,
+            "channel": self.config.ota.channel,
+            "version": version,
+        }
+        try:
+            self.journal.set_value(LAST_CHECK, json.dumps(self.last_check, sort_keys=True))
+        except StateError as exc:
+            # a full disk must not turn every check into a failure; status shows the
+            # in-memory copy through the daemon's status file until the write works again
+            log.warning("OTA: cannot save the last check: %s", exc)
 
     def _decide(self, doc: ChannelDocument) -> CheckResult:
         ota = self.config.ota
@@ -1152,7 +1351,8 @@ class OTAService:
         ota = self.config.ota
         while not stop.is_set():
             try:
-                self.update_now()
+                with self.step():
+                    self.update_now()
             except EdgeAgentError as exc:
                 log.warning("OTA update: %s", exc)
             except Exception:  # the poll thread must outlive any one bad update
@@ -1192,6 +1392,26 @@ def _reply(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"ok": False, "error": str(exc), "exit_code": exc.exit_code}
 
 
+def refuse_during_probation(service: OTAService) -> None:
+    """StateError (exit 3) when a new model is on probation: one update at a time."""
+    last = service.journal.last()
+    if last is not None and last.state is OTAState.PROBATION:
+        raise StateError(
+            f"{last.package} {last.version} is on probation: install again once it is "
+            f"committed or rolled back, or roll it back now (edge-agent rollback) "
+            f"({service.state_dir})"
+        )
+
+
+def require_repository(config: AgentConfig) -> None:
+    """ConfigError (exit 2) when the config names no repository to check."""
+    if not config.ota.repository_url:
+        raise ConfigError(
+            "no ota.repository_url in the config: set it to the folder that holds "
+            "metadata/ and targets/ (ota.repository_url)"
+        )
+
+
 # State dirs whose start-up recovery already ran in this process (see recover_at_start).
 _RECOVERED_AT_START: set[Path] = set()
 
@@ -1203,7 +1423,11 @@ def recover_at_start(config: AgentConfig, recorder: Any = None) -> str:
     still have each restart counted, or the crash-loop breaker never rolls it back.
     ``attach()`` later skips its own recovery for this state dir, so a restart is
     counted once.
+
+    A state.db that SQLite cannot open or that fails quick_check is quarantined first and
+    rebuilt from the links (see ``check_state_files``), so inference still starts.
     """
+    check_state_files(config, recorder)
     service = OTAService(config, recorder=recorder)
     try:
         done = service.recover(agent_start=True)
@@ -1214,6 +1438,22 @@ def recover_at_start(config: AgentConfig, recorder: Any = None) -> str:
     return done
 
 
+def check_state_files(config: AgentConfig, recorder: Any = None) -> StartCheck:
+    """Quarantine a corrupt state.db (rebuilt from the links) or cached TUF metadata
+    (fetched again), and report a corrupt trusted root or device id; never raises for a
+    corrupt file, only when one cannot be moved aside."""
+
+    def rebuild(item: Quarantined) -> str:
+        service = OTAService(config, recorder=recorder)
+        try:
+            return service.rebuild_from_links(item)
+        finally:
+            service.close()
+
+    event = getattr(recorder, "event", None)
+    return check_state_dir(config.state_dir, rebuild, event)
+
+
 def attach(daemon: Any) -> AttachedOTA:
     """Register ``install``, ``update`` and ``rollback`` on the daemon's control socket,
     recover the journal, re-arm probation, and start the poll loop when a repository is set.
@@ -1221,6 +1461,9 @@ def attach(daemon: Any) -> AttachedOTA:
     The daemon should call ``attached.service.observe_frame(latency_s, confidence, error)``
     once per frame so probation can end in a commit or a rollback.
     """
+    if daemon.config.state_dir.resolve() not in _RECOVERED_AT_START:
+        # before the service opens state.db: a corrupt one is moved aside and rebuilt
+        check_state_files(daemon.config, getattr(daemon, "telemetry", None))
     service = OTAService(
         daemon.config,
         recorder=getattr(daemon, "telemetry", None),
@@ -1233,18 +1476,29 @@ def attach(daemon: Any) -> AttachedOTA:
 
     def do_install(req: dict[str, Any]) -> dict[str, Any]:
         path = Path(str(req.get("path", "")))
-        entry = service.install_file(path)
+        with service.step():
+            refuse_during_probation(service)
+            entry = service.install_file(path)
         return {
             "message": f"installed {entry.package} {entry.version}; on probation",
             **entry.to_dict(),
         }
 
-    def do_update(_req: dict[str, Any]) -> dict[str, Any]:
-        result = service.update_now()
-        return {"message": result.reason, **result.to_dict()}
+    def do_update(check_only: bool) -> dict[str, Any]:
+        require_repository(service.config)
+        with service.step():
+            result = service.check() if check_only else service.update_now()
+        state = service.journal.state().value
+        return {"message": f"{result.reason} (state {state})", "state": state, **result.to_dict()}
 
     def do_rollback(req: dict[str, Any]) -> dict[str, Any]:
-        entry = service.rollback(str(req.get("reason", "operator asked")))
+        if install.resolve(service.state_dir, install.PREVIOUS) is None:
+            raise StateError(
+                f"{service.state_dir}: no previous model to roll back to (only the current "
+                "one is installed; install another package to have one)"
+            )
+        with service.step():
+            entry = service.rollback(str(req.get("reason", "operator asked")))
         return {
             "message": f"rolled back to {entry.package} {entry.from_version} "
             f"(from {entry.version})",
@@ -1252,7 +1506,8 @@ def attach(daemon: Any) -> AttachedOTA:
         }
 
     daemon.control.register("install", lambda req: _reply(lambda: do_install(req)))
-    daemon.control.register("update", lambda req: _reply(lambda: do_update(req)))
+    daemon.control.register("update", lambda req: _reply(lambda: do_update(False)))
+    daemon.control.register("check", lambda req: _reply(lambda: do_update(True)))
     daemon.control.register("rollback", lambda req: _reply(lambda: do_rollback(req)))
     attached = AttachedOTA(service, poll=bool(daemon.config.ota.repository_url))
     return attached

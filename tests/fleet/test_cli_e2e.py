@@ -251,13 +251,19 @@ def test_serve_promotes_on_canary_reports_and_survives_sigkill(
         for device in others:
             exporter = OtlpHttpExporter(url, headers={"Authorization": f"Bearer {tokens[device]}"})
             assert exporter.send([ota_record(device, 1, "IDLE", "", now)]).outcome == "acked"
+        # Both canaries are heard from before either commits: the stage needs
+        # min(min_devices, members heard from) commits, so a canary that committed before
+        # the other one was known could promote the stage alone.
+        exporters = {
+            device: OtlpHttpExporter(url, headers={"Authorization": f"Bearer {tokens[device]}"})
+            for device in canaries
+        }
         for device in canaries:
-            exporter = OtlpHttpExporter(url, headers={"Authorization": f"Bearer {tokens[device]}"})
-            batch = [
-                ota_record(device, 1, "DOWNLOADING", "1.1.0", now),
-                ota_record(device, 2, "COMMITTED", "1.1.0", now + 1),
-            ]
-            assert exporter.send(batch).outcome == "acked"
+            batch = [ota_record(device, 1, "DOWNLOADING", "1.1.0", now)]
+            assert exporters[device].send(batch).outcome == "acked"
+        for device in canaries:
+            batch = [ota_record(device, 2, "COMMITTED", "1.1.0", now + 1)]
+            assert exporters[device].send(batch).outcome == "acked"
         deadline = time.monotonic() + 60
         while requests.get(f"{url}/api/rollouts/stable", timeout=5).json()["stage"] < 1:
             assert time.monotonic() < deadline, "controller did not promote"

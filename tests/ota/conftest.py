@@ -287,6 +287,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         path = Path(self.directory) / self.path.lstrip("/").split("?")[0]
         self.faults.setdefault("requests", []).append((self.path, self.headers.get("Range")))
+        on_get = self.faults.get("on_get")
+        if on_get is not None:
+            on_get(self.path)  # a test's hook: e.g. fill the device's disk at this request
         if not path.is_file():
             self.send_error(404)
             return
