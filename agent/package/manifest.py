@@ -53,6 +53,8 @@ GATE_KEYS = (
     "memory_added_max_mb",
     "map_drop_max_pp",
     "miou_drop_max_pp",
+    "gate_timeout_s",
+    "gate_memory_max_mb",
 )
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -149,6 +149,22 @@ class Device:
         )
 
 
+def in_process_gate(dev: Device) -> Any:
+    """The gate's own code run in this process instead of its child (gate_process.py), for
+    tests that run hundreds of gates and are about the journal, not the gate's isolation."""
+    from agent.ota.gate_process import GateRequest, run_gate_here
+
+    def gate(baseline: Path, candidate: Path, manifest: Any) -> Any:
+        golden = dev.config.ota.golden_dir
+        assert golden is not None
+        cache = dev.state_dir / "gate-cache"
+        return run_gate_here(
+            GateRequest(baseline, candidate, manifest, golden, cache, dev.config.model, 0.0)
+        )
+
+    return gate
+
+
 def write_keyring(keys: Sequence[OperatorKey], out: Path) -> Path:
     """The device keyring (package area's format) trusting the release keys."""
     pkg_keys: Any = __import__("agent.package.keys", fromlist=["x"])
