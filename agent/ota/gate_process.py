@@ -45,6 +45,9 @@ _ALLOC_FAILURES = (
     "cannot allocate memory",
     # the dynamic loader when a shared library no longer fits under the limit
     "failed to map segment",
+    # onnxruntime's arena allocator: its messages are cut short before "Failed to
+    # allocate" by the runtime's error wrapping, but only allocations fail in there
+    "bfc_arena",
 )
 
 
