@@ -9,7 +9,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -470,34 +470,37 @@ class OTAService:
                 install.remove_tree(extract_dir)
                 self._enter(OTAState.IDLE, reason=str(exc))
                 raise
-            gating = self._enter(
-                OTAState.GATING,
-                package=pkg.name,
-                version=pkg.version,
-                reason="running the golden-set gate",
-            )
+            # marked before the row is saved, so a stop that sees GATING also waits for it
             self._gating = f"{pkg.name} {pkg.version}"
+            try:
+                gating = self._enter(
+                    OTAState.GATING,
+                    package=pkg.name,
+                    version=pkg.version,
+                    reason="running the golden-set gate",
+                )
+            except BaseException:
+                self._gating = None
+                raise
         # The gate runs without the lock (in a child process by default), so status,
         # rollback and a stop answer meanwhile; the journal is checked again after it.
+        # _gating is cleared only once the outcome is journaled: a stop waits for that
         try:
             outcome = self._run_gate(pkg)
         except GateStopped as exc:
-            with self._lock:
-                self._gating = None
+            with self._lock, self._gate_ended():
                 self._end_gate(gating, pkg, f"{exc}; will retry")
             raise
         except EdgeAgentError as exc:
-            with self._lock:
-                self._gating = None
+            with self._lock, self._gate_ended():
                 self._still_gating(gating, pkg)
                 self._refuse(f"gate could not run: {exc}", channel_key, pkg=pkg)
             raise GateFailedError(f"{pkg.name} {pkg.version}: gate could not run ({exc})") from None
         except BaseException:
-            with self._lock:
-                self._gating = None
+            with self._lock, self._gate_ended():
+                install.remove_tree(pkg.root)
             raise
-        with self._lock:
-            self._gating = None
+        with self._lock, self._gate_ended():
             self._still_gating(gating, pkg)
             self._record_gate(pkg, outcome)
             kill_point("gate.done")
@@ -505,6 +508,13 @@ class OTAService:
                 self._refuse(outcome.reason, channel_key, pkg=pkg)
                 raise GateFailedError(f"{pkg.name} {pkg.version}: {outcome.reason}")
             return self._activate(pkg, outcome, channel_key)
+
+    @contextlib.contextmanager
+    def _gate_ended(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._gating = None
 
     def _still_gating(self, gating: JournalEntry, pkg: ExtractedPackage) -> None:
         """OTAError (the candidate dropped) when the journal moved on during the gate: an
@@ -846,6 +856,10 @@ class OTAService:
                 self._record_refusal(bad, reason)
             return entry
 
+    def gating(self) -> str | None:
+        """The package in the gate ("name version"), None when no gate runs."""
+        return self._gating
+
     def mark_clean_stop(self) -> None:
         """On a clean stop: when a row is still in flight (a download or gate that did not
         come to rest in time), note its seq so the next start does not count the stop as
@@ -1006,8 +1020,12 @@ class AttachedOTA:
         # a download or a gate in progress (poll thread or control socket) ends at rest
         self.service.stopping.set()
         self._stop.set()
+        deadline = time.monotonic() + STOP_JOIN_S
         if self._thread is not None:
             self._thread.join(timeout=STOP_JOIN_S)
+        # an install from the control socket may be in the gate: let it come to rest
+        while self.service.gating() and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.service.mark_clean_stop()
         self.service.close()
 
