@@ -34,6 +34,10 @@ EXIT_OUT_OF_MEMORY = 4  # an allocation failed under the memory limit
 # how often the parent looks at the child, the deadline and the stop event
 POLL_S = 0.1
 STDERR_TAIL_BYTES = 2000
+# the pid of the agent that started the child, so the child sees whether it is orphaned
+PARENT_PID_ENV = "EDGE_AGENT_GATE_PARENT_PID"
+# prctl(2): the signal this process gets when the thread that started it ends
+PR_SET_PDEATHSIG = 1
 # a return code no process can have: the parent killed the child on its deadline
 TIMED_OUT = -1000
 # what onnxruntime and the C++ runtime say when an allocation fails
@@ -182,6 +186,7 @@ def _child_env() -> dict[str, str]:
     gate_kill = env.pop(GATE_KILL_AT_ENV, None)
     if gate_kill:
         env[KILL_AT_ENV] = gate_kill
+    env[PARENT_PID_ENV] = str(os.getpid())
     # the child must import this same agent, wherever it was loaded from
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -378,9 +383,21 @@ def run_gate_here(request: GateRequest) -> GateOutcome:
 
 
 def _exit_with_parent() -> None:
-    """End this child when the process that started it is gone (a CLI killed mid-gate
-    must not leave a gate running for its whole timeout)."""
-    parent = os.getppid()
+    """End this child when the process that started it is gone (a daemon SIGKILLed or a
+    CLI killed mid-gate must not leave a gate running for ever).
+
+    On Linux the kernel does it (PR_SET_PDEATHSIG): a candidate spinning in native code
+    may hold the GIL, so a Python thread alone could not. The thread is the fallback.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # the parent may have died while this interpreter started, before the line above
+    parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
+    if os.getppid() != parent:
+        os._exit(EXIT_GATE_ERROR)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -185,3 +186,50 @@ def test_the_daemon_infers_and_answers_while_a_candidate_hangs_in_the_gate(
     assert svc.journal.refusal("digits", "1.2.0", "local") is None
     assert install.read_links(device.state_dir).current == "digits-1.0.0"
     svc.close()
+
+
+INSTALL_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from agent.config import AgentConfig, OTAConfig
+from agent.ota.service import OTAService
+cfg = AgentConfig(device_id="test-device-1", state_dir=Path(sys.argv[1]),
+                  ota=OTAConfig(golden_dir=Path(sys.argv[2])))
+OTAService(cfg).install_file(Path(sys.argv[3]))
+"""
+
+
+def test_a_gate_child_dies_with_the_agent_that_started_it(device: Device) -> None:
+    """An agent SIGKILLed mid-gate (a power-cut-like crash) leaves no gate running."""
+    install_v1(device)
+    set_gate_limits(device, 600, GATE_MEMORY_MB)
+    hang = device.package("1.1.0", 2, hanging_model())
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            INSTALL_IN_A_PROCESS,
+            str(device.state_dir),
+            str(device.config.ota.golden_dir),
+            str(hang),
+        ],
+        cwd=REPO,
+    )
+    try:
+        child = wait_for(
+            lambda: next(
+                (
+                    p
+                    for p in psutil.Process(agent.pid).children()
+                    if "agent.ota.gate_process" in " ".join(p.cmdline())
+                ),
+                None,
+            ),
+            what="the gate child",
+        )
+        wait_for(lambda: child.cpu_percent(0.2) > 0, what="the candidate spinning")
+    finally:
+        agent.kill()
+        agent.wait(10)
+    child.wait(60)  # psutil.TimeoutExpired if it outlived its parent
+    assert not child.is_running()

@@ -100,6 +100,8 @@ def _fresh_copy(dev: Device, where: Path) -> Device:
     return Device(where, where / "state", dev.keys, cfg, dev.packages)
 
 
+# ~240 forked update cycles: over the default 300 s when 2 shared cores are busy
+@pytest.mark.timeout(900)
 def test_sigkill_at_every_point_leaves_a_verified_model(
     template: tuple[Device, dict[str, Path]], tmp_path: Path
 ) -> None:
