@@ -4,6 +4,7 @@ the crash-loop breaker nor refuses the release; a SIGKILL in PROBATION still doe
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import subprocess
 from collections.abc import Callable
@@ -113,10 +114,19 @@ def into_probation(tmp: Path, _http: Any) -> Callable[[], Any]:
 
     def one_round() -> tuple[Device, subprocess.Popen[str]]:
         proc = start_daemon(config)
-        wait_for(lambda: (dev.root / "ctl.sock").exists(), what="the daemon running")
+        # this very process is running (a SIGKILLed one leaves its socket file behind)
+        wait_for(lambda: running_pid(dev) == proc.pid, what="the daemon running")
         return dev, proc
 
     return one_round
+
+
+def running_pid(dev: Device) -> int | None:
+    try:
+        data = json.loads((dev.state_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return int(data["pid"]) if data.get("state") == "running" else None
 
 
 @dataclasses.dataclass(frozen=True)
