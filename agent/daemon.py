@@ -26,20 +26,32 @@ from agent.errors import (
     ConfigError,
     EdgeAgentError,
     InputDataError,
-    ModelError,
     RuntimeFaultError,
     StateError,
 )
 from agent.health.governor import PAUSED, GovernorThread
-from agent.ota.killpoint import kill_point
-from agent.pipeline.latency import LatencyWindow
+from agent.ota.host import LiveLatency
+from agent.pipeline.latency import LatencyWindow, sorted_percentile
+from agent.pipeline.model import (
+    backend_options,
+    configured_model,
+    load_model_file,
+    load_package,
+    load_package_backend,
+    package_backend_name,
+    package_model,
+    package_model_parts,
+    probe,
+    probe_frame,
+    read_manifest,
+)
 from agent.pipeline.postprocess import detections, top_k_rows
-from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest
+from agent.pipeline.preprocess import Preprocessor
 from agent.pipeline.scheduler import FrameScheduler
 from agent.pipeline.sinks import Sink, open_sink
 from agent.pipeline.slot import ActiveModel, ModelSlot
 from agent.pipeline.sources import Frame, Source, open_source
-from agent.runtime import BackendOptions, load_backend
+from agent.runtime import BackendOptions
 from agent.runtime.base import Backend
 from agent.sdnotify import Notifier
 from agent.statelock import StateDirLock
@@ -50,7 +62,6 @@ if TYPE_CHECKING:  # the metrics endpoint imports http.server only when it is co
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_BYTES = 1 << 20
 LATENCY_WINDOW = 2048
 # the frame loop waits at most this long for a frame, so it stays responsive to signals
 READ_TIMEOUT_S = 0.2
@@ -60,9 +71,6 @@ SLEEP_SLICE_S = 0.1
 STALL_S = 10.0
 # how long a starting daemon waits for a CLI command that holds the state dir's lock
 STATE_LOCK_WAIT_S = 120.0
-RUNTIME_FOR_KIND = {"onnx": "auto", "tflite": "litert", "tensorrt": "tensorrt"}
-# the configured backends that can run a package of each runtime.kind
-PACKAGE_BACKENDS = {"onnx": ("onnx", "tensorrt"), "tflite": ("litert",), "tensorrt": ("tensorrt",)}
 
 
 def status_path(config: AgentConfig) -> Path:
@@ -95,22 +103,6 @@ def link_status_file(config: AgentConfig) -> None:
         tmp.unlink()
     os.symlink(target, tmp)
     os.replace(tmp, link)
-
-
-def read_manifest(package_dir: Path) -> dict[str, Any]:
-    """The manifest of an installed package directory, as plain data."""
-    path = package_dir / "manifest.json"
-    try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ModelError(f"{path}: manifest is larger than {MAX_MANIFEST_BYTES} bytes")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: installed package has no manifest.json") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read the manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: manifest is not a JSON object")
-    return data
 
 
 def _close_fds(*fds: int) -> None:
@@ -160,67 +152,6 @@ class StatusFile:
         finally:
             os.close(fd)
         os.replace(self._tmp, self._target)
-
-
-def backend_options(config: AgentConfig, precision: str = "fp32") -> BackendOptions:
-    """The backend options every model load in this agent uses, from ``config.model``.
-
-    The daemon's start, a reload, an OTA install, hot swap, rollback, probation and the
-    gate's candidate all load through here, so a Jetson's TensorRT provider and engine
-    cache apply to every model, not only the one configured at start.
-    """
-    m = config.model
-    return BackendOptions(
-        intra_op_threads=m.intra_op_threads,
-        providers=m.providers,
-        engine_cache_dir=m.engine_cache_dir,
-        precision=precision,
-    )
-
-
-def load_model_file(
-    config: AgentConfig, path: Path, backend: str = "auto", precision: str = "fp32"
-) -> Backend:
-    """Load one model file with ``config.model``'s backend options (not warmed)."""
-    return load_backend(path, backend, backend_options(config, precision))
-
-
-def package_backend_name(kind: str, configured: str, where: str) -> str:
-    """The backend for a package of ``runtime.kind``: config.model.backend when it can run
-    that kind (a Jetson configured for native TensorRT keeps it for OTA packages), else the
-    kind's own runtime."""
-    fits = PACKAGE_BACKENDS.get(kind)
-    if fits is None:
-        raise ModelError(f"{where}: unknown runtime.kind {kind!r}")
-    return configured if configured in fits else RUNTIME_FOR_KIND[kind]
-
-
-def package_model_file(package_dir: Path, manifest: Mapping[str, Any]) -> Path:
-    """The model file an installed package's manifest names, refused when outside it."""
-    where = str(package_dir / "manifest.json")
-    runtime = manifest.get("runtime") or {}
-    model = runtime.get("model") if isinstance(runtime, Mapping) else None
-    if not isinstance(model, str):
-        raise ModelError(f"{where}: runtime.model is missing")
-    model_path = (package_dir / model).resolve()
-    if package_dir.resolve() not in model_path.parents:
-        raise ModelError(f"{where}: runtime.model points outside the package")
-    return model_path
-
-
-def load_package_backend(
-    config: AgentConfig, package_dir: Path, manifest: Mapping[str, Any]
-) -> Backend:
-    """Load (not warm) the model of an installed or extracted package with the runtime its
-    manifest names and ``config.model``'s backend options: the one way packages load."""
-    model_path = package_model_file(package_dir, manifest)
-    runtime = manifest.get("runtime") or {}
-    where = str(package_dir / "manifest.json")
-    backend = package_backend_name(str(runtime.get("kind", "onnx")), config.model.backend, where)
-    # Named per package so a test can make one model "crash the runtime on load" on every
-    # start (EDGE_AGENT_KILL_AT=model.load:digits-1.1.0) while other models load fine.
-    kill_point(f"model.load:{manifest.get('name', '')}-{manifest.get('version', '')}")
-    return load_model_file(config, model_path, backend, str(runtime.get("precision", "fp32")))
 
 
 # per model: the model, its preprocessing (frames -> input batch) and its batch limit
@@ -298,6 +229,8 @@ class Daemon:
         self._status_file = StatusFile(status_path(config))
         self._pending_source: Source | None = None
         self._retired: list[ActiveModel] = []
+        self._batches_at_swap = 0
+        self._recent_frame: Frame | None = None
         # the active model's preprocessor and batch limit, built once per model
         self._model_parts: ModelParts | None = None
         # the telemetry meta of the active model, built once per model, not per frame
@@ -326,50 +259,17 @@ class Daemon:
 
     def load_package(self, package_dir: Path) -> ActiveModel:
         """Load and warm the model of an installed package directory (not yet active)."""
-        manifest = read_manifest(package_dir)
-        # parse the schema before the (slow) model load, so a bad manifest fails fast
-        package_model_parts(package_dir, manifest)
-        backend = load_package_backend(self.config, package_dir, manifest)
-        try:
-            backend.warmup(self.config.model.warmup_runs)
-        except BaseException:
-            backend.close()
-            raise
-        return self.package_model(backend, package_dir, manifest)
+        return load_package(self.config, package_dir)
 
     def package_model(
         self, backend: Backend, package_dir: Path, manifest: Mapping[str, Any]
     ) -> ActiveModel:
-        """An ActiveModel for an already loaded and warm ``backend`` of an installed package
-        (the OTA service loads the backend itself, then hands it over with this)."""
-        pre, labels = package_model_parts(package_dir, manifest)
-        return ActiveModel(
-            backend=backend,
-            name=str(manifest.get("name", package_dir.name)),
-            version=str(manifest.get("version", "0.0.0")),
-            preprocess=pre,
-            labels=labels,
-            manifest=manifest,
-        )
+        """An ActiveModel for an already loaded and warm ``backend`` of an installed package."""
+        return package_model(backend, package_dir, manifest)
 
     def load_configured_model(self, config: AgentConfig | None = None) -> ActiveModel:
         """Load and warm the model named by config.model.path."""
-        cfg = config or self.config
-        path = cfg.model.path
-        if path is None:
-            raise ConfigError(
-                f"model.path: no model configured and no installed package at "
-                f"{cfg.state_dir / 'current'}"
-            )
-        backend = load_model_file(cfg, path, cfg.model.backend)
-        backend.warmup(cfg.model.warmup_runs)
-        return ActiveModel(
-            backend=backend,
-            name=path.stem,
-            version="local",
-            preprocess=cfg.preprocess,
-            labels=cfg.model.labels,
-        )
+        return configured_model(config or self.config)
 
     def load_initial_model(self) -> ActiveModel:
         current = self.state_dir / "current"
@@ -394,11 +294,35 @@ class Daemon:
 
     def swap_model(self, new: ActiveModel) -> ActiveModel | None:
         """Make ``new`` (already loaded and warm) the active model between two frames."""
+        # the new model's latencies start after the batches run so far
+        self._batches_at_swap = self.stats.batches
         old = self.slot.swap(new)
         if old is not None:
             self._retired.append(old)
         log.info("model: now %s %s", new.name, new.version)
         return old
+
+    # ------------------------------------------------------------------ ModelHost (agent.ota.host)
+
+    def swap_in(self, model: ActiveModel) -> None:
+        """ModelHost: swap ``model`` in between two frames (the old one closes there)."""
+        self.swap_model(model)
+
+    def live_latency(self) -> LiveLatency:
+        """ModelHost: the live model's latency over its batches since it was swapped in."""
+        since = max(0, self.stats.batches - self._batches_at_swap)
+        samples = sorted(self.stats.latencies.last_ms(since))
+        if not samples:
+            return LiveLatency()
+        return LiveLatency(
+            p50_ms=sorted_percentile(samples, 50.0),
+            p95_ms=sorted_percentile(samples, 95.0),
+            samples=len(samples),
+        )
+
+    def recent_frame(self) -> Frame | None:
+        """ModelHost: the last frame the loop read (the probe's witness)."""
+        return self._recent_frame
 
     def _parts_for(self, model: ActiveModel) -> ModelParts:
         """What the frame loop needs per model, built once per model rather than per frame."""
@@ -744,6 +668,7 @@ class Daemon:
                     self.request_stop("source finished")
                 continue
             n_frames = len(frames)
+            self._recent_frame = frames[-1]
             if n_frames > 1:
                 scheduler.charge(n_frames - 1)
             try:
@@ -876,15 +801,25 @@ class Daemon:
         if not package_active and (new.model != old.model or new.preprocess != old.preprocess):
             model = self.load_configured_model(new)
             changed.append("model")
-        sinks = self._open_sinks(new) if new.sinks != old.sinks else None
+        sinks: tuple[Sink, ...] | None = None
         source: Source | None = None
-        if new.source != old.source or model is not None:
-            try:
+        try:
+            if model is not None or new.source != old.source:
+                # One frame of the new source through the new preprocessing and model
+                # before anything is applied: a config no frame can pass is refused here,
+                # not found frame after frame once it runs.
+                live = model or self.slot.current()
+                recent = self._recent_frame if new.source == old.source else None
+                probe(live, probe_frame(new.source, live, recent))
+            sinks = self._open_sinks(new) if new.sinks != old.sinks else None
+            if new.source != old.source or model is not None:
                 source = self._open_source(new, model or self.slot.current())
-            except BaseException:
-                for s in sinks or ():
-                    s.close(0.5)
-                raise
+        except BaseException:
+            for s in sinks or ():
+                s.close(0.5)
+            if model is not None:
+                model.backend.close()
+            raise
         # everything new is built: now apply, between frames
         self.config = dataclasses.replace(
             new,
@@ -1092,21 +1027,6 @@ class Daemon:
         threading.Thread(target=self._http.serve_forever, name="prometheus", daemon=True).start()
 
 
-def package_model_parts(
-    package_dir: Path, manifest: Mapping[str, Any]
-) -> tuple[PreprocessConfig, tuple[str, ...]]:
-    """The preprocessing (with task) and labels an installed package's manifest describes."""
-    where = str(package_dir / "manifest.json")
-    pre_data = dict(manifest.get("preprocess") or {})
-    if manifest.get("task") in ("classification", "detection"):
-        pre_data["task"] = manifest["task"]
-    pre = preprocess_from_manifest(pre_data, where)
-    labels = manifest.get("labels") or ()
-    if isinstance(labels, str):
-        labels = (package_dir / labels).read_text(encoding="utf-8").splitlines()
-    return pre, tuple(str(x) for x in labels)
-
-
 def prometheus_text(snap: Mapping[str, Any]) -> str:
     """The status figures in the Prometheus text exposition format."""
     model = snap.get("model") or {}
@@ -1150,6 +1070,7 @@ __all__ = [
     "control_socket_path",
     "load_model_file",
     "load_package_backend",
+    "package_backend_name",
     "package_model_parts",
     "prometheus_text",
     "read_manifest",

@@ -43,6 +43,8 @@ latency_p95_slack_ms: 0.5
 memory_added_max_mb: 256
 map_drop_max_pp: 0.5           # detection
 miou_drop_max_pp: 0.5          # segmentation
+gate_timeout_s: 300            # the gate's child process is killed after this (wall clock)
+gate_memory_max_mb: 1024       # ... and its address space (RLIMIT_AS) capped at this
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class HttpFetcher:
 
     limits: FetchLimits = field(default_factory=FetchLimits)
     clock: Callable[[], float] = time.monotonic
+    # set when the agent stops: a transfer ends between two chunks (DownloadCancelled)
+    stop: threading.Event | None = None
 
     def __post_init__(self) -> None:
         self._session = requests.Session()
@@ -95,6 +98,10 @@ class HttpFetcher:
                     ) from None
                 if not chunk:
                     return
+                if self.stop is not None and self.stop.is_set():
+                    raise DownloadCancelled(
+                        f"{url}: cancelled after {received} bytes (the agent is stopping)"
+                    )
                 received += len(chunk)
                 elapsed = self.clock() - started
                 if elapsed > self.limits.total_deadline_s:
@@ -113,6 +120,11 @@ class HttpFetcher:
                 yield chunk
         finally:
             resp.close()
+
+
+class DownloadCancelled(FetchError):
+    """The agent is stopping: the transfer ended on purpose (the partial file stays for a
+    Range resume); not a cut, so it is not retried."""
 
 
 class HttpStatusError(FetchError):

@@ -29,6 +29,11 @@ class GatePolicy:
     memory_added_max_mb: float = 256.0
     map_drop_max_pp: float = 0.5
     miou_drop_max_pp: float = 0.5
+    # The gate's child process (agent.ota.gate_process): killed after this many seconds of
+    # wall clock, and its address space capped at this many MB. Sized for a Raspberry Pi
+    # running the golden set of a small model; a package may lower both, never raise them.
+    gate_timeout_s: float = 300.0
+    gate_memory_max_mb: float = 1024.0
 
     def check(self) -> str | None:
         for f in dataclasses.fields(self):
@@ -41,6 +46,9 @@ class GatePolicy:
             return f"logit_cosine_min: must be at most 1, got {self.logit_cosine_min}"
         if self.latency_p95_ratio_max <= 0:
             return "latency_p95_ratio_max: must be above 0"
+        for name in ("gate_timeout_s", "gate_memory_max_mb"):
+            if getattr(self, name) <= 0:
+                return f"{name}: must be above 0"
         return None
 
     def to_dict(self) -> dict[str, float]:

@@ -8,6 +8,9 @@ from collections import Counter
 
 KILL_AT_ENV = "EDGE_AGENT_KILL_AT"
 KILL_TRACE_ENV = "EDGE_AGENT_KILL_TRACE"
+# the signal a kill point dies of (a name such as SIGSEGV; SIGKILL when unset), so a test
+# can make a model "crash the runtime" the way a native fault would
+KILL_SIGNAL_ENV = "EDGE_AGENT_KILL_SIGNAL"
 
 _hits: Counter[str] = Counter()
 
@@ -30,7 +33,13 @@ def kill_point(name: str) -> None:
         with open(trace, "a", encoding="utf-8") as fh:
             fh.write(label + "\n")
     if want and (want == label or (want == name and _hits[name] == 1)):
-        os.kill(os.getpid(), signal.SIGKILL)
+        signum = getattr(signal, os.environ.get(KILL_SIGNAL_ENV) or "SIGKILL", signal.SIGKILL)
+        if signum != signal.SIGKILL:
+            # a handler (faulthandler, Python's SIGINT) must not turn the fault into
+            # anything but death by that signal
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signal.SIGKILL)  # a signal that does not kill (SIGCHLD...)
 
 
 def reset_kill_counts() -> None:

@@ -1,13 +1,17 @@
-"""Probation after activation: errors, latency, confidence vs the gate baseline; crash loops."""
+"""Probation after activation: errors, latency vs the old model, confidence; crash loops."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from agent.ota.host import LiveLatency
 
 
 class Verdict(str, enum.Enum):
@@ -18,60 +22,93 @@ class Verdict(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ProbationPolicy:
-    """When a freshly activated model is trusted (both frames and time) or thrown out."""
+    """When a freshly activated model is trusted (both frames and time) or thrown out.
+
+    Latency (docs/ota.md, "Probation statistics"): the new model's frames are cut into
+    windows of ``latency_window_frames``; a window breaches when its median is over
+    ``latency_ratio_max`` x the old model's median + ``latency_slack_ms``; probation fails
+    on latency only after ``latency_breach_windows`` breaching windows in a row. A median
+    shrugs off the scheduler's spikes on a busy board, and a streak of windows shrugs off
+    a busy minute; a truly slower model breaches every window.
+    """
 
     min_frames: int = 200
     min_s: float = 60.0
     max_error_rate: float = 0.02
     # Errors alone end probation early: this many in a row is a broken model.
     max_consecutive_errors: int = 5
-    latency_p95_ratio_max: float = 1.5
-    latency_p95_slack_ms: float = 2.0
+    latency_window_frames: int = 50
+    latency_ratio_max: float = 1.5
+    latency_slack_ms: float = 1.0
+    latency_breach_windows: int = 3
+    # A latency-only failure is not a permanent refusal (it may rest on a noisy machine);
+    # this many of them for one release are.
+    latency_failures_max: int = 3
     confidence_mean_drop_max: float = 0.15
-
-
-def probation_latency_p95_ms(gate_p95_ms: float | None, live_p95_ms: float | None) -> float | None:
-    """The p95 latency probation compares the new model against.
-
-    The gate timed the candidate alone; the live loop shares the device with everything else
-    (sinks, telemetry, other processes), so its latencies run higher than the gate's. Taking
-    the larger of the gate's candidate p95 and the p95 the old model had in this same loop
-    just before the swap judges the new model under the load it actually runs in.
-    """
-    known = [v for v in (gate_p95_ms, live_p95_ms) if v is not None]
-    return max(known) if known else None
 
 
 @dataclass(frozen=True)
 class Baseline:
-    """What the gate measured for the candidate on this device (None: not measured)."""
+    """What the new model is held to: the old model's latency (measured live in the same
+    loop just before the swap, else by the gate) and the gate's candidate confidence."""
 
+    latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
+    latency_samples: int = 0
+    # "live" (the old model in the daemon's own loop), "gate" (the gate's run of the old
+    # model, a fallback without a daemon) or "" (no latency check)
+    latency_source: str = ""
     confidence_mean: float | None = None
 
     @classmethod
     def from_gate_report(cls, report: Mapping[str, Any] | None) -> Baseline:
-        """Pick the candidate's p95 latency and mean confidence out of a gate report dict.
+        """The baseline in a journal row (``probation_baseline``) or a gate report dict.
 
-        Looks for ``baseline.latency_p95_ms`` / ``baseline.confidence_mean`` first (what
-        the OTA service stores), then the gate's ``candidate`` section; a missing figure
-        just turns that check off.
+        A gate report gives the old model's latency (``metrics.latency.baseline``) and the
+        candidate's mean confidence; a missing figure just turns that check off.
         """
         if not report:
             return cls()
-        for section in ("probation_baseline", "candidate"):
-            part = report.get(section)
-            if isinstance(part, Mapping):
-                lat = _num(part.get("latency_p95_ms"))
-                conf = _num(part.get("confidence_mean"))
-                if lat is not None or conf is not None:
-                    return cls(latency_p95_ms=lat, confidence_mean=conf)
-        # The gate's own layout: metrics.latency.candidate.p95_ms
-        latency = (report.get("metrics") or {}).get("latency") or {}
-        cand = latency.get("candidate") if isinstance(latency, Mapping) else None
+        saved = report.get("probation_baseline")
+        if isinstance(saved, Mapping) and saved:
+            p50 = _num(saved.get("latency_p50_ms"))
+            return cls(
+                latency_p50_ms=p50,
+                latency_p95_ms=_num(saved.get("latency_p95_ms")),
+                latency_samples=int(_num(saved.get("latency_samples")) or 0),
+                latency_source=str(saved.get("latency_source") or ("gate" if p50 else "")),
+                confidence_mean=_num(saved.get("confidence_mean")),
+            )
+        metrics = report.get("metrics") or {}
+        latency = metrics.get("latency") if isinstance(metrics, Mapping) else None
+        old = latency.get("baseline") if isinstance(latency, Mapping) else None
+        p50 = _num(old.get("p50_ms")) if isinstance(old, Mapping) else None
+        p95 = _num(old.get("p95_ms")) if isinstance(old, Mapping) else None
+        conf = None
+        cand = report.get("candidate")
         if isinstance(cand, Mapping):
-            return cls(latency_p95_ms=_num(cand.get("p95_ms")))
-        return cls()
+            conf = _num(cand.get("confidence_mean"))
+        return cls(
+            latency_p50_ms=p50,
+            latency_p95_ms=p95,
+            latency_source="gate" if p50 is not None else "",
+            confidence_mean=conf,
+        )
+
+    def with_live(self, live: LiveLatency, min_samples: int) -> Baseline:
+        """This baseline with the old model's live latency, when it ran enough frames."""
+        if live.p50_ms is None or live.samples < max(1, min_samples):
+            return self
+        return dataclasses.replace(
+            self,
+            latency_p50_ms=live.p50_ms,
+            latency_p95_ms=live.p95_ms,
+            latency_samples=live.samples,
+            latency_source="live",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def _num(value: Any) -> float | None:
@@ -88,6 +125,9 @@ class ProbationResult:
     errors: int
     latency_p95_ms: float | None
     confidence_mean: float | None
+    latency_p50_ms: float | None = None
+    # FAILED on latency alone: a verdict that may rest on a noisy machine (no refusal)
+    latency_only: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,13 +135,16 @@ class ProbationResult:
             "reason": self.reason,
             "frames": self.frames,
             "errors": self.errors,
+            "latency_p50_ms": self.latency_p50_ms,
             "latency_p95_ms": self.latency_p95_ms,
             "confidence_mean": self.confidence_mean,
+            "latency_only": self.latency_only,
         }
 
 
 class ProbationWatch:
-    """Collects per-frame outcomes of the new model and judges them (pure; clock passed in)."""
+    """Collects per-frame outcomes of the new model and judges them (pure; the caller passes
+    a monotonic clock reading, so a wall-clock jump neither freezes nor ends probation)."""
 
     def __init__(self, policy: ProbationPolicy, baseline: Baseline, started_s: float) -> None:
         self.policy = policy
@@ -111,15 +154,34 @@ class ProbationWatch:
         self._confidences: list[float] = []
         self._errors = 0
         self._consecutive_errors = 0
+        self._window: list[float] = []
+        self.window_medians_ms: list[float] = []
+        self._breaches = 0
 
     @property
     def frames(self) -> int:
         return len(self._latencies_ms) + self._errors
 
+    def latency_limit_ms(self) -> float | None:
+        """The median a window may reach (None: no baseline, latency not judged)."""
+        base = self.baseline.latency_p50_ms
+        if base is None:
+            return None
+        return self.policy.latency_ratio_max * base + self.policy.latency_slack_ms
+
     def observe(self, latency_s: float, confidence: float) -> None:
-        self._latencies_ms.append(latency_s * 1000.0)
+        ms = latency_s * 1000.0
+        self._latencies_ms.append(ms)
         self._confidences.append(confidence)
         self._consecutive_errors = 0
+        window = self._window
+        window.append(ms)
+        if len(window) >= max(1, self.policy.latency_window_frames):
+            median = statistics.median(window)
+            window.clear()
+            self.window_medians_ms.append(median)
+            limit = self.latency_limit_ms()
+            self._breaches = self._breaches + 1 if limit is not None and median > limit else 0
 
     def observe_error(self) -> None:
         self._errors += 1
@@ -128,27 +190,41 @@ class ProbationWatch:
     def judge(self, now_s: float) -> ProbationResult:
         p = self.policy
         frames = self.frames
-        p95 = float(np.percentile(self._latencies_ms, 95)) if self._latencies_ms else None
+        lat = self._latencies_ms
+        p50 = float(np.percentile(lat, 50)) if lat else None
+        p95 = float(np.percentile(lat, 95)) if lat else None
         conf = float(np.mean(self._confidences)) if self._confidences else None
 
-        def result(verdict: Verdict, reason: str) -> ProbationResult:
-            return ProbationResult(verdict, reason, frames, self._errors, p95, conf)
+        def result(verdict: Verdict, reason: str, latency_only: bool = False) -> ProbationResult:
+            return ProbationResult(
+                verdict, reason, frames, self._errors, p95, conf, p50, latency_only
+            )
 
         if self._consecutive_errors >= p.max_consecutive_errors:
             return result(Verdict.FAILED, f"{self._consecutive_errors} inference errors in a row")
+        limit = self.latency_limit_ms()
+        if limit is not None and self._breaches >= p.latency_breach_windows:
+            base = self.baseline
+            return result(
+                Verdict.FAILED,
+                f"latency median {self.window_medians_ms[-1]:.2f} ms over the {limit:.2f} ms "
+                f"limit in {self._breaches} windows of {p.latency_window_frames} frames in a "
+                f"row (old model {base.latency_p50_ms:.2f} ms, {base.latency_source})",
+                latency_only=True,
+            )
         if frames < p.min_frames or now_s - self.started_s < p.min_s:
             return result(Verdict.PENDING, f"{frames}/{p.min_frames} frames")
+        if self._breaches:
+            # a streak is under way: wait until it either completes or breaks
+            return result(
+                Verdict.PENDING,
+                f"latency over the limit in {self._breaches} window(s) in a row; watching",
+            )
         rate = self._errors / frames
         if rate > p.max_error_rate:
             return result(
                 Verdict.FAILED, f"error rate {rate:.1%} over the {p.max_error_rate:.1%} allowed"
             )
-        if p95 is not None and self.baseline.latency_p95_ms is not None:
-            limit = p.latency_p95_ratio_max * self.baseline.latency_p95_ms + p.latency_p95_slack_ms
-            if p95 > limit:
-                return result(
-                    Verdict.FAILED, f"latency p95 {p95:.2f} ms over the {limit:.2f} ms limit"
-                )
         if conf is not None and self.baseline.confidence_mean is not None:
             floor = self.baseline.confidence_mean - p.confidence_mean_drop_max
             if conf < floor:

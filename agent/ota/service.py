@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import __version__
-from agent.config import AgentConfig, PreprocessConfig
+from agent.config import AgentConfig
 from agent.errors import (
     ConfigError,
     DowngradeError,
@@ -39,6 +39,8 @@ from agent.ota.channel import (
 )
 from agent.ota.download import TargetRef, download_target
 from agent.ota.fetch import FetchLimits, HttpFetcher
+from agent.ota.gate_process import GateLimits, GateOutcome, GateRequest, GateStopped, run_gate_child
+from agent.ota.host import LiveLatency, ModelHost, SlotHost
 from agent.ota.journal import LAST_CHECK, LAST_GATE_REPORT, Journal, JournalEntry
 from agent.ota.killpoint import kill_point
 from agent.ota.membership import in_rollout, poll_delay_s, rollout_bucket
@@ -49,17 +51,21 @@ from agent.ota.probation import (
     ProbationWatch,
     Verdict,
     crash_loop_tripped,
-    probation_latency_p95_ms,
 )
 from agent.ota.quarantine import Quarantined, StartCheck, check_state_dir, check_tuf_root
 from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
 from agent.package import ReleaseFloor, check_compat
+from agent.pipeline.slot import ActiveModel
 from agent.runtime import installed_runtimes
 from agent.runtime.base import Backend
 from agent.telemetry.identity import resolve_device_id
 
 log = logging.getLogger(__name__)
 
+# journal value: the seq of an in-flight row the agent left on a clean stop (not a crash)
+CLEAN_STOP = "clean_stop_seq"
+# how long a stop waits for the poll thread to bring a download or gate to rest
+STOP_JOIN_S = 5.0
 STAGING_EXTRACT_PREFIX = "extract-"
 
 
@@ -82,13 +88,6 @@ class ExtractedPackage:
     @property
     def release_counter(self) -> int:
         return int(self.manifest.get("release_counter", 0))
-
-
-@dataclass(frozen=True)
-class GateOutcome:
-    passed: bool
-    report: Mapping[str, Any]
-    reason: str = ""
 
 
 # Runs on the verified manifest (agent.package.Manifest) before any file is extracted.
@@ -131,151 +130,14 @@ def read_package_default(
     return ExtractedPackage(root=root, manifest=manifest, model_path=model)
 
 
-def run_gate_default(
-    baseline: Path,
-    candidate: Path,
-    manifest: Mapping[str, Any],
-    golden_dir: Path | None = None,
-    baseline_cache: Path | None = None,
-    load_model: Callable[[Path], Backend] | None = None,
-) -> GateOutcome:
-    """The golden-set gate (agent.ota.golden) on this device's golden set; with
-    ``baseline_cache`` the current model's earlier run is reused instead of rerunning it.
-
-    ``load_model`` (a package dir or model file -> loaded Backend) loads both models the
-    way the daemon will run them (config.model's threads, providers, engine cache), so
-    the gate times the candidate as it will run; the RSS its load and warm-up add still
-    counts toward the memory check.
-    """
-    from agent.ota import golden
-
-    if golden_dir is None:
-        raise StateError("OTA: no golden set configured (ota.golden_dir)")
-    if load_model is None:
-        report = golden.run_gate(
-            baseline,
-            candidate,
-            golden_dir,
-            package_gate=manifest.get("gate"),
-            baseline_cache=baseline_cache,
-        )
-    else:
-        report = _run_gate_loaded(
-            baseline, candidate, manifest, golden_dir, baseline_cache, load_model
-        )
-    data = report.to_dict()
-    failed = [str(c) for c in data.get("failed", [])] if isinstance(data, dict) else []
-    reason = "gate passed" if report.passed else f"gate failed: {', '.join(failed) or 'see report'}"
-    return GateOutcome(passed=bool(report.passed), report=data, reason=reason)
-
-
-def _run_gate_loaded(
-    baseline: Path,
-    candidate: Path,
-    manifest: Mapping[str, Any],
-    golden_dir: Path,
-    baseline_cache: Path | None,
-    load_model: Callable[[Path], Backend],
-) -> Any:
-    """run_gate on backends loaded by ``load_model``; returns the GateReport."""
-    from agent.ota import golden
-
-    rss_before = golden.current_rss_bytes()
-    cand_backend = load_model(candidate)
-    try:
-        # run_gate warms what it loads itself; here the warm-up's RSS must count too
-        cand_backend.warmup(golden.WARMUP_RUNS)
-        load_rss_bytes = max(0, golden.current_rss_bytes() - rss_before)
-        base_backend = load_model(baseline)
-        try:
-            report = golden.run_gate(
-                base_backend,
-                cand_backend,
-                golden_dir,
-                package_gate=manifest.get("gate"),
-                baseline_cache=baseline_cache,
-            )
-        finally:
-            base_backend.close()
-    finally:
-        cand_backend.close()
-    return _with_load_rss(report, load_rss_bytes, baseline, candidate, manifest)
-
-
-def _with_load_rss(
-    report: Any,
-    load_rss_bytes: int,
-    baseline: Path,
-    candidate: Path,
-    manifest: Mapping[str, Any],
-) -> Any:
-    """The report with the candidate's load RSS added to its memory check (run_gate only
-    sees what a backend handed to it adds while it runs), and the models' package labels."""
-    import dataclasses
-
-    from agent.ota import golden
-
-    added_mb = load_rss_bytes / golden.MB
-    checks = []
-    for check in report.checks:
-        if check.name == "memory" and check.value is not None:
-            value = float(check.value) + added_mb
-            verdict = check.verdict
-            if check.threshold is not None and verdict != "skip":
-                verdict = "pass" if value <= float(check.threshold) else "fail"
-            check = dataclasses.replace(
-                check,
-                value=value,
-                verdict=verdict,
-                detail=f"candidate added {value:.1f} MB RSS",
-            )
-        checks.append(check)
-    report.checks = checks
-    report.passed = not any(c.failed for c in checks)
-    memory = report.metrics.get("memory")
-    if isinstance(memory, dict) and isinstance(memory.get("candidate_rss_added_mb"), float):
-        memory["candidate_rss_added_mb"] += added_mb
-    for role, source, package in (
-        ("baseline", baseline, None),
-        ("candidate", candidate, manifest),
-    ):
-        entry = report.models.get(role)
-        if isinstance(entry, dict) and source.is_dir():
-            data = package if package is not None else _manifest_or_none(source)
-            if data is not None:
-                entry["label"] = f"{data.get('name', '?')}-{data.get('version', '?')}"
-    return report
-
-
-def _manifest_or_none(package_dir: Path) -> Mapping[str, Any] | None:
-    try:
-        data = json.loads((package_dir / "manifest.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def load_package_backend(
     package_dir: Path, manifest: Mapping[str, Any], config: AgentConfig | None = None
 ) -> Backend:
     """Load the model of an installed/extracted package with the runtime its manifest names
-    and ``config.model``'s backend options (the daemon's own loader; defaults without one)."""
-    from agent.daemon import load_package_backend as load_with_config
+    and ``config.model``'s backend options (the model seam's loader; defaults without one)."""
+    from agent.pipeline import model
 
-    return load_with_config(config or AgentConfig(), package_dir, manifest)
-
-
-def preprocess_from_manifest(manifest: Mapping[str, Any]) -> PreprocessConfig:
-    pre = manifest.get("preprocess") or {}
-    known = {"resize", "layout", "color_order", "mean", "std", "scale"}
-    values: dict[str, Any] = {}
-    for key, value in pre.items():
-        if key in known:
-            values[key] = tuple(value) if isinstance(value, list) else value
-    try:
-        return PreprocessConfig(**values)
-    except TypeError:
-        return PreprocessConfig()
+    return model.load_package_backend(config or AgentConfig(), package_dir, manifest)
 
 
 @dataclass(frozen=True)
@@ -306,22 +168,24 @@ class CheckResult:
 class OTAService:
     """The device side of OTA; one per state directory.
 
-    ``slot`` (a ModelSlot) is set when a daemon runs: activation then loads and warms the
-    new model beside the live one and swaps it between two frames. ``daemon`` (set by
-    ``attach``) makes the swap go through ``daemon.swap_model``, so the daemon reads the
-    package's schema its own way and closes the old backend at the next frame boundary.
+    ``host`` (a ModelHost, agent/ota/host.py: the daemon, or a SlotHost over a bare
+    ``slot``) is set when a model runs: activation then loads and warms the new model
+    beside the live one and the host swaps it in between two frames. Without either, an
+    install only moves the links (the next start loads the new model).
     """
 
     config: AgentConfig
     recorder: Any = None
     slot: Any = None
-    daemon: Any = None
+    host: ModelHost | None = None
     read_package: PackageReader = read_package_default
     gate: GateRunner | None = None
-    # None: the daemon's loader with config.model's backend options (load_with_config);
+    # None: the model seam's loader with config.model's backend options (load_with_config);
     # tests and tools may inject their own
     load_model: BackendLoader | None = None
     system_clock: Callable[[], float] = time.time
+    # probation's clock: monotonic, so a wall-clock jump neither freezes nor ends it
+    monotonic_clock: Callable[[], float] = time.monotonic
     probation_policy: ProbationPolicy | None = None
     _watch: ProbationWatch | None = field(default=None, init=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
@@ -329,6 +193,10 @@ class OTAService:
     _busy: int = field(default=0, init=False)
     _busy_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     last_check: dict[str, Any] | None = field(default=None, init=False)
+    # set when the agent stops: a download or a gate in progress ends at once, at rest
+    stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    # "name version" of the package in the gate (the gate runs without the lock)
+    _gating: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.state_dir = self.config.state_dir
@@ -341,6 +209,8 @@ class OTAService:
             )
         if self.load_model is None:
             self.load_model = self.load_with_config
+        if self.host is None and self.slot is not None:
+            self.host = SlotHost(self.slot, self.config)
         self._migrate_release_marks()
 
     # ------------------------------------------------------------------ release floor
@@ -389,31 +259,52 @@ class OTAService:
     # ------------------------------------------------------------------ model loads
 
     def _model_config(self) -> AgentConfig:
-        # the running daemon's config, so a reload's new threads/providers apply to the
+        # the running host's config, so a reload's new threads/providers apply to the
         # next install or rollback too
-        daemon_config = getattr(self.daemon, "config", None)
-        return daemon_config if isinstance(daemon_config, AgentConfig) else self.config
+        return self.host.config if self.host is not None else self.config
 
     def load_with_config(self, package_dir: Path, manifest: Mapping[str, Any]) -> Backend:
-        """The default ``load_model``: the daemon's loader with config.model's options."""
+        """The default ``load_model``: the model seam's loader with config.model's options."""
         return load_package_backend(package_dir, manifest, self._model_config())
 
     def _load_backend(self, package_dir: Path, manifest: Mapping[str, Any]) -> Backend:
-        """Every OTA model load (activation, rollback, probation, the gate's models)."""
+        """Every in-process OTA model load (activation, rollback, offline probation)."""
         assert self.load_model is not None  # set in __post_init__
         return self.load_model(package_dir, manifest)
 
     def _load_for_gate(self, source: Path) -> Backend:
-        """A package dir or the configured model file, loaded as the daemon would run it."""
-        config = self._model_config()
-        if source.is_dir():
-            manifest = _manifest_or_none(source)
-            if manifest is None:
-                raise ModelError(f"{source}: cannot read the package's manifest.json")
-            return self._load_backend(source, manifest)
-        from agent.daemon import load_model_file
+        """A package dir or the configured model file, loaded as the daemon would run it
+        (what the gate's child process does for both models)."""
+        from agent.pipeline.model import load_source_backend, read_manifest
 
-        return load_model_file(config, source, config.model.backend)
+        if source.is_dir():
+            return self._load_backend(source, read_manifest(source))
+        return load_source_backend(self._model_config(), source)
+
+    def _live_model(
+        self,
+        backend: Backend,
+        package_dir: Path,
+        manifest: Mapping[str, Any],
+        probed: bool = True,
+    ) -> ActiveModel:
+        """``backend`` as a runnable model (task, thresholds, preprocessing and labels from
+        its manifest: the model seam), proven on one probe frame of the configured source
+        unless ``probed`` is False; closes the backend when either fails.
+
+        With ``host.swap_in`` this is the one hot-swap path, for installs and rollbacks.
+        """
+        from agent.pipeline.model import package_model, probe, probe_frame
+
+        try:
+            model = package_model(backend, package_dir, manifest)
+            if probed:
+                recent = self.host.recent_frame() if self.host is not None else None
+                probe(model, probe_frame(self._model_config().source, model, recent))
+        except BaseException:
+            backend.close()
+            raise
+        return model
 
     # ------------------------------------------------------------------ events
 
@@ -501,6 +392,12 @@ class OTAService:
                     detail={"restarts": restarts},
                 )
                 return "probation continues"
+            if action is Recovery.ABANDON and self.journal.get_value(CLEAN_STOP) == str(last.seq):
+                # the agent stopped cleanly mid-step (SIGTERM): not a crash, not counted
+                self._enter(
+                    OTAState.IDLE, reason=f"stopped cleanly in {last.state.value}; will retry"
+                )
+                return "abandoned (clean stop)"
             attempts = int(self.journal.get_value(key) or 0) + 1
             self.journal.set_value(key, str(attempts))
             if action is Recovery.UNDO_ACTIVATION:
@@ -572,7 +469,7 @@ class OTAService:
             if last.state in AT_REST:
                 return "nothing in flight"
             if last.state is OTAState.PROBATION:
-                if self._watch is None and (self.daemon is not None or self.slot is not None):
+                if self._watch is None and self.host is not None:
                     # the commit or rollback that ended the watch failed to save: judge again
                     self._start_watch(last)
                     return "probation watch re-armed"
@@ -641,9 +538,9 @@ class OTAService:
 
     def _reload_current_into_slot(self) -> None:
         """After links were restored in a running daemon: run what ``current`` names again."""
-        if self.slot is None and self.daemon is None:
+        if self.host is None:
             return
-        live = self.slot.current() if self.slot is not None else None
+        live = self.slot.current() if self.slot is not None and not self.slot.is_empty() else None
         manifest = self.current_manifest()
         pkg_dir = install.resolve(self.state_dir, install.CURRENT)
         if manifest is None or pkg_dir is None:
@@ -651,8 +548,13 @@ class OTAService:
         if live is not None and getattr(live, "version", None) == manifest.get("version"):
             return
         backend = self._load_backend(pkg_dir, manifest)
-        backend.warmup(max(1, self.config.model.warmup_runs))
-        self._hot_swap(backend, pkg_dir, manifest)
+        try:
+            backend.warmup(max(1, self.config.model.warmup_runs))
+        except BaseException:
+            backend.close()
+            raise
+        # no probe: this model ran here before the interrupted activation
+        self.host.swap_in(self._live_model(backend, pkg_dir, manifest, probed=False))
 
     def rebuild_from_links(self, quarantined: Quarantined | None = None) -> str:
         """Seed a fresh journal from the ``current`` link after state.db was quarantined.
@@ -708,6 +610,10 @@ class OTAService:
         is not retried until the channel changes, and re-raised for the caller.
         """
         with self._lock:
+            if self._gating is not None:
+                raise StateError(
+                    f"OTA: {self._gating} is in the gate; install again after it finishes"
+                )
             channel_key = channel.fingerprint if channel else "local"
             from_version = self.current_version()
             self._enter(
@@ -752,24 +658,71 @@ class OTAService:
                 install.remove_tree(extract_dir)
                 self._enter(OTAState.IDLE, reason=str(exc))
                 raise
-            self._enter(
-                OTAState.GATING,
-                package=pkg.name,
-                version=pkg.version,
-                reason="running the golden-set gate",
-            )
+            # marked before the row is saved, so a stop that sees GATING also waits for it
+            self._gating = f"{pkg.name} {pkg.version}"
             try:
-                outcome = self._run_gate(pkg)
-            except EdgeAgentError as exc:
+                gating = self._enter(
+                    OTAState.GATING,
+                    package=pkg.name,
+                    version=pkg.version,
+                    reason="running the golden-set gate",
+                )
+            except BaseException:
+                self._gating = None
+                raise
+        # The gate runs without the lock (in a child process by default), so status,
+        # rollback and a stop answer meanwhile; the journal is checked again after it.
+        # _gating is cleared only once the outcome is journaled: a stop waits for that
+        try:
+            outcome = self._run_gate(pkg)
+        except GateStopped as exc:
+            with self._lock, self._gate_ended():
+                self._end_gate(gating, pkg, f"{exc}; will retry")
+            raise
+        except EdgeAgentError as exc:
+            with self._lock, self._gate_ended():
+                self._still_gating(gating, pkg)
                 self._refuse(f"gate could not run: {exc}", channel_key, pkg=pkg)
-                raise GateFailedError(
-                    f"{pkg.name} {pkg.version}: gate could not run ({exc})"
-                ) from None
+            raise GateFailedError(f"{pkg.name} {pkg.version}: gate could not run ({exc})") from None
+        except BaseException:
+            with self._lock, self._gate_ended():
+                install.remove_tree(pkg.root)
+            raise
+        with self._lock, self._gate_ended():
+            self._still_gating(gating, pkg)
+            self._record_gate(pkg, outcome)
             kill_point("gate.done")
             if not outcome.passed:
                 self._refuse(outcome.reason, channel_key, pkg=pkg)
                 raise GateFailedError(f"{pkg.name} {pkg.version}: {outcome.reason}")
             return self._activate(pkg, outcome, channel_key)
+
+    @contextlib.contextmanager
+    def _gate_ended(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._gating = None
+
+    def _still_gating(self, gating: JournalEntry, pkg: ExtractedPackage) -> None:
+        """OTAError (the candidate dropped) when the journal moved on during the gate: an
+        operator rolled back, or recovery in another process closed the attempt."""
+        last = self.journal.last()
+        if last is not None and last.seq == gating.seq:
+            return
+        install.remove_tree(pkg.root)
+        now = f"{last.state.value} ({last.reason})" if last is not None else "empty"
+        raise OTAError(
+            f"{pkg.name} {pkg.version}: dropped after the gate; the journal moved on to {now}"
+        )
+
+    def _end_gate(self, gating: JournalEntry, pkg: ExtractedPackage, reason: str) -> None:
+        """A gate cut short by a stop: back to IDLE (at rest, so the next start counts no
+        interrupted attempt), the extracted package removed; a later poll tries again."""
+        install.remove_tree(pkg.root)
+        last = self.journal.last()
+        if last is not None and last.seq == gating.seq:
+            self._enter(OTAState.IDLE, reason=reason)
 
     def _keyring_dir(self) -> Path:
         return self.state_dir / "keyring"
@@ -846,26 +799,36 @@ class OTAService:
         self._clean_staging_extracts()
 
     def _run_gate(self, pkg: ExtractedPackage) -> GateOutcome:
+        """The gate's verdict on ``pkg``: in a child process with the policy's timeout and
+        memory limit (agent/ota/gate_process.py), or the injected ``gate``."""
         baseline = install.resolve(self.state_dir, install.CURRENT)
         if baseline is None and self.config.model.path is not None:
             baseline = self.config.model.path
         if baseline is None:
-            outcome = GateOutcome(
+            return GateOutcome(
                 True,
                 {"skipped": "no current model to compare"},
                 "first install: no current model to compare",
             )
-        elif self.gate is not None:
-            outcome = self.gate(baseline, pkg.root, pkg.manifest)
-        else:
-            outcome = run_gate_default(
-                baseline,
-                pkg.root,
-                pkg.manifest,
-                self.config.ota.golden_dir,
-                baseline_cache=self.state_dir / "gate-cache",
-                load_model=self._load_for_gate,
-            )
+        if self.gate is not None:
+            return self.gate(baseline, pkg.root, pkg.manifest)
+        golden_dir = self.config.ota.golden_dir
+        if golden_dir is None:
+            raise StateError("OTA: no golden set configured (ota.golden_dir)")
+        limits = GateLimits.from_policy(golden_dir, pkg.manifest.get("gate"))
+        request = GateRequest(
+            baseline=baseline,
+            candidate=pkg.root,
+            manifest=pkg.manifest,
+            golden_dir=golden_dir,
+            baseline_cache=self.state_dir / "gate-cache",
+            model=self._model_config().model,
+            memory_max_mb=limits.memory_max_mb,
+        )
+        return run_gate_child(request, self.staging_dir, limits.timeout_s, self.stopping)
+
+    def _record_gate(self, pkg: ExtractedPackage, outcome: GateOutcome) -> None:
+        """Keep the gate's report for status, and send it to telemetry."""
         self.journal.set_value(
             LAST_GATE_REPORT,
             json.dumps(
@@ -890,7 +853,6 @@ class OTAService:
                 )
             except Exception as exc:  # telemetry must never stop an update
                 log.warning("telemetry event failed: %s", exc)
-        return outcome
 
     def _activate(
         self, pkg: ExtractedPackage, outcome: GateOutcome, channel_key: str
@@ -902,19 +864,16 @@ class OTAService:
             reason="loading and switching",
             detail={"links_before": links_before.to_dict(), "dir": dir_name},
         )
-        # Load and warm before any link moves: a model that cannot load changes nothing.
-        live: Any = None
+        # Load, warm and probe before any link moves: a model that cannot load, or whose
+        # preprocessing cannot take a frame of the configured source, changes nothing.
         try:
             backend = self._load_backend(pkg.root, pkg.manifest)
             try:
                 backend.warmup(max(1, self.config.model.warmup_runs))
-                if self.daemon is not None:
-                    # the daemon's own reading of the schema, so a manifest it cannot run
-                    # is refused here, before any link moves
-                    live = self.daemon.package_model(backend, pkg.root, pkg.manifest)
-            except EdgeAgentError:
+            except BaseException:
                 backend.close()
                 raise
+            live = self._live_model(backend, pkg.root, pkg.manifest)
         except EdgeAgentError as exc:
             self._enter(OTAState.ROLLED_BACK, reason=f"new model failed to load: {exc}")
             self.journal.record_refusal(pkg.name, pkg.version, channel_key, f"load failed: {exc}")
@@ -928,69 +887,26 @@ class OTAService:
             backend.path = final_dir / pkg.model_path.relative_to(pkg.root)
         install.switch_to(self.state_dir, dir_name)
         kill_point("activate.switched")
-        live_p95_ms = self._live_latency_p95_ms()
-        if live is not None:
-            self.daemon.swap_model(live)
-        elif self.slot is not None:
-            self._hot_swap(backend, final_dir, pkg.manifest)
+        # the old model's latency in this same loop, under this same load, just before
+        # the swap: what probation holds the new one to
+        old_latency = self.host.live_latency() if self.host is not None else LiveLatency()
+        if self.host is not None:
+            self.host.swap_in(live)
         else:
             backend.close()
-        baseline = Baseline.from_gate_report(outcome.report)
-        baseline = dataclasses.replace(
-            baseline,
-            latency_p95_ms=probation_latency_p95_ms(baseline.latency_p95_ms, live_p95_ms),
+        assert self.probation_policy is not None
+        baseline = Baseline.from_gate_report(outcome.report).with_live(
+            old_latency, self.probation_policy.latency_window_frames
         )
         entry = self._enter(
             OTAState.PROBATION,
             reason="watching the new model",
-            detail={
-                "restarts": 0,
-                "probation_baseline": {
-                    "latency_p95_ms": baseline.latency_p95_ms,
-                    "confidence_mean": baseline.confidence_mean,
-                },
-            },
+            detail={"restarts": 0, "probation_baseline": baseline.to_dict()},
         )
         self._start_watch(entry)
         self._clean_staging_extracts()
         kill_point("activate.done")
         return entry
-
-    def _live_latency_p95_ms(self) -> float | None:
-        """The running model's p95 in the daemon's own loop (None without a daemon)."""
-        stats = getattr(self.daemon, "stats", None)
-        if stats is None:
-            return None
-        p95 = stats.latency_ms().get("p95")
-        return float(p95) if p95 is not None else None
-
-    def _hot_swap(self, backend: Backend, package_dir: Path, manifest: Mapping[str, Any]) -> None:
-        from agent.pipeline.slot import ActiveModel
-
-        daemon = self.daemon
-        if daemon is not None:
-            # the daemon builds the model's preprocessing (task, top_k, labels file) as it
-            # does at start, swaps between two frames and closes the old backend there
-            try:
-                live = daemon.package_model(backend, package_dir, manifest)
-            except EdgeAgentError:
-                backend.close()
-                raise
-            daemon.swap_model(live)
-            return
-        model = ActiveModel(
-            backend=backend,
-            name=str(manifest.get("name", package_dir.name)),
-            version=str(manifest.get("version", "")),
-            preprocess=preprocess_from_manifest(manifest),
-            labels=tuple(str(x) for x in manifest.get("labels", [])),
-            manifest=manifest,
-        )
-        old = self.slot.swap(model)
-        if old is not None and old.backend is not backend:
-            # The frame that read the old model may still be running on it; the backend
-            # is closed lazily by GC, not here.
-            pass
 
     # ------------------------------------------------------------------ probation
 
@@ -1000,7 +916,7 @@ class OTAService:
         self._watch = ProbationWatch(
             self.probation_policy,
             Baseline.from_gate_report({"probation_baseline": base}),
-            started_s=self.system_clock(),
+            started_s=self.monotonic_clock(),
         )
 
     def observe_frame(
@@ -1015,7 +931,7 @@ class OTAService:
             watch.observe_error()
         else:
             watch.observe(latency_s, confidence)
-        result = watch.judge(self.system_clock())
+        result = watch.judge(self.monotonic_clock())
         if result.verdict is not Verdict.PENDING:
             self._finish_probation(result)
         return result.verdict
@@ -1076,8 +992,19 @@ class OTAService:
                 return
             if result.verdict is Verdict.PASSED:
                 self.commit(result.reason)
-            else:
-                self.rollback(f"probation failed: {result.reason}", automatic=True)
+                return
+            refuse = True
+            if result.latency_only:
+                # latency may rest on a noisy machine: no permanent refusal until the same
+                # release failed on latency alone latency_failures_max times
+                key = f"latency_failures:{last.package}-{last.version}"
+                failures = int(self.journal.get_value(key) or 0) + 1
+                self.journal.set_value(key, str(failures))
+                assert self.probation_policy is not None
+                refuse = failures >= self.probation_policy.latency_failures_max
+            self.rollback(
+                f"probation failed: {result.reason}", automatic=True, record_refusal=refuse
+            )
 
     def commit(self, reason: str = "probation passed") -> JournalEntry:
         """Journal COMMITTED, then raise the floor and prune (recover() redoes both)."""
@@ -1098,14 +1025,19 @@ class OTAService:
             with self._release_floor() as floor:
                 floor.raise_to(entry.package, counter, entry.version)
             self.journal.delete_value(f"attempts:{entry.package}-{entry.version}")
+            self.journal.delete_value(f"latency_failures:{entry.package}-{entry.version}")
         kill_point("commit.floor_raised")
         install.prune_models(self.state_dir)
         kill_point("commit.pruned")
 
     # ------------------------------------------------------------------ rollback
 
-    def rollback(self, reason: str = "operator asked", automatic: bool = False) -> JournalEntry:
-        """Switch back to ``previous`` (on disk and, with a daemon, in the live slot)."""
+    def rollback(
+        self, reason: str = "operator asked", automatic: bool = False, record_refusal: bool = True
+    ) -> JournalEntry:
+        """Switch back to ``previous`` (on disk and, with a host, live between two frames);
+        an ``automatic`` rollback also refuses the release left, unless ``record_refusal``
+        is False (a latency-only probation failure, which may be retried)."""
         with self._lock:
             self._watch = None
             prev_dir = install.resolve(self.state_dir, install.PREVIOUS)
@@ -1113,16 +1045,23 @@ class OTAService:
             if prev_dir is None or prev_manifest is None:
                 raise StateError(f"{self.state_dir}: no previous model to roll back to")
             bad = self.journal.last()
-            backend = None
-            if self.slot is not None or self.daemon is not None:
+            live: ActiveModel | None = None
+            if self.host is not None:
                 backend = self._load_backend(prev_dir, prev_manifest)
-                backend.warmup(max(1, self.config.model.warmup_runs))
+                try:
+                    backend.warmup(max(1, self.config.model.warmup_runs))
+                except BaseException:
+                    backend.close()
+                    raise
+                # no probe: the previous model ran here before, and a rollback that
+                # refused to happen would leave the failing model live
+                live = self._live_model(backend, prev_dir, prev_manifest, probed=False)
             left = self.current_manifest() or {}
             kill_point("rollback.ready")
             install.swap_current_previous(self.state_dir)
             kill_point("rollback.switched")
-            if backend is not None:
-                self._hot_swap(backend, prev_dir, prev_manifest)
+            if live is not None and self.host is not None:
+                self.host.swap_in(live)
             # Like every ROLLED_BACK row (and as the fleet reads them): ``version`` is the
             # release left behind, ``from_version`` the one the device runs again.
             entry = self._enter(
@@ -1132,9 +1071,21 @@ class OTAService:
                 from_version=str(prev_manifest.get("version", "")),
                 reason=reason,
             )
-            if automatic and bad is not None and bad.version:
+            if automatic and record_refusal and bad is not None and bad.version:
                 self._record_refusal(bad, reason)
             return entry
+
+    def gating(self) -> str | None:
+        """The package in the gate ("name version"), None when no gate runs."""
+        return self._gating
+
+    def mark_clean_stop(self) -> None:
+        """On a clean stop: when a row is still in flight (a download or gate that did not
+        come to rest in time), note its seq so the next start does not count the stop as
+        an interrupted attempt; only crashes feed the breaker."""
+        last = self.journal.last()
+        if last is not None and RECOVERY[last.state] is Recovery.ABANDON:
+            self.journal.set_value(CLEAN_STOP, str(last.seq))
 
     # ------------------------------------------------------------------ channel
 
@@ -1147,7 +1098,8 @@ class OTAService:
             min_bytes_per_s=self.config.ota.min_bytes_per_s,
             total_deadline_s=self.config.ota.download_deadline_s,
         )
-        http = HttpFetcher(limits)
+        # the stop event cancels a download between two chunks when the agent stops
+        http = HttpFetcher(limits, stop=self.stopping)
         clock = LastKnownGoodClock(self.journal, self.system_clock)
         return ChannelClient(self.state_dir, url, self.journal, http, clock)
 
@@ -1379,9 +1331,16 @@ class AttachedOTA:
             self._thread.start()
 
     def close(self) -> None:
+        # a download or a gate in progress (poll thread or control socket) ends at rest
+        self.service.stopping.set()
         self._stop.set()
+        deadline = time.monotonic() + STOP_JOIN_S
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            self._thread.join(timeout=STOP_JOIN_S)
+        # an install from the control socket may be in the gate: let it come to rest
+        while self.service.gating() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.service.mark_clean_stop()
         self.service.close()
 
 
@@ -1467,8 +1426,7 @@ def attach(daemon: Any) -> AttachedOTA:
     service = OTAService(
         daemon.config,
         recorder=getattr(daemon, "telemetry", None),
-        slot=daemon.slot,
-        daemon=daemon if hasattr(daemon, "package_model") else None,
+        host=daemon,
     )
     if daemon.config.state_dir.resolve() not in _RECOVERED_AT_START:
         log.info("OTA start-up: %s", service.recover())

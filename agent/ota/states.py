@@ -34,7 +34,9 @@ TRANSITIONS: Mapping[OTAState, frozenset[OTAState]] = MappingProxyType(
         S.CHECKING: frozenset({S.IDLE, S.DOWNLOADING, S.VERIFYING, S.REJECTED}),
         S.DOWNLOADING: frozenset({S.IDLE, S.VERIFYING, S.REJECTED}),
         S.VERIFYING: frozenset({S.IDLE, S.GATING, S.REJECTED}),
-        S.GATING: frozenset({S.IDLE, S.ACTIVATING, S.REJECTED}),
+        # ROLLED_BACK: an operator's rollback while a candidate is in the gate (the gate
+        # runs without the OTA lock); the install drops the candidate after the gate
+        S.GATING: frozenset({S.IDLE, S.ACTIVATING, S.REJECTED, S.ROLLED_BACK}),
         S.ACTIVATING: frozenset({S.PROBATION, S.ROLLED_BACK}),
         S.PROBATION: frozenset({S.PROBATION, S.COMMITTED, S.ROLLED_BACK}),
         S.COMMITTED: frozenset({S.IDLE, S.CHECKING, S.VERIFYING, S.ROLLED_BACK}),

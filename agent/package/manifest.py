@@ -53,6 +53,8 @@ GATE_KEYS = (
     "memory_added_max_mb",
     "map_drop_max_pp",
     "miou_drop_max_pp",
+    "gate_timeout_s",
+    "gate_memory_max_mb",
 )
 
 # Validating patterns: always used with fullmatch (``$`` alone lets "digits\n" through) and

@@ -52,6 +52,15 @@ class LatencyWindow:
                 self._summary = self._summarize()
             return dict(self._summary)
 
+    def last_ms(self, n: int) -> list[float]:
+        """The newest ``n`` samples (at most the window) in milliseconds, oldest first."""
+        with self._lock:
+            self._take_new()
+            if n <= 0:
+                return []
+            window = self._window
+            return [v * 1000.0 for v in list(window)[-n:]]
+
     def __len__(self) -> int:
         with self._lock:
             self._take_new()

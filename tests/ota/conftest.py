@@ -62,8 +62,10 @@ def build_package(
     precision: str = "fp32",
     name: str = "digits",
     compat: dict[str, Any] | None = None,
+    preprocess: dict[str, Any] | None = None,
 ) -> Path:
-    """A package tar as CONTRACTS.md lays it out, signed by ``keys``."""
+    """A package tar as CONTRACTS.md lays it out, signed by ``keys`` (``preprocess`` keys
+    override the digits model's)."""
     manifest = {
         "format": 1,
         "name": name,
@@ -81,6 +83,7 @@ def build_package(
             "mean": [0.0],
             "std": [1.0],
             "scale": 1.0,
+            **(preprocess or {}),
         },
         "labels": [str(i) for i in range(10)],
         "compat": compat
@@ -141,12 +144,36 @@ class Device:
         keys: Sequence[OperatorKey] | None = None,
         precision: str = "fp32",
         compat: dict[str, Any] | None = None,
+        preprocess: dict[str, Any] | None = None,
     ) -> Path:
         data = model if isinstance(model, bytes) else (DEMO / model).read_bytes()
         signers = keys if keys is not None else [k for k in self.keys if k.role == "release"]
         return build_package(
-            self.packages, signers, version, counter, data, precision, compat=compat
+            self.packages,
+            signers,
+            version,
+            counter,
+            data,
+            precision,
+            compat=compat,
+            preprocess=preprocess,
         )
+
+
+def in_process_gate(dev: Device) -> Any:
+    """The gate's own code run in this process instead of its child (gate_process.py), for
+    tests that run hundreds of gates and are about the journal, not the gate's isolation."""
+    from agent.ota.gate_process import GateRequest, run_gate_here
+
+    def gate(baseline: Path, candidate: Path, manifest: Any) -> Any:
+        golden = dev.config.ota.golden_dir
+        assert golden is not None
+        cache = dev.state_dir / "gate-cache"
+        return run_gate_here(
+            GateRequest(baseline, candidate, manifest, golden, cache, dev.config.model, 0.0)
+        )
+
+    return gate
 
 
 def write_keyring(keys: Sequence[OperatorKey], out: Path) -> Path:

@@ -4,6 +4,7 @@ options, the same as the daemon's own start-up load."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,19 @@ def test_installed_hot_swapped_and_rolled_back_models_get_the_configured_options
         live = daemon.slot.current()
         assert live.version == "1.1.0"
         assert options_of(live.backend) == (THREADS, list(PROVIDERS))
-        # the gate loaded the current model and the candidate, then activation the candidate
-        assert [v for v, _ in loads] == ["1.1.0", "1.0.0", "1.1.0"]
+        # the gate loaded the current model and the candidate in its child process (its
+        # report says with which options), then activation loaded the candidate here
+        assert [v for v, _ in loads] == ["1.1.0"]
         assert all(opts == (THREADS, list(PROVIDERS)) for _, opts in loads), loads
-        report = service.journal.get_value("last_gate_report") or ""
-        assert '"label": "digits-1.1.0"' in report and '"label": "digits-1.0.0"' in report
+        report = json.loads(service.journal.get_value("last_gate_report") or "{}")
+        models = report["report"]["models"]
+        assert (models["candidate"]["label"], models["baseline"]["label"]) == (
+            "digits-1.1.0",
+            "digits-1.0.0",
+        )
+        for role in ("baseline", "candidate"):
+            opts = models[role]["options"]
+            assert (opts["intra_op_threads"], opts["providers"]) == (THREADS, list(PROVIDERS))
 
         loads.clear()
         service.rollback("test")

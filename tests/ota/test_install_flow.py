@@ -227,32 +227,3 @@ def test_kill_after_commit_row_still_raises_floor_on_restart(device: Device) -> 
         "digits-1.0.0",
         "digits-1.1.0",
     ]
-
-
-def test_probation_latency_is_judged_against_the_live_loop_when_it_runs_slower() -> None:
-    from agent.ota.probation import (
-        Baseline,
-        ProbationPolicy,
-        ProbationWatch,
-        Verdict,
-        probation_latency_p95_ms,
-    )
-
-    assert probation_latency_p95_ms(0.01, 1.8) == 1.8
-    assert probation_latency_p95_ms(0.5, 0.2) == 0.5
-    assert probation_latency_p95_ms(None, 0.3) == 0.3
-    assert probation_latency_p95_ms(0.4, None) == 0.4
-    assert probation_latency_p95_ms(None, None) is None
-
-    policy = ProbationPolicy(min_frames=20, min_s=0.0)
-    # The new model runs at 2.4 ms in a loaded loop: against the gate's isolated 0.01 ms it
-    # would fail (limit 2.015 ms); against the old model's live 1.8 ms it passes (4.7 ms).
-    frames = [0.0024] * 20
-    for gate_only in (True, False):
-        live = None if gate_only else 1.8
-        base = Baseline(latency_p95_ms=probation_latency_p95_ms(0.01, live), confidence_mean=0.9)
-        watch = ProbationWatch(policy, base, started_s=0.0)
-        for latency_s in frames:
-            watch.observe(latency_s, 0.9)
-        verdict = watch.judge(1.0).verdict
-        assert verdict is (Verdict.FAILED if gate_only else Verdict.PASSED)

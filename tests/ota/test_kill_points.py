@@ -18,12 +18,13 @@ from agent.ota.states import AT_REST, OTAState
 from agent.package.keys import Keyring
 from agent.package.reader import load_installed
 
-from .conftest import Device, broken_digits_model, feed_frames, make_device
+from .conftest import Device, broken_digits_model, feed_frames, in_process_gate, make_device
 
 
 def full_cycle(dev: Device, packages: dict[str, Path]) -> None:
     """Restart, install a good release through probation, refuse a bad one, roll back."""
-    svc = dev.service()
+    # the gate's code in-process: a child per gate would multiply this test's minutes
+    svc = dev.service(gate=in_process_gate(dev))
     svc.recover()
     svc.resume_probation()
     if svc.journal.state() is OTAState.PROBATION:
@@ -99,6 +100,8 @@ def _fresh_copy(dev: Device, where: Path) -> Device:
     return Device(where, where / "state", dev.keys, cfg, dev.packages)
 
 
+# ~240 forked update cycles: over the default 300 s when 2 shared cores are busy
+@pytest.mark.timeout(900)
 def test_sigkill_at_every_point_leaves_a_verified_model(
     template: tuple[Device, dict[str, Path]], tmp_path: Path
 ) -> None:
