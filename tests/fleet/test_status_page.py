@@ -12,7 +12,7 @@ from fleet_testlib import build_package, ota_record, running_server
 
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import init_repo, publish_package
-from agent.fleet.rollout import RolloutPolicy, start_rollout
+from agent.fleet.rollout import RolloutPolicy, is_member, start_rollout
 from agent.fleet.server import ServerConfig, create_app
 from agent.fleet.status import render_chart_svg
 from agent.fleet.store import SQLiteTelemetryStore
@@ -66,15 +66,24 @@ def test_status_page_shows_rollout_and_version_chart(
             build_package(tmp_path / "p", release, version=version, release_counter=counter),
             operator_keys,
         )
-    start_rollout(base, "stable", "1.1.0", operator_keys, RolloutPolicy(), package="digits")
+    salt = "0123456789abcdef"
+    start_rollout(
+        base, "stable", "1.1.0", operator_keys, RolloutPolicy(), package="digits", salt=salt
+    )
     store = SQLiteTelemetryStore(tmp_path / "fleet.db")
-    # Ten devices on 1.0.0; later three move to 1.1.0 and one of them rolls back.
+    # Ten devices on 1.0.0; later three canaries (members of the 1 % stage: only members'
+    # reports count) move to 1.1.0 and one of them rolls back.
+    canaries = [d for d in (f"canary-{i}" for i in range(5000)) if is_member(d, salt, 1.0)][:3]
+    fleet = canaries + [f"d{i}" for i in range(7)]
     t0 = time.time_ns() - 3600 * 10**9
     rows = [
-        ota_record(f"d{i}", 1, "COMMITTED", "1.0.0", t0 + i, from_version="") for i in range(10)
+        ota_record(d, 1, "COMMITTED", "1.0.0", t0 + i, from_version="") for i, d in enumerate(fleet)
     ]
-    rows += [ota_record(f"d{i}", 2, "COMMITTED", "1.1.0", t0 + 1800 * 10**9 + i) for i in range(3)]
-    rows += [ota_record("d2", 3, "ROLLED_BACK", "1.1.0", t0 + 2400 * 10**9)]
+    rows += [
+        ota_record(d, 2, "COMMITTED", "1.1.0", t0 + 1800 * 10**9 + i)
+        for i, d in enumerate(canaries)
+    ]
+    rows += [ota_record(canaries[2], 3, "ROLLED_BACK", "1.1.0", t0 + 2400 * 10**9)]
     from agent.fleet.store import parse_otlp_logs
 
     store.insert_logs(parse_otlp_logs(otlp.logs_request(rows)))
