@@ -252,16 +252,11 @@ class JsonlSink(Sink):
 
     def _open(self) -> None:
         # O_APPEND: after a truncation the next write lands at the new end, not past it
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # (read too: the tail is checked for a torn line)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            self._size = os.fstat(fd).st_size
-            if self._size:
-                # a torn last line left by a crash or power cut would glue onto ours
-                reader = os.open(self.path, os.O_RDONLY)
-                try:
-                    self._size = _trim_torn_tail(reader, self._size)
-                finally:
-                    os.close(reader)
+            # a torn last line left by a crash or power cut would glue onto ours
+            self._size = _trim_torn_tail(fd, os.fstat(fd).st_size)
         except BaseException:
             os.close(fd)
             raise

@@ -341,10 +341,10 @@ class TelemetryStore:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (self._seq_key, str(seq))
             )
             if last_time:
+                # the latest good time, not the highest ever: a clock that once ran years
+                # ahead must not leave a mark that later runs treat as the time
                 conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('last_good_unix_ns', ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value ="
-                    " CAST(MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)",
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_good_unix_ns', ?)",
                     (str(last_time),),
                 )
         self._next_seq = seq
