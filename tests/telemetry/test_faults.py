@@ -522,6 +522,9 @@ def test_daemon_status_shows_upload_refused_and_keeps_rows(
     assert status["upload"].startswith("upload refused: 401")
     assert main(["telemetry", "status", "--state-dir", str(tmp_path / "st")]) == 0
     assert "upload     upload refused: 401" in capsys.readouterr().out
+    # the daemon's status table (3: it has stopped) shows the last upload error too
+    assert main(["status", "--config", str(config)]) == 3
+    assert "telemetry:  upload refused: 401" in capsys.readouterr().out
 
 
 def test_warnings_are_rate_limited_with_a_summary(caplog: pytest.LogCaptureFixture) -> None:
