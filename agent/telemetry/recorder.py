@@ -15,6 +15,7 @@ from typing import Any
 from agent.config import TelemetryConfig
 from agent.telemetry.clock import CheckedClock
 from agent.telemetry.identity import read_boot_id
+from agent.telemetry.ratelimit import warn_every
 from agent.telemetry.sampler import IntervalSummary, is_sampled, mask_pii
 from agent.telemetry.store import (
     CRITICAL_EVENT_PREFIXES,
@@ -36,6 +37,8 @@ MAX_PENDING_ROWS = 20000
 # With no row to write, the writer still moves observations into the summary at least
 # this often (and before the observation queue could fill at the last cycle's rate).
 IDLE_WAIT_MAX_S = 5.0
+# the writer repeats the same warning (locked, failing writes) at most once per this long
+WARN_EVERY_S = 60.0
 
 _Observation = tuple[int, float, int, float, Any, int, int]
 _Event = tuple[str, dict[str, Any], int, int, int]
@@ -371,11 +374,23 @@ class TelemetryRecorder:
                 )
                 self.store.append_resilient(records)
                 return
+            # retried every flush interval: one line per minute, not two a second
             if is_locked(exc):
-                log.warning("telemetry database locked; keeping %d rows in memory", len(records))
+                warn_every(
+                    log,
+                    "recorder:locked",
+                    WARN_EVERY_S,
+                    "telemetry database locked; keeping %d rows in memory",
+                    len(records),
+                )
             else:
-                log.error(
-                    "telemetry write failed (%s); keeping %d rows in memory", exc, len(records)
+                warn_every(
+                    log,
+                    "recorder:write",
+                    WARN_EVERY_S,
+                    "telemetry write failed (%s); keeping %d rows in memory",
+                    exc,
+                    len(records),
                 )
             self._keep_pending(records)
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from agent.errors import TelemetryError
 from agent.telemetry import jsonsafe
+from agent.telemetry.ratelimit import warn_every
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,9 @@ class TelemetryStore:
             except (sqlite3.Error, OSError) as exc:
                 if not is_disk_full(exc):
                     raise
-                log.warning("telemetry store full (%s), stage %d", exc, stage)
+                warn_every(
+                    log, "store:full", 60.0, "telemetry store full (%s), stage %d", exc, stage
+                )
                 if stage == 0:
                     # Make room by evicting old rows below the critical ones, then retry.
                     amount = max(self.used_bytes() // 4, 64 << 10)
