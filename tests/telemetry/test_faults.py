@@ -256,6 +256,30 @@ def nan_everywhere(tmp_path: Path, make_receiver: MakeReceiver) -> None:
         "fps": None,
         "latency_ms": {"p50": None},
     }
+    # end to end: a model whose every output is NaN, through the daemon's sink, its
+    # status file and its telemetry (every result sampled) to the receiver
+    config = write_config(
+        tmp_path,
+        model={"path": str(nan_model(tmp_path)), "warmup_runs": 1},
+        source={"kind": "synthetic", "max_frames": 20},
+        telemetry={"enabled": True, "endpoint": server.url, "sample_rate": 1.0},
+    )
+    _daemon, thread, codes = run_daemon(config)
+    thread.join(120)
+    assert codes == [0]
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 20
+    assert all(top["score"] is None for x in lines for top in strict_loads(x)["top"])
+    assert strict_loads((tmp_path / "st" / "status.json").read_text())["frames"] == 20
+    with TelemetryStore(tmp_path / "st" / "telemetry.db", "dev", "boot") as left:
+        assert drain(left, exporter(server.url), FAST).empty
+    sampled = {
+        attrs["edge_agent.seq"].int_value
+        for attrs in ({kv.key: kv.value for kv in r.attributes} for r in server.received.records)
+        if attrs["event.name"].string_value == "inference.sample"
+    }
+    # every frame's sample arrived (a resend after a lost ack would only repeat a seq)
+    assert len(sampled) == 20 and not server.received.errors
 
 
 class FakeClocks:
@@ -355,6 +379,36 @@ def run_daemon(config_path: Path) -> tuple[Daemon, threading.Thread, list[int]]:
     thread = threading.Thread(target=lambda: codes.append(daemon.run()), daemon=True)
     thread.start()
     return daemon, thread, codes
+
+
+def nan_model(tmp_path: Path) -> Path:
+    """A digits-shaped ONNX model whose ten outputs are all NaN (sqrt of a negative)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("Abs", ["flat"], ["abs"]),
+        helper.make_node("Neg", ["abs"], ["neg"]),
+        helper.make_node("Sub", ["neg", "one"], ["below"]),
+        helper.make_node("Sqrt", ["below"], ["nan"]),
+        helper.make_node("MatMul", ["nan", "w"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "all_nan",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
+        initializer=[
+            helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+            helper.make_tensor("w", TensorProto.FLOAT, [64, 10], [1.0] * 640),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "nan.onnx"
+    onnx.save_model(model, str(path))
+    return path
 
 
 def rgb_model(tmp_path: Path) -> Path:
@@ -458,7 +512,8 @@ FAULTS = [
     Fault(
         "nan-output",
         "results and telemetry attributes hold NaN and +/-Inf",
-        "null in the JSONL line, the stored row, both OTLP requests and status.json",
+        "null in the JSONL line (also from a NaN model in the daemon), the stored row, both "
+        "OTLP requests and status.json",
         nan_everywhere,
     ),
     Fault(
