@@ -20,6 +20,9 @@ def _results(path: Path) -> list[dict[str, object]]:
 
 
 @pytest.mark.skipif(not EDGE_AGENT.exists(), reason="needs the project venv (.venv/bin/edge-agent)")
+# the demo waits up to 300 s for each verdict on a loaded machine; the 300 s default of
+# the whole suite would cut it short (it took 14 min with both cores kept busy)
+@pytest.mark.timeout(1000)
 def test_demo_story_hot_swaps_then_refuses_a_bad_release(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     env = {**os.environ, "DEMO_DIR": str(work), "KEEP": "1"}
