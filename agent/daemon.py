@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import select
@@ -55,7 +54,9 @@ from agent.runtime import BackendOptions
 from agent.runtime.base import Backend
 from agent.sdnotify import Notifier
 from agent.statelock import StateDirLock
+from agent.telemetry import jsonsafe
 from agent.telemetry.identity import resolve_device_id
+from agent.telemetry.ratelimit import WarnEvery
 
 if TYPE_CHECKING:  # the metrics endpoint imports http.server only when it is configured
     from http.server import ThreadingHTTPServer
@@ -168,6 +169,8 @@ class LoopStats:
         self.bad_frames = 0
         self.latencies = LatencyWindow(LATENCY_WINDOW)
         self.last_error = ""
+        self.last_bad_frame = ""
+        self.last_bad_frame_s = 0.0
         self._fps_mark = (time.monotonic(), 0)
         self.fps = 0.0
 
@@ -248,7 +251,7 @@ class Daemon:
         self._state_lock = StateDirLock(config.state_dir)
         self._ota: Any = None
         self._ota_observe: Callable[..., Any] | None = None
-        self._last_warn: dict[str, float] = {}
+        self._warnings = WarnEvery()
         self.last_reload: dict[str, Any] | None = None
         self.exit_reason = ""
 
@@ -353,10 +356,7 @@ class Daemon:
             self._warn_once("telemetry", f"telemetry event failed: {exc}")
 
     def _warn_once(self, key: str, message: str, every_s: float = 60.0) -> None:
-        now = time.monotonic()
-        if now - self._last_warn.get(key, -1e9) >= every_s:
-            self._last_warn[key] = now
-            log.warning("%s", message)
+        self._warnings.warn(log, key, every_s, "%s", message)
 
     def add_shutdown_hook(self, hook: Callable[[], None]) -> None:
         self._shutdown_hooks.append(hook)
@@ -692,6 +692,8 @@ class Daemon:
         stats.last_error = str(exc)
         if isinstance(exc, InputDataError):
             stats.bad_frames += n_frames
+            stats.last_bad_frame = str(exc)
+            stats.last_bad_frame_s = time.monotonic()
         self._warn_once(f"frame:{type(exc).__name__}", f"frame skipped: {exc}", 30.0)
         self.event("error", {"where": "frame", "message": str(exc)})
         self._observe_probation(0.0, None, error=True)
@@ -903,6 +905,7 @@ class Daemon:
             "errors": stats.errors,
             "bad_frames": stats.bad_frames,
             "last_error": stats.last_error,
+            **self._skipped_status(),
             "late_frames": self.scheduler.late_frames,
             "resyncs": self.scheduler.resyncs,
             "dropped": sum(s.dropped for s in self.sinks),
@@ -921,7 +924,29 @@ class Daemon:
             "last_reload": self.last_reload,
             "config": str(self.config_path) if self.config_path else None,
             "control_socket": str(self.control.sock_path),
+            "telemetry": self._telemetry_status(),
         }
+
+    def _skipped_status(self) -> dict[str, Any]:
+        """Frames never inferred: the source could not deliver them, or they did not fit."""
+        skips = getattr(self.source, "skips", None)
+        count = int(getattr(skips, "count", 0)) + self.stats.bad_frames
+        reason = getattr(skips, "last_reason", None)
+        if self.stats.last_bad_frame and self.stats.last_bad_frame_s >= float(
+            getattr(skips, "last_s", 0.0)
+        ):
+            reason = self.stats.last_bad_frame
+        return {"frames_skipped": count, "last_skip_reason": reason}
+
+    def _telemetry_status(self) -> dict[str, Any] | None:
+        telemetry = self.telemetry
+        if telemetry is None:
+            return None
+        try:
+            upload: dict[str, Any] | None = telemetry.upload_status()
+            return {"upload": None, **(upload or {}), "dropped": telemetry.dropped}
+        except Exception as exc:  # status must always be written
+            return {"error": str(exc)}
 
     def _watchdog_budget_s(self) -> float:
         wd = self.notifier.watchdog_s
@@ -932,7 +957,7 @@ class Daemon:
         with self._status_lock:
             snap = self.status_snapshot()
             # compact: json's C encoder only runs without indent (5x cheaper every tick)
-            data = (json.dumps(snap, default=str) + "\n").encode()
+            data = (jsonsafe.dumps(snap, default=str) + "\n").encode()
             self._status_file.write(data)
             self._last_snapshot = snap
         return snap

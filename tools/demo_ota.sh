@@ -55,6 +55,40 @@ wait_until() {  # wait_until SECONDS DESCRIPTION EXPR VALUE
   echo "timed out after $1 s waiting for $2 (last: $got)" >&2
   return 1
 }
+# journaled VERSION: the OTA states the daemon journaled for VERSION (state.db, read-only),
+# oldest first. A journaled state stays journaled, while the latest state, the model in
+# status or the status file's "state" move on (the next poll, a probation verdict), so a
+# wait on them can miss its moment on a busy machine.
+journaled() {
+  "$PY" - "$WORK/state/state.db" "$1" 2>/dev/null <<'PYEOF' || true
+import sqlite3, sys
+try:
+    db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, timeout=10)
+    rows = db.execute("SELECT state FROM ota_journal WHERE version = ? ORDER BY seq", (sys.argv[2],))
+    print(" ".join(dict.fromkeys(r[0] for r in rows)))
+except sqlite3.Error:
+    print("")
+PYEOF
+}
+wait_journaled() {  # wait_journaled SECONDS VERSION STATE [FAILING_STATE...]
+  local deadline=$((SECONDS + $1)) version=$2 want=$3 got="" bad
+  shift 3
+  while [ $SECONDS -lt $deadline ]; do
+    got=" $(journaled "$version") "
+    case "$got" in *" $want "*) return 0 ;; esac
+    for bad in "$@"; do
+      case "$got" in
+        *" $bad "*)
+          echo "the daemon journaled $bad for $version, not $want (states:$got)" >&2
+          return 1
+          ;;
+      esac
+    done
+    sleep 0.5
+  done
+  echo "timed out after $1 s waiting for $version to be journaled $want (states:$got)" >&2
+  return 1
+}
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 step "working directory: $WORK"
@@ -121,8 +155,10 @@ step "5. the fleet server on 127.0.0.1:$PORT and the daemon"
 SERVE_PID=$!
 "$EA" run --config agent.yaml >daemon.log 2>&1 &
 DAEMON_PID=$!
-wait_until 60 "the daemon to run 1.0.0" 's["state"]+" "+s["model"]["version"]' "running 1.0.0"
-sleep 1
+# frames counted on 1.0.0 are a fact; state "running" can read "stalled" for a moment on a
+# busy machine
+wait_until 180 "the daemon to infer on 1.0.0" \
+  's["model"]["version"]+" "+str(s["frames"] > 0)' "1.0.0 True"
 ea status --config agent.yaml
 
 step "6. publish INT8 1.1.0 and roll it out to 100%"
@@ -131,8 +167,8 @@ ea publish dist/digits-1.1.0.tar --repo repo --keys keys
 FRAMES_BEFORE=$(status_field 's["frames"]')
 ea rollout start --channel stable --version 1.1.0 --package digits --repo repo --keys keys \
   --stages 100
-wait_until 90 "1.1.0 to be committed" \
-  's["model"]["version"]+" "+s["ota"]["state"]' "1.1.0 COMMITTED"
+wait_journaled 300 1.1.0 COMMITTED REJECTED ROLLED_BACK
+wait_until 60 "the daemon to report 1.1.0" 's["model"]["version"]' "1.1.0"
 ea status --config agent.yaml
 FRAMES_AFTER=$(status_field 's["frames"]')
 PID_NOW=$(status_field 's["pid"]')
@@ -155,9 +191,9 @@ ea publish dist/digits-1.2.0.tar --repo repo --keys keys
 FRAMES_BEFORE=$(status_field 's["frames"]')
 ea rollout start --channel stable --version 1.2.0 --package digits --repo repo --keys keys \
   --stages 100
-wait_until 90 "1.2.0 to be refused" \
+wait_journaled 300 1.2.0 REJECTED COMMITTED PROBATION
+wait_until 60 "the refusal of 1.2.0 in status" \
   '(s["ota"]["last_refusal"] or {}).get("version")' "1.2.0"
-sleep 1
 ea status --config agent.yaml
 FRAMES_AFTER=$(status_field 's["frames"]')
 VERSION=$(status_field 's["model"]["version"]')

@@ -105,6 +105,13 @@ def format_status(snap: dict[str, Any], running: bool) -> str:
         + (f" ({gov['reason']})" if gov.get("reason") else ""),
         f"source:     {source.get('name', '-')} ({source.get('state', '-')})",
     ]
+    if snap.get("frames_skipped"):
+        lines.append(
+            f"skipped:    {snap['frames_skipped']} frames (last: {snap.get('last_skip_reason')})"
+        )
+    upload = (snap.get("telemetry") or {}).get("upload")
+    if upload:
+        lines.append(f"telemetry:  {upload}")
     if snap.get("power_w") is not None:
         lines.append(
             f"power:      {snap['power_w']} W ({snap.get('power_source', 'rails')}), "

@@ -69,7 +69,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"oldest     {_age(status['oldest_unix_ns'])}")
     print(f"last ok    {_age(status['last_upload_ok_unix_ns'])}")
     if status["last_upload_error"]:
-        print(f"last error {status['last_upload_error']}")
+        print(
+            f"last error {status['last_upload_error']}"
+            f" at {_age(status['last_upload_error_unix_ns'])}"
+        )
+    if status["upload"] not in (None, "ok"):
+        print(f"upload     {status['upload']} (rows stay queued and are retried)")
     if status["counters"]:
         print()
         print(format_table(["counter", "value"], sorted(status["counters"].items())))

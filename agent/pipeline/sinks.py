@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import sys
@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from agent.config import SinkConfig
 from agent.errors import ConfigError
+from agent.telemetry import jsonsafe
+from agent.telemetry.ratelimit import warn_every
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class Sink:
         self.dropped = 0
         self.written = 0
         self.failed = 0
-        self._last_warn = 0.0
+        self.last_error: str | None = None
         self._thread = threading.Thread(
             target=self._drain_forever, name=f"sink-{name}", daemon=True
         )
@@ -115,12 +117,16 @@ class Sink:
                 self.written += len(items)
             except Exception as exc:  # a sink fault must not kill its thread
                 self.failed += len(items)
-                now = time.monotonic()
-                if now - self._last_warn >= WARN_EVERY_S:
-                    self._last_warn = now
-                    log.warning(
-                        "sink %s: write failed (%s); %d failed so far", self.name, exc, self.failed
-                    )
+                self.last_error = str(exc)
+                warn_every(
+                    log,
+                    f"sink:{self.name}",
+                    WARN_EVERY_S,
+                    "sink %s: write failed (%s); %d failed so far",
+                    self.name,
+                    exc,
+                    self.failed,
+                )
             finally:
                 with self._cond:
                     self._in_flight = 0
@@ -166,11 +172,32 @@ class Sink:
             "dropped": self.dropped,
             "failed": self.failed,
             "queued": self.pending(),
+            "last_error": self.last_error,
         }
 
 
 def _line(item: Mapping[str, Any]) -> str:
-    return json.dumps(item, separators=(",", ":"), sort_keys=False) + "\n"
+    # NaN/Inf (a model can output them) become null: strict JSON readers refuse NaN
+    return jsonsafe.dumps(item, separators=(",", ":"), sort_keys=False) + "\n"
+
+
+def _trim_torn_tail(fd: int, size: int) -> int:
+    """Cut a last line without its newline (a crash mid-write); returns the new size."""
+    start = size
+    while start > 0:
+        step = min(start, 64 << 10)
+        chunk = os.pread(fd, step, start - step)
+        if start == size and chunk.endswith(b"\n"):
+            return size
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            keep = start - step + newline + 1
+            os.ftruncate(fd, keep)
+            return keep
+        start -= step
+    if size:
+        os.ftruncate(fd, 0)
+    return 0
 
 
 class StdoutSink(Sink):
@@ -189,7 +216,12 @@ class StdoutSink(Sink):
 
 
 class JsonlSink(Sink):
-    """JSON lines in a file, rotated at ``max_bytes``, keeping ``backups`` old files (.1, .2)."""
+    """JSON lines in a file, rotated at ``max_bytes``, keeping ``backups`` old files (.1, .2).
+
+    The file only ever holds whole lines: a batch is one write, and a write that fails
+    part-way (ENOSPC, EIO) is truncated back to the last whole line before the error is
+    counted, so the next batch, once there is room again, starts on a line of its own.
+    """
 
     kind = "jsonl"
 
@@ -208,18 +240,32 @@ class JsonlSink(Sink):
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
+        self._fd: int | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh: TextIO | None = path.open("a", encoding="utf-8")
+            self._open()
         except OSError as exc:
             raise ConfigError(f"sink {path}: cannot open for writing ({exc.strerror})") from None
-        self._size = self._fh.tell()
         self.rotations = 0
+        self.truncations = 0
         super().__init__(f"jsonl:{path.name}", queue_size)
 
+    def _open(self) -> None:
+        # O_APPEND: after a truncation the next write lands at the new end, not past it
+        # (read too: the tail is checked for a torn line)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # a torn last line left by a crash or power cut would glue onto ours
+            self._size = _trim_torn_tail(fd, os.fstat(fd).st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
     def _rotate(self) -> None:
-        assert self._fh is not None
-        self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         for i in range(self.backups, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
             newer = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
@@ -229,39 +275,59 @@ class JsonlSink(Sink):
                 os.replace(newer, older)
         if self.backups == 0:
             self.path.unlink(missing_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
-        self._size = 0
+        self._open()
         self.rotations += 1
 
     def write_one(self, item: Mapping[str, Any]) -> None:
         self.write_batch([item])
 
     def write_batch(self, items: list[Mapping[str, Any]]) -> None:
-        # One write and one flush per batch, rotating between lines: a reader (or a power
-        # cut) sees whole lines, never an 8 KiB buffer cut mid-line.
-        chunk: list[str] = []
+        # One write per batch, rotating between lines: a reader (or a power cut) sees
+        # whole lines, never a buffer cut mid-line.
+        chunk: list[bytes] = []
+        chunk_bytes = 0
         for item in items:
-            line = _line(item)
-            data_bytes = len(line.encode("utf-8")) if not line.isascii() else len(line)
-            if self._size and self._size + data_bytes > self.max_bytes:
-                self._write_chunk(chunk)
-                chunk = []
+            data = _line(item).encode("utf-8")
+            if self._size + chunk_bytes and self._size + chunk_bytes + len(data) > self.max_bytes:
+                self._write_chunk(b"".join(chunk))
+                chunk, chunk_bytes = [], 0
                 self._rotate()
-            chunk.append(line)
-            self._size += data_bytes
-        self._write_chunk(chunk)
+            chunk.append(data)
+            chunk_bytes += len(data)
+        self._write_chunk(b"".join(chunk))
 
-    def _write_chunk(self, lines: list[str]) -> None:
-        if not lines:
+    def _write_chunk(self, data: bytes) -> None:
+        if not data:
             return
-        assert self._fh is not None
-        self._fh.write("".join(lines))
-        self._fh.flush()
+        if self._fd is None:
+            self._open()  # the last rotation failed to reopen; try again
+        assert self._fd is not None
+        fd, good_size = self._fd, self._size
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                if n <= 0:  # pragma: no cover - a regular file writes or raises
+                    raise OSError(errno.EIO, "short write")
+                view = view[n:]
+        except OSError:
+            # part of the batch may be in the file: cut it back to the last whole line
+            # (freeing blocks, so a truncate succeeds even on a full disk)
+            try:
+                os.ftruncate(fd, good_size)
+                self.truncations += 1
+            except OSError as trunc_exc:
+                # reopening trims the torn tail (_open), so the next batch tries that
+                log.error("sink %s: cannot truncate a torn line (%s)", self.name, trunc_exc)
+                os.close(fd)
+                self._fd = None
+            raise
+        self._size = good_size + len(data)
 
     def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class HttpSink(Sink):

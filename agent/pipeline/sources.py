@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from agent.config import SourceConfig
 from agent.errors import ConfigError, InputDataError, SourceError
+from agent.telemetry.ratelimit import warn_every
 from agent.textio import load_npy
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tif
 # a frame costs nothing at run time
 SYNTHETIC_POOL = 64
 MAX_FRAME_BYTES = 64 << 20
+# a source repeats the same warning (bad files, a dead camera) at most once per this long
+WARN_EVERY_S = 30.0
 
 
 @dataclass
@@ -55,6 +58,35 @@ class Source(Protocol):
         """A short word for status: "ok", "waiting", "reconnecting", "finished"."""
 
     def close(self) -> None: ...
+
+
+class SkipCounter:
+    """Frames a source could not deliver (unreadable file, failed grab) and the last reason.
+
+    Sources keep one as ``skips``; the daemon shows it in status as frames_skipped.
+    """
+
+    def __init__(self, source_name: str) -> None:
+        self.source_name = source_name
+        self.count = 0
+        self.last_reason: str | None = None
+        self.last_s = 0.0  # monotonic time of the last skip
+
+    def skip(self, reason: str, warn: bool = True) -> None:
+        self.count += 1
+        self.last_reason = reason
+        self.last_s = time.monotonic()
+        if not warn:
+            return
+        warn_every(
+            log,
+            f"skip:{self.source_name}",
+            WARN_EVERY_S,
+            "source %s: skipped a frame: %s (%d skipped so far)",
+            self.source_name,
+            reason,
+            self.count,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -194,6 +226,7 @@ class SyntheticSource:
         pool: int = SYNTHETIC_POOL,
     ) -> None:
         self.name = f"synthetic:{pattern}"
+        self.skips = SkipCounter(self.name)
         self.shape = tuple(int(d) for d in shape)
         self.pattern = pattern
         self.max_frames = max_frames
@@ -303,6 +336,7 @@ class DirectorySource:
         if not path.is_dir():
             raise SourceError(f"{path}: source directory not found")
         self.name = f"directory:{path}"
+        self.skips = SkipCounter(self.name)
         self.path = path
         self.watch = watch
         self.loop = loop
@@ -314,7 +348,6 @@ class DirectorySource:
         self._queue: list[Path] = []
         self._seq = 0
         self._done = False
-        self._skipped = 0
         self._scan()
         if not self._queue and not watch:
             raise SourceError(f"{path}: no .npy or image files in the source directory")
@@ -324,7 +357,14 @@ class DirectorySource:
         try:
             names = sorted(os.listdir(self.path))
         except OSError as exc:
-            log.warning("source %s: cannot list (%s)", self.path, exc.strerror)
+            warn_every(
+                log,
+                f"list:{self.path}",
+                WARN_EVERY_S,
+                "source %s: cannot list (%s)",
+                self.path,
+                exc.strerror,
+            )
             return
         for name in names:
             # dotfiles are partial writes in progress (write_atomic's temp names)
@@ -345,8 +385,7 @@ class DirectorySource:
                 try:
                     data = read_image_file(p)
                 except (InputDataError, SourceError) as exc:
-                    self._skipped += 1
-                    log.warning("source: skipped a frame: %s", exc)
+                    self.skips.skip(str(exc))
                     continue
                 self._seq += 1
                 return Frame(seq=self._seq, data=data, source=str(p))
@@ -374,7 +413,7 @@ class DirectorySource:
 
     @property
     def skipped(self) -> int:
-        return self._skipped
+        return self.skips.count
 
     def close(self) -> None:
         pass
@@ -411,6 +450,7 @@ class VideoSource:
             raise SourceError(f"{target}: video file not found")
         self.target = target
         self.name = f"camera:{target}" if self.is_camera else f"video:{target}"
+        self.skips = SkipCounter(self.name)
         self.loop = loop
         self.backoff_max_s = backoff_max_s
         self.max_frames = max_frames
@@ -441,7 +481,16 @@ class VideoSource:
             self._cap.release()
             self._cap = None
         self._retry_at = self._clock() + self._backoff_s
-        log.warning("%s: %s; retrying in %.1f s", self.name, why, self._backoff_s)
+        self.skips.skip(why, warn=False)  # warned below, with the retry delay
+        warn_every(
+            log,
+            f"lost:{self.name}",
+            WARN_EVERY_S,
+            "%s: %s; retrying in %.1f s",
+            self.name,
+            why,
+            self._backoff_s,
+        )
         self._backoff_s = min(self._backoff_s * 2, self.backoff_max_s)
         self._state = "reconnecting"
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent import __version__
+from agent.telemetry import jsonsafe
 from agent.telemetry.store import StoredRecord
 
 SCOPE_NAME = "edge_agent.telemetry"
@@ -18,21 +19,32 @@ TEMPORALITY_CUMULATIVE = 2
 
 
 def any_value(value: Any) -> dict[str, Any]:
-    """An OTLP AnyValue; lists and mappings become JSON strings (the contract's rule)."""
+    """An OTLP AnyValue; lists and mappings become JSON strings (the contract's rule), None
+    and NaN/Inf the empty AnyValue (null)."""
     if isinstance(value, bool):
         return {"boolValue": value}
     if isinstance(value, int):
         # OTLP/JSON carries int64 as a decimal string.
         return {"intValue": str(value)}
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return {"stringValue": str(value)}
+        if not math.isfinite(value):
+            return {}  # an empty AnyValue is OTLP's null, as NaN/Inf are null everywhere
         return {"doubleValue": value}
     if isinstance(value, str):
         return {"stringValue": value}
     if value is None:
-        return {"stringValue": ""}
-    return {"stringValue": json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)}
+        return {}
+    text = jsonsafe.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    return {"stringValue": text}
+
+
+def _number(value: Any) -> float | None:
+    """A stored figure as a double; None (written as null) when it is missing or was NaN/Inf,
+    which the store keeps as null: a figure the model or a sensor could not give."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _kv(key: str, value: Any) -> dict[str, Any]:
@@ -150,7 +162,7 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
         _gauge(
             "edge_agent.inference.fps",
             "{frame}/s",
-            [{**_point(rec), "asDouble": a.get("fps", 0.0)}],
+            [{**_point(rec), "asDouble": _number(a.get("fps", 0.0))}],
         ),
         _gauge(
             "edge_agent.scheduler.fps_cap",
@@ -158,7 +170,7 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
             [
                 {
                     **_point(rec, {"governor.state": a.get("governor_state", "")}),
-                    "asDouble": float(a.get("fps_cap", 0.0)),
+                    "asDouble": _number(a.get("fps_cap", 0.0)),
                 }
             ],
         ),
@@ -173,11 +185,11 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
                         {
                             **_point(rec),
                             "count": str(frames),
-                            "sum": float(a.get("latency_sum_ms", 0.0)),
+                            "sum": _number(a.get("latency_sum_ms", 0.0)),
                             "quantileValues": [
-                                {"quantile": 0.5, "value": float(a["latency_p50_ms"])},
-                                {"quantile": 0.95, "value": float(a["latency_p95_ms"])},
-                                {"quantile": 0.99, "value": float(a["latency_p99_ms"])},
+                                {"quantile": 0.5, "value": _number(a["latency_p50_ms"])},
+                                {"quantile": 0.95, "value": _number(a["latency_p95_ms"])},
+                                {"quantile": 0.99, "value": _number(a["latency_p99_ms"])},
                             ],
                         }
                     ]
@@ -209,7 +221,7 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
                             **_point(rec),
                             "count": str(int(sum(conf_counts))),
                             "bucketCounts": [str(int(c)) for c in conf_counts],
-                            "explicitBounds": [float(b) for b in a.get("confidence_bounds", [])],
+                            "explicitBounds": [_number(b) for b in a.get("confidence_bounds", [])],
                         }
                     ],
                     "aggregationTemporality": TEMPORALITY_DELTA,
@@ -223,7 +235,7 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
                 "edge_agent.temperature",
                 "Cel",
                 [
-                    {**_point(rec, {"zone": z}), "asDouble": float(t)}
+                    {**_point(rec, {"zone": z}), "asDouble": _number(t)}
                     for z, t in sorted(temps.items())
                 ],
             )

@@ -15,6 +15,7 @@ from typing import Any
 from agent.config import TelemetryConfig
 from agent.telemetry.clock import CheckedClock
 from agent.telemetry.identity import read_boot_id
+from agent.telemetry.ratelimit import warn_every
 from agent.telemetry.sampler import IntervalSummary, is_sampled, mask_pii
 from agent.telemetry.store import (
     CRITICAL_EVENT_PREFIXES,
@@ -36,6 +37,8 @@ MAX_PENDING_ROWS = 20000
 # With no row to write, the writer still moves observations into the summary at least
 # this often (and before the observation queue could fill at the last cycle's rate).
 IDLE_WAIT_MAX_S = 5.0
+# the writer repeats the same warning (locked, failing writes) at most once per this long
+WARN_EVERY_S = 60.0
 
 _Observation = tuple[int, float, int, float, Any, int, int]
 _Event = tuple[str, dict[str, Any], int, int, int]
@@ -100,6 +103,9 @@ class TelemetryRecorder:
         self._observed_per_s = 0.0
         self._stop = threading.Event()
         self._closed = False
+        # True while the writer runs a cycle: rows it took off the queues are not yet
+        # committed, and its connection is in use (flush() waits for this to clear)
+        self._in_cycle = False
         self.store = TelemetryStore(
             db_path,
             device_id,
@@ -167,15 +173,29 @@ class TelemetryRecorder:
         self._gauges = (dict(temps_c), governor_state, float(fps_cap))
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Write what is queued now (tests and shutdown); True when the queues emptied."""
+        """Write what is queued now (tests and shutdown); True once it is committed.
+
+        Empty queues are not enough: the writer takes rows off them at the start of a cycle
+        and commits them at its end. Returning in between let a caller use the store while
+        the writer's transaction was still open ("database table is locked").
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self._observations and not self._events and not self._pending:
+            # read the queues before the flag: rows queued before this call are either
+            # still queued, or taken by a cycle that is running or has committed them
+            queued = self._observations or self._events or self._pending
+            if not queued and not self._in_cycle:
                 return True
             self._urgent = True
             self._wake.set()
             time.sleep(0.01)
         return False
+
+    def upload_status(self) -> dict[str, Any] | None:
+        """The uploader's last outcome for status (None when no endpoint is set)."""
+        if self._uploader is None:
+            return None
+        return self._uploader.state.snapshot()
 
     def kick_upload(self) -> None:
         if self._uploader is not None:
@@ -206,10 +226,13 @@ class TelemetryRecorder:
             # cleared before the queues are read: whatever arrives later signals again
             self._urgent = False
             self._rows_due = False
+            self._in_cycle = True
             try:
                 self._cycle(final=stopping)
             except Exception:  # the writer must survive any one bad cycle
                 log.exception("telemetry writer cycle failed")
+            finally:
+                self._in_cycle = False
             if stopping:
                 return
             if self._pending:
@@ -351,11 +374,23 @@ class TelemetryRecorder:
                 )
                 self.store.append_resilient(records)
                 return
+            # retried every flush interval: one line per minute, not two a second
             if is_locked(exc):
-                log.warning("telemetry database locked; keeping %d rows in memory", len(records))
+                warn_every(
+                    log,
+                    "recorder:locked",
+                    WARN_EVERY_S,
+                    "telemetry database locked; keeping %d rows in memory",
+                    len(records),
+                )
             else:
-                log.error(
-                    "telemetry write failed (%s); keeping %d rows in memory", exc, len(records)
+                warn_every(
+                    log,
+                    "recorder:write",
+                    WARN_EVERY_S,
+                    "telemetry write failed (%s); keeping %d rows in memory",
+                    exc,
+                    len(records),
                 )
             self._keep_pending(records)
 

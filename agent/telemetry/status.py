@@ -16,6 +16,16 @@ def _file_bytes(db_path: Path) -> int:
     return total
 
 
+def upload_summary(
+    last_error: str | None, last_error_unix_ns: int | None, last_ok_unix_ns: int | None
+) -> str | None:
+    """One line on uploading: "ok", the last error when it is newer than the last success
+    (e.g. "upload refused: 401 (...)"), or None before any attempt."""
+    if last_error and (last_ok_unix_ns is None or (last_error_unix_ns or 0) > last_ok_unix_ns):
+        return last_error
+    return "ok" if last_ok_unix_ns is not None else None
+
+
 def telemetry_status(db_path: Path) -> dict[str, Any]:
     """Rows by type, backlog, quarantined rows, loss counters and last upload of a store.
 
@@ -55,8 +65,15 @@ def telemetry_status(db_path: Path) -> dict[str, Any]:
         }
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         last_ok = meta.get("upload.last_ok_unix_ns")
+        error_at = meta.get("upload.last_error_unix_ns")
         status["last_upload_ok_unix_ns"] = int(last_ok) if last_ok else None
         status["last_upload_error"] = meta.get("upload.last_error")
+        status["last_upload_error_unix_ns"] = int(error_at) if error_at else None
+        status["upload"] = upload_summary(
+            status["last_upload_error"],
+            status["last_upload_error_unix_ns"],
+            status["last_upload_ok_unix_ns"],
+        )
         status["last_quarantine_reason"] = meta.get("last_quarantine_reason")
     except sqlite3.Error as exc:
         status["error"] = f"cannot read: {exc}"

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.errors import TelemetryError
+from agent.telemetry import jsonsafe
+from agent.telemetry.ratelimit import warn_every
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,17 @@ SQLITE_FULL = 13
 SQLITE_CORRUPT = 11
 SQLITE_NOTADB = 26
 
+# Per-signal acknowledgement bits in records.acked. A summary row goes out twice, in the
+# metrics request and in the logs request: it is deleted once both were acknowledged,
+# and a signal already acknowledged is never sent again (a Collector would count twice).
+SIGNAL_METRICS = 1
+SIGNAL_LOGS = 2
+SIGNAL_BITS = {"metrics": SIGNAL_METRICS, "logs": SIGNAL_LOGS}
+# SQL: every signal this row goes out in was acknowledged (summaries: both, others: logs)
+_FULLY_ACKED = (
+    f"(acked & {SIGNAL_LOGS}) != 0 AND (type != 'summary' OR (acked & {SIGNAL_METRICS}) != 0)"
+)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -59,6 +72,7 @@ CREATE TABLE IF NOT EXISTS records (
     attrs TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     quarantined INTEGER NOT NULL DEFAULT 0,
+    acked INTEGER NOT NULL DEFAULT 0,
     UNIQUE (device_id, boot_id, seq)
 );
 CREATE INDEX IF NOT EXISTS records_backlog ON records (quarantined, id);
@@ -97,6 +111,13 @@ class StoredRecord:
     clock_ok: bool
     attrs: dict[str, Any]
     size_bytes: int
+    acked: int = 0  # SIGNAL_* bits already acknowledged by the server
+
+    def needs(self, signal: str) -> bool:
+        """True when this row still has to go out in ``signal``'s request."""
+        if signal == "metrics" and self.type != "summary":
+            return False
+        return not self.acked & SIGNAL_BITS[signal]
 
 
 @dataclass
@@ -108,7 +129,8 @@ class AppendResult:
 
 
 def _encode_attrs(attrs: Mapping[str, Any]) -> str:
-    return json.dumps(attrs, separators=(",", ":"), sort_keys=True, default=str)
+    # NaN/Inf stored as null: json.loads would hand them back as floats no OTLP reader takes
+    return jsonsafe.dumps(attrs, separators=(",", ":"), sort_keys=True, default=str)
 
 
 def _errorcode(exc: sqlite3.Error) -> int:
@@ -219,6 +241,10 @@ class TelemetryStore:
                 if result is None or result[0] != "ok":
                     raise sqlite3.DatabaseError(f"database disk image is malformed ({result})")
             conn.executescript(SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+            if "acked" not in columns:
+                # a store written before per-signal acknowledgement: nothing acked yet
+                conn.execute("ALTER TABLE records ADD COLUMN acked INTEGER NOT NULL DEFAULT 0")
         except BaseException:
             conn.close()
             raise
@@ -316,10 +342,10 @@ class TelemetryStore:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (self._seq_key, str(seq))
             )
             if last_time:
+                # the latest good time, not the highest ever: a clock that once ran years
+                # ahead must not leave a mark that later runs treat as the time
                 conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('last_good_unix_ns', ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value ="
-                    " CAST(MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)",
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_good_unix_ns', ?)",
                     (str(last_time),),
                 )
         self._next_seq = seq
@@ -340,7 +366,9 @@ class TelemetryStore:
             except (sqlite3.Error, OSError) as exc:
                 if not is_disk_full(exc):
                     raise
-                log.warning("telemetry store full (%s), stage %d", exc, stage)
+                warn_every(
+                    log, "store:full", 60.0, "telemetry store full (%s), stage %d", exc, stage
+                )
                 if stage == 0:
                     # Make room by evicting old rows below the critical ones, then retry.
                     amount = max(self.used_bytes() // 4, 64 << 10)
@@ -452,7 +480,7 @@ class TelemetryStore:
         """The oldest rows not yet acknowledged, up to max_rows and about max_bytes."""
         cursor = self._conn.execute(
             "SELECT id, device_id, boot_id, seq, type, priority, name, time_unix_ns,"
-            " observed_unix_ns, clock_ok, attrs, size_bytes FROM records"
+            " observed_unix_ns, clock_ok, attrs, size_bytes, acked FROM records"
             " WHERE quarantined = 0 ORDER BY id LIMIT ?",
             (max_rows,),
         )
@@ -479,6 +507,27 @@ class TelemetryStore:
                 " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
                 (deleted,),
             )
+        return deleted
+
+    def acknowledge(self, records: Iterable[StoredRecord], signal: str) -> int:
+        """Mark ``signal`` acknowledged for these rows; delete those with nothing left to send.
+
+        Judged on the stored bits, not the caller's copies (which predate the other
+        signal's ack). Returns how many rows were deleted (counted in uploaded.rows).
+        """
+        bit = SIGNAL_BITS[signal]
+        ids = [(rec.id,) for rec in records]
+        with self._transaction() as conn:
+            conn.executemany(f"UPDATE records SET acked = acked | {bit} WHERE id = ?", ids)
+            before = conn.total_changes
+            conn.executemany(f"DELETE FROM records WHERE id = ? AND {_FULLY_ACKED}", ids)
+            deleted = conn.total_changes - before
+            if deleted:
+                conn.execute(
+                    "INSERT INTO counters (name, value) VALUES ('uploaded.rows', ?)"
+                    " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    (deleted,),
+                )
         return deleted
 
     def quarantine_rows(self, ids: Iterable[int], reason: str) -> None:
@@ -513,4 +562,5 @@ def _stored(row: Sequence[Any]) -> StoredRecord:
         clock_ok=bool(row[9]),
         attrs=json.loads(row[10]),
         size_bytes=int(row[11]),
+        acked=int(row[12]),
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import gzip
-import json
 import logging
 import random
 import sqlite3
@@ -21,7 +20,9 @@ import requests
 
 from agent.config import TelemetryConfig
 from agent.errors import ConfigError
-from agent.telemetry import otlp
+from agent.telemetry import jsonsafe, otlp
+from agent.telemetry.ratelimit import warn_every
+from agent.telemetry.status import upload_summary
 from agent.telemetry.store import StoredRecord, TelemetryStore
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,15 @@ log = logging.getLogger(__name__)
 # OTLP/HTTP says 429/502/503/504 are retryable; 408 and 500 are usually a proxy or a server
 # restarting, and a resend is harmless because the server de-duplicates on the row keys.
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# The collector does not accept our credentials (a token revoked, rotated or not yet
+# provisioned): the rows are fine, so they stay queued and are retried with backoff until
+# an operator fixes the token. Quarantining them would lose data for a config mistake.
+REFUSED_STATUS = frozenset({401, 403, 407})
+# the uploader repeats the same warning at most once per this many seconds
+WARN_EVERY_S = 60.0
 
-Outcome = Literal["acked", "rejected", "retry", "idle"]
+Outcome = Literal["acked", "rejected", "refused", "retry", "idle"]
+Signal = Literal["metrics", "logs"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,30 @@ class BatchResult:
     sent_bytes: int = 0
     retry_after_s: float | None = None
     detail: str = ""
+    #: items the server said it rejected in a 2xx partialSuccess (never to be resent)
+    partial_rejected: int = 0
+
+
+@dataclass
+class UploadState:
+    """What the last upload attempts said, for status (kept in memory, written by drain)."""
+
+    last_error: str | None = None
+    last_error_unix_ns: int | None = None
+    last_ok_unix_ns: int | None = None
+    failures_in_a_row: int = 0
+    next_retry_in_s: float | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "upload": upload_summary(
+                self.last_error, self.last_error_unix_ns, self.last_ok_unix_ns
+            ),
+            "last_upload_error": self.last_error,
+            "last_upload_error_unix_ns": self.last_error_unix_ns,
+            "last_upload_ok_unix_ns": self.last_ok_unix_ns,
+            "upload_failures_in_a_row": self.failures_in_a_row,
+        }
 
 
 @dataclass
@@ -125,23 +157,33 @@ class OtlpHttpExporter:
         self._session.close()
 
     def send(self, records: Sequence[StoredRecord]) -> BatchResult:
+        """Post every signal of a batch (metrics first); stops at the first that fails.
+
+        Knows nothing of earlier acknowledgements; ``drain`` sends per signal instead.
+        """
         if not records:
             return BatchResult("idle")
         sent = 0
-        # Metrics first: if they fail, the logs (which carry every row) are not yet sent.
-        metrics = otlp.metrics_request(records)
-        requests_to_send: list[tuple[str, dict[str, Any]]] = []
-        if metrics is not None:
-            requests_to_send.append(("/v1/metrics", metrics))
-        requests_to_send.append(("/v1/logs", otlp.logs_request(records)))
-        for path, payload in requests_to_send:
-            result = self._post(path, payload, len(records))
+        signals: tuple[Signal, ...] = ("metrics", "logs")
+        for signal in signals:
+            result = self.send_signal(signal, records)
             sent += result.sent_bytes
-            if result.outcome != "acked":
+            if result.outcome not in ("acked", "idle"):
                 return BatchResult(
                     result.outcome, len(records), sent, result.retry_after_s, result.detail
                 )
         return BatchResult("acked", len(records), sent)
+
+    def send_signal(self, signal: Signal, records: Sequence[StoredRecord]) -> BatchResult:
+        """Post one signal's request for these rows ("idle" when it has none)."""
+        if signal == "metrics":
+            metrics = otlp.metrics_request(records)
+            if metrics is None:
+                return BatchResult("idle")
+            return self._post("/v1/metrics", metrics, len(records))
+        if not records:
+            return BatchResult("idle")
+        return self._post("/v1/logs", otlp.logs_request(records), len(records))
 
     def _throttle(self, nbytes: int) -> None:
         if self.bandwidth_bytes_per_s <= 0:
@@ -153,7 +195,8 @@ class OtlpHttpExporter:
         self._next_send_s = now + nbytes / self.bandwidth_bytes_per_s
 
     def _post(self, path: str, payload: dict[str, Any], rows: int) -> BatchResult:
-        raw = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        # NaN/Inf become null: a protobuf JSON reader refuses the whole request otherwise
+        raw = jsonsafe.dumps(payload, separators=(",", ":")).encode("utf-8")
         body = gzip.compress(raw, compresslevel=6)
         self._throttle(len(body))
         url = self.endpoint + path
@@ -169,9 +212,16 @@ class OtlpHttpExporter:
             )
         status = answer.status_code
         if 200 <= status < 300:
-            self._warn_partial(url, answer)
-            return BatchResult("acked", rows, len(body))
+            return BatchResult("acked", rows, len(body), partial_rejected=_partial(url, answer))
         detail = f"{url}: HTTP {status} {answer.text[:200]!r}"
+        if status in REFUSED_STATUS:
+            return BatchResult(
+                "refused",
+                rows,
+                len(body),
+                parse_retry_after(answer.headers.get("Retry-After")),
+                f"upload refused: {status} ({detail})",
+            )
         if status in RETRYABLE_STATUS:
             return BatchResult(
                 "retry",
@@ -212,15 +262,30 @@ class OtlpHttpExporter:
             return TimeoutError(f"no complete answer within {self.request_deadline_s:g} s")
         return box[0]
 
-    @staticmethod
-    def _warn_partial(url: str, answer: requests.Response) -> None:
-        try:
-            data = answer.json()
-        except ValueError:
-            return  # a 2xx is the acknowledgement; the body is optional
-        partial = data.get("partialSuccess") if isinstance(data, dict) else None
-        if isinstance(partial, dict) and partial:
-            log.warning("telemetry upload to %s partly rejected: %s", url, partial)
+
+def _partial(url: str, answer: requests.Response) -> int:
+    """Items a 2xx said it rejected (OTLP partialSuccess); 0 when none or no JSON body."""
+    try:
+        data = answer.json()
+    except ValueError:
+        return 0  # a 2xx is the acknowledgement; the body is optional
+    partial = data.get("partialSuccess") if isinstance(data, dict) else None
+    if not isinstance(partial, dict) or not partial:
+        return 0
+    count = 0
+    for key in ("rejectedLogRecords", "rejectedDataPoints"):
+        with contextlib.suppress(TypeError, ValueError):
+            count += int(partial.get(key) or 0)
+    if count or partial.get("errorMessage"):
+        warn_every(
+            log,
+            f"partial:{url}",
+            WARN_EVERY_S,
+            "telemetry upload to %s partly rejected: %s",
+            url,
+            partial,
+        )
+    return count
 
 
 def exporter_from_config(
@@ -248,15 +313,20 @@ def drain(
     rng: random.Random | None = None,
     max_retries: int | None = None,
     monotonic_s: Callable[[], float] = time.monotonic,
+    state: UploadState | None = None,
 ) -> DrainResult:
     """Send the backlog oldest first until it is empty, time is up or stop is set.
 
-    Between failed attempts it waits with capped exponential backoff and full jitter
-    (at least Retry-After). Rows are deleted only after both requests were acknowledged;
-    a batch the server refuses (4xx) is quarantined, never resent.
+    Each batch goes out as a metrics request (summary rows) and a logs request (every
+    row); each signal is acknowledged on its own, so a signal the server took is never
+    sent again when the other fails. Rows are deleted once every signal they belong to
+    was acknowledged. Between failed attempts it waits with capped exponential backoff
+    and full jitter (at least Retry-After). A batch the server refuses as malformed (4xx)
+    is quarantined, never resent; 401/403 keep the rows queued and are retried.
     """
     stop = stop or threading.Event()
     rng = rng or random.Random()
+    state = state if state is not None else UploadState()
     result = DrainResult()
     deadline = None if max_s is None else monotonic_s() + max_s
     attempt = 0
@@ -267,14 +337,14 @@ def drain(
         if not batch:
             result.empty = True
             break
-        outcome = exporter.send(batch)
-        result.sent_bytes += outcome.sent_bytes
-        ids = [r.id for r in batch]
-        if outcome.outcome == "acked":
+        outcome = _send_batch(store, exporter, batch, result)
+        if outcome is None:
             attempt = 0
-            result.acked_rows += store.delete(ids)
+            state.failures_in_a_row = 0
+            state.last_ok_unix_ns = time.time_ns()
             continue
         if outcome.outcome == "rejected":
+            ids = [r.id for r in batch]
             log.error(
                 "telemetry batch of %d rows refused, quarantined: %s", len(ids), outcome.detail
             )
@@ -285,6 +355,7 @@ def drain(
             continue
         result.retries += 1
         result.last_error = outcome.detail
+        _note_error(store, state, outcome.detail)
         if max_retries is not None and result.retries > max_retries:
             break
         delay = backoff_delay_s(
@@ -292,16 +363,68 @@ def drain(
         )
         if deadline is not None:
             delay = min(delay, max(0.0, deadline - monotonic_s()))
-        log.info("telemetry upload failed (%s); retrying in %.2f s", outcome.detail, delay)
+        state.next_retry_in_s = delay
+        warn_every(
+            log,
+            f"upload:{outcome.outcome}",
+            WARN_EVERY_S,
+            "telemetry upload failed (%s); %d rows kept queued, retrying with backoff",
+            outcome.detail,
+            len(batch),
+        )
         attempt += 1
         stop.wait(delay)
-    if result.last_error:
-        with contextlib.suppress(sqlite3.Error):
-            store.set_meta("upload.last_error", result.last_error[:500])
+    state.next_retry_in_s = None
     if result.acked_rows:
         with contextlib.suppress(sqlite3.Error):
             store.set_meta("upload.last_ok_unix_ns", str(time.time_ns()))
     return result
+
+
+def _send_batch(
+    store: TelemetryStore,
+    exporter: OtlpHttpExporter,
+    batch: Sequence[StoredRecord],
+    result: DrainResult,
+) -> BatchResult | None:
+    """Send each signal the batch still owes, acknowledging each; None when all went."""
+    signals: tuple[Signal, ...] = ("metrics", "logs")
+    if not any(r.needs(signal) for r in batch for signal in signals):
+        # nothing left to send for any of them (acknowledge deletes such rows, so this
+        # is only a guard): delete them rather than spin on them
+        result.acked_rows += store.acknowledge(batch, "logs")
+        return None
+    for signal in signals:
+        owed = [r for r in batch if r.needs(signal)]
+        if not owed:
+            continue
+        answer = exporter.send_signal(signal, owed)
+        result.sent_bytes += answer.sent_bytes
+        if answer.outcome == "idle":
+            # nothing to say in this signal (a summary with no metrics): nothing to wait for
+            result.acked_rows += store.acknowledge(owed, signal)
+            continue
+        if answer.outcome != "acked":
+            return answer
+        # stored before the next request goes out: a crash or a failure of the next
+        # signal must not make this one go out again
+        result.acked_rows += store.acknowledge(owed, signal)
+        if answer.partial_rejected:
+            with contextlib.suppress(sqlite3.Error):
+                store.add_counters({f"rejected_by_server.{signal}": answer.partial_rejected})
+    return None
+
+
+def _note_error(store: TelemetryStore, state: UploadState, detail: str) -> None:
+    changed = detail != state.last_error
+    state.last_error = detail
+    state.last_error_unix_ns = time.time_ns()
+    state.failures_in_a_row += 1
+    if changed or state.failures_in_a_row % 10 == 1:
+        # status readers see it while the drain keeps retrying, not only when it ends
+        with contextlib.suppress(sqlite3.Error):
+            store.set_meta("upload.last_error", detail[:500])
+            store.set_meta("upload.last_error_unix_ns", str(state.last_error_unix_ns))
 
 
 class UploadLoop:
@@ -322,6 +445,7 @@ class UploadLoop:
         self._kick = threading.Event()
         self._thread = threading.Thread(target=self._run, name="telemetry-upload", daemon=True)
         self.last_result: DrainResult | None = None
+        self.state = UploadState()
 
     def start(self) -> None:
         self._thread.start()
@@ -357,9 +481,13 @@ class UploadLoop:
                         )
                         inode = current
                     if store is not None:
-                        self.last_result = drain(store, exporter, self.config, stop=self._stop)
+                        self.last_result = drain(
+                            store, exporter, self.config, stop=self._stop, state=self.state
+                        )
                 except Exception as exc:  # the upload thread must outlive any one failure
-                    log.warning("telemetry upload pass failed: %s", exc)
+                    warn_every(
+                        log, "upload:pass", WARN_EVERY_S, "telemetry upload pass failed: %s", exc
+                    )
                     if store is not None:
                         store.close()
                         store = None

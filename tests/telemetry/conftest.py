@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import socket
 import struct
 import threading
@@ -26,7 +27,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 # An action for one request: "ok", "garbage" (200 with a non-JSON body), ("status", code,
 # retry_after or None), "reset_before" (drop the connection before processing),
 # "reset_after" (process, then drop: the ack is lost), ("delay", seconds),
-# ("trickle", seconds_per_byte).
+# ("trickle", seconds_per_byte), ("partial", n) (200 saying n items were rejected).
 Action = Any
 Plan = Callable[[str, int], Action]
 
@@ -37,6 +38,10 @@ def _attr(attributes: Any, key: str) -> Any:
             value = kv.value
             return getattr(value, value.WhichOneof("value"))
     return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -126,6 +131,11 @@ class OtlpReceiver:
             return
         if action == "reset_after":
             self._reset(h)
+        elif isinstance(action, tuple) and action[0] == "partial":
+            # accepted, but the server says it dropped some items (OTLP partialSuccess)
+            key = "rejectedDataPoints" if h.path == "/v1/metrics" else "rejectedLogRecords"
+            body = json.dumps({"partialSuccess": {key: str(action[1]), "errorMessage": "x"}})
+            self._reply(h, 200, body.encode(), {"Content-Type": "application/json"})
         elif action == "garbage":
             self._reply(h, 200, b"\x00\xffnot json at all", {"Content-Type": "application/json"})
         elif isinstance(action, tuple) and action[0] == "trickle":
@@ -144,6 +154,8 @@ class OtlpReceiver:
     def _accept(self, path: str, encoding: str | None, body: bytes) -> None:
         raw = gzip.decompress(body) if encoding == "gzip" else body
         text = raw.decode("utf-8")
+        # strict JSON, as a Collector's parser is: a NaN or Infinity literal is a 400
+        json.loads(text, parse_constant=_refuse_constant)
         if path == "/v1/logs":
             msg = json_format.Parse(text, ExportLogsServiceRequest())
             keys = []

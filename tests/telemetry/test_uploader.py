@@ -249,7 +249,9 @@ def test_bandwidth_cap_paces_requests(store: TelemetryStore, receiver: Any) -> N
 def test_otlp_values_encode_every_type() -> None:
     assert otlp.any_value(True) == {"boolValue": True}
     assert otlp.any_value(2**40) == {"intValue": str(2**40)}
-    assert otlp.any_value(float("nan")) == {"stringValue": "nan"}
+    # NaN/Inf and None are the empty AnyValue: OTLP's null
+    assert otlp.any_value(float("nan")) == {} == otlp.any_value(float("-inf"))
+    assert otlp.any_value(None) == {}
     assert otlp.any_value([1, "a"]) == {"stringValue": '[1,"a"]'}
 
 
