@@ -306,7 +306,7 @@ def _rollout_section(st: Mapping[str, Any], chart: str) -> str:
     )
     return (
         f'<section class="rollout" id="channel-{channel}">'
-        f'<h2><a href="/rollouts/{quote(st["channel"])}">{channel}</a>: '
+        f'<h2><a href="/fleet/rollouts/{quote(st["channel"])}">{channel}</a>: '
         f"{_e(st['package'])} {_e(st['version'])}</h2>"
         '<table class="summary"><tr><th>state</th><th>stage</th><th>percent</th>'
         "<th>committed</th><th>failed</th><th>failure rate</th><th>next</th>"
@@ -372,7 +372,7 @@ def _device_table(
         state = _e(r.ota_state or "")
         body.append(
             f'<tr class="device state-{state}" data-device="{_e(r.device_id)}">'
-            f'<td><a href="/devices/{quote(r.device_id, safe="")}">{_e(r.device_id)}</a></td>'
+            f'<td><a href="/fleet/devices/{quote(r.device_id, safe="")}">{_e(r.device_id)}</a></td>'
             f'<td>{_e(r.version or "-")}</td><td class="ota-state">{_e(r.ota_state or "-")}</td>'
             f"<td>{_e(r.ota_reason or '')}</td>"
             f'<td title="{_e(fmt_ns(int(r.last_seen_s * 1e9)) if r.last_seen_s else "")}">'

@@ -161,7 +161,7 @@ def install_fleet_pages(
         flt = page.DeviceFilter.from_query(dict(request.query_params))
         return HTMLResponse(page.render_overview(sts, charts, page.device_rows(store), flt))
 
-    @app.get("/devices/{device_id}", response_class=HTMLResponse)
+    @app.get("/fleet/devices/{device_id:path}", response_class=HTMLResponse)
     def device_page(request: Request, device_id: str) -> Response:
         if (redirect := login_redirect(request)) is not None:
             return redirect
@@ -173,7 +173,7 @@ def install_fleet_pages(
             )
         return HTMLResponse(text)
 
-    @app.get("/rollouts/{channel}", response_class=HTMLResponse)
+    @app.get("/fleet/rollouts/{channel}", response_class=HTMLResponse)
     def rollout_page(request: Request, channel: str) -> Response:
         if (redirect := login_redirect(request)) is not None:
             return redirect

@@ -338,7 +338,7 @@ def test_device_page_shows_history_gate_report_and_charts(
     from selenium.webdriver.common.by import By
 
     device = fleet.rejected[0]
-    log_in(browser, fleet.url, fleet.operator_token, f"/devices/{device}")
+    log_in(browser, fleet.url, fleet.operator_token, f"/fleet/devices/{device}")
     parts = require_parts(
         browser,
         {
@@ -376,7 +376,7 @@ def test_device_page_shows_history_gate_report_and_charts(
 def test_rollout_page_shows_stages_and_decision(browser: Any, fleet: Fleet, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    log_in(browser, fleet.url, fleet.operator_token, "/rollouts/stable")
+    log_in(browser, fleet.url, fleet.operator_token, "/fleet/rollouts/stable")
     require_parts(
         browser,
         {
