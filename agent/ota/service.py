@@ -53,6 +53,7 @@ from agent.telemetry.identity import resolve_device_id
 log = logging.getLogger(__name__)
 
 LAST_GATE_REPORT = "last_gate_report"
+LAST_POLL = "last_poll"
 STAGING_EXTRACT_PREFIX = "extract-"
 
 
@@ -1043,13 +1044,28 @@ class OTAService:
         """Check the channel every poll interval (with jitter) until ``stop`` is set."""
         ota = self.config.ota
         while not stop.is_set():
+            error = None
+            at = time.time()
             try:
                 self.update_now()
             except EdgeAgentError as exc:
                 log.warning("OTA update: %s", exc)
-            except Exception:  # the poll thread must outlive any one bad update
+                error = str(exc)
+            except Exception as exc:  # the poll thread must outlive any one bad update
                 log.exception("OTA update failed unexpectedly")
-            stop.wait(poll_delay_s(ota.poll_interval_s, ota.poll_jitter_s, rng))
+                error = f"unexpected {type(exc).__name__}: {exc}"
+            delay_s = poll_delay_s(ota.poll_interval_s, ota.poll_jitter_s, rng)
+            self._record_poll(at, delay_s, error)
+            stop.wait(delay_s)
+
+    def _record_poll(self, at: float, delay_s: float, error: str | None) -> None:
+        # For `edge-agent status --watch` (last and next poll); a failed write must not
+        # stop the poll loop.
+        value = {"at": at, "next_at": time.time() + delay_s, "channel": self.config.ota.channel}
+        try:
+            self.journal.set_value(LAST_POLL, json.dumps({**value, "error": error}))
+        except Exception as exc:
+            log.warning("cannot record the OTA poll time: %s", exc)
 
 
 def clear_staging(state_dir: Path) -> None:

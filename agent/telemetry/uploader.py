@@ -285,6 +285,11 @@ def drain(
             continue
         result.retries += 1
         result.last_error = outcome.detail
+        if attempt == 0:
+            # Record it now, not only when the drain ends: during an outage the drain never
+            # ends, and `status --watch` must show why nothing leaves the device.
+            with contextlib.suppress(sqlite3.Error):
+                store.set_meta("upload.last_error", outcome.detail[:500])
         if max_retries is not None and result.retries > max_retries:
             break
         delay = backoff_delay_s(
