@@ -29,7 +29,7 @@ def _nested(parser: argparse.ArgumentParser, dest: str) -> SubParsers:
         return EXIT_USAGE
 
     parser.set_defaults(handler=show_help)
-    return parser.add_subparsers(dest=dest, metavar="ACTION", parser_class=type(parser))
+    return parser.add_subparsers(dest=dest, metavar="COMMAND", parser_class=type(parser))
 
 
 # --- repo ---------------------------------------------------------------------------------
@@ -396,12 +396,14 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("--version", required=True, help="published package version")
     p.add_argument("--package", help="package name (needed for a new channel with ambiguity)")
     p.add_argument("--stages", default="1,10,100", help="percent per stage (default 1,10,100)")
-    p.add_argument("--soak-s", type=float, default=3600.0, help="minimum time per stage")
+    p.add_argument(
+        "--soak-s", type=float, default=3600.0, help="minimum time per stage (default 3600)"
+    )
     p.add_argument(
         "--min-devices",
         type=int,
         default=2,
-        help="reports needed per stage (capped at the stage's known devices)",
+        help="reports needed per stage, capped at the stage's known devices (default 2)",
     )
     p.add_argument(
         "--max-failure-rate",
@@ -470,7 +472,9 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="listen port (default 8080)")
-    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request size limit")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=4 << 20, help="request size limit (default 4194304)"
+    )
     p.add_argument(
         "--controller-interval-s",
         type=float,

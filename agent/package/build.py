@@ -34,6 +34,7 @@ from agent.package.manifest import (
 )
 from agent.package.reader import BACKEND_FOR_KIND, ReadLimits, _read_small_member, compare_schema
 from agent.package.tarstream import CHUNK_BYTES, END_OF_ARCHIVE, TarReader, padding, tar_header
+from agent.progress import Progress, ProgressReader
 from agent.runtime.base import TensorSpec
 from agent.textio import fsync_dir
 
@@ -58,10 +59,14 @@ def file_digest(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     try:
-        with path.open("rb") as fh:
+        with (
+            path.open("rb") as fh,
+            Progress(f"hash {path.name}", os.fstat(fh.fileno()).st_size) as bar,
+        ):
             while chunk := fh.read(CHUNK_BYTES):
                 digest.update(chunk)
                 size += len(chunk)
+                bar.advance(len(chunk))
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
     return digest.hexdigest(), size
@@ -87,8 +92,10 @@ def write_package(
             for name, src in files:
                 size = src.stat().st_size
                 out.write(tar_header(name, size))
-                with src.open("rb") as fh:
-                    shutil.copyfileobj(fh, out, CHUNK_BYTES)
+                with src.open("rb") as fh, Progress(f"write {name}", size) as bar:
+                    shutil.copyfileobj(
+                        ProgressReader(fh, bar) if bar.active else fh, out, CHUNK_BYTES
+                    )
                 out.write(padding(size))
             out.write(END_OF_ARCHIVE)
             out.flush()
