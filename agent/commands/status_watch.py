@@ -118,7 +118,7 @@ def format_extras(extras: dict[str, Any], now_s: float) -> list[str]:
             if backlog is None
             else f"backlog {backlog} rows ({extras['telemetry_backlog_bytes']} bytes)"
         )
-        + f", last upload error: {extras['last_upload_error'] or 'none'}",
+        + f", last upload error: {_cut(extras['last_upload_error']) or 'none'}",
         "process:    CPU "
         + ("-" if cpu is None else f"{cpu:.1f} %")
         + ", RSS "
@@ -127,6 +127,13 @@ def format_extras(extras: dict[str, Any], now_s: float) -> list[str]:
     if extras["reload_refused"]:
         lines.append(f"reload:     REFUSED, running config kept: {extras['reload_refused']}")
     return lines
+
+
+def _cut(text: Any, max_chars: int = 160) -> str:
+    # requests' connection errors run to 300 characters; the live view keeps its lines
+    # readable (the piped line and `telemetry status` keep the whole text).
+    out = "" if text is None else str(text)
+    return out if len(out) <= max_chars else out[: max_chars - 3] + "..."
 
 
 def one_line(snap: dict[str, Any], running: bool, extras: dict[str, Any], now_s: float) -> str:
