@@ -105,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     setup_logging(args.debug, args.quiet)
     # Progress lines are for a person at the CLI: never for the daemon, never with -q.
+    # Restored afterwards, so main() called in-process (tests) leaves library calls quiet.
+    was_enabled = progress.is_enabled()
     progress.configure(not args.quiet and args.command != "run")
     try:
         code = args.handler(args)
@@ -130,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)\n"
         )
         return EXIT_UNEXPECTED
+    finally:
+        progress.configure(was_enabled)
 
 
 def _stdout_to_devnull() -> None:

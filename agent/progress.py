@@ -22,6 +22,10 @@ def configure(enabled: bool) -> None:
     _enabled = enabled
 
 
+def is_enabled() -> bool:
+    return _enabled
+
+
 def _size(n: float) -> str:
     for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
         if n >= scale:
