@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from agent import __version__
+from agent import __version__, progress
 from agent.errors import EXIT_UNEXPECTED, EXIT_USAGE, EdgeAgentError
 
 # Each module adds its subcommands with add_commands(subparsers); a handler is stored as
@@ -78,18 +79,47 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors; no progress lines"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
     for name in modules:
         module = importlib.import_module(name)
         module.add_commands(sub)
+    _add_global_flags(parser)
     return parser
 
 
 def command_in(argv: Sequence[str]) -> str | None:
     """The top-level command named in ``argv`` (the global options take no values)."""
     return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _add_global_flags(parser: argparse.ArgumentParser) -> None:
+    """`--debug` and `-q` also after the subcommand (`edge-agent doctor -q`).
+
+    SUPPRESS as the default: a subcommand that was not given the flag leaves the top-level
+    value alone, so `edge-agent -q doctor` keeps working too.
+    """
+    for action in parser._actions:  # argparse has no public walk over subparsers
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):
+            sub.add_argument(
+                "--debug",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="show tracebacks and debug logs",
+            )
+            sub.add_argument(
+                "-q",
+                "--quiet",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="only warnings and errors; no progress lines",
+            )
+            _add_global_flags(sub)
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:
@@ -113,9 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     setup_logging(args.debug, args.quiet)
+    # Progress lines are for a person at the CLI: never for the daemon, never with -q.
+    # Restored afterwards, so main() called in-process (tests) leaves library calls quiet.
+    was_enabled = progress.is_enabled()
+    progress.configure(not args.quiet and args.command != "run")
     try:
         code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
         return int(code or 0)
+    except BrokenPipeError:
+        # `edge-agent telemetry status | head`: the reader has what it wanted. Point stdout
+        # at /dev/null so the interpreter's final flush does not complain either.
+        _stdout_to_devnull()
+        return 0
     except EdgeAgentError as exc:
         if args.debug:
             logging.getLogger("agent").exception("command failed")
@@ -131,6 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Error: unexpected {type(exc).__name__}: {exc} (run with --debug for a traceback)\n"
         )
         return EXIT_UNEXPECTED
+    finally:
+        progress.configure(was_enabled)
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

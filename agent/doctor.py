@@ -705,3 +705,191 @@ def blocking(rows: Sequence[CheckResult]) -> list[CheckResult]:
 
 def report_json(rows: Sequence[CheckResult]) -> str:
     return json.dumps({"ok": not blocking(rows), "checks": [r.to_dict() for r in rows]}, indent=2)
+
+
+# ------------------------------------------------------------------ operator checks
+
+
+def check_config_file(given: Path | None, default_path: Path) -> CheckResult:
+    """Which config the doctor judged: the given one, the default one, or none (defaults)."""
+    if given is not None:
+        return CheckResult("config", "ok", str(given))
+    if default_path.is_file():
+        return CheckResult("config", "ok", f"{default_path} (the default path)")
+    return CheckResult(
+        "config",
+        "warn",
+        f"{default_path} not found: checking with the built-in defaults",
+        f"edge-agent config init --out {default_path}, or pass --config FILE",
+    )
+
+
+def check_golden_set(config: AgentConfig) -> CheckResult:
+    """The gate needs a readable golden set before any OTA update can pass."""
+    golden = config.ota.golden_dir
+    if golden is None:
+        if config.ota.enabled:
+            return CheckResult(
+                "golden set",
+                "fail",
+                "ota.enabled but ota.golden_dir is not set: every update would be refused",
+                "set ota.golden_dir to a folder with inputs.npy and labels.npy (golden_local/)",
+            )
+        return CheckResult("golden set", "skip", "ota.golden_dir not set (OTA off)")
+    from agent.ota.gate_data import load_golden_set
+
+    try:
+        golden_set = load_golden_set(golden)
+    except EdgeAgentError as exc:
+        return CheckResult(
+            "golden set", "fail", f"{golden}: {exc}"[:200], "see golden_local/README.md"
+        )
+    rows = len(golden_set.labels)
+    return CheckResult("golden set", "ok", f"{golden}: {rows} rows")
+
+
+def check_active_model(config: AgentConfig, state_dir: Path) -> CheckResult:
+    """The model the daemon would load: the installed package, else model.path."""
+    from agent.ota import install
+
+    current = install.resolve(state_dir, install.CURRENT)
+    if current is not None:
+        try:
+            manifest = json.loads((current / "manifest.json").read_bytes())
+            return CheckResult(
+                "active model",
+                "ok",
+                f"{manifest.get('name')} {manifest.get('version')} ({current})",
+            )
+        except (OSError, ValueError) as exc:
+            return CheckResult(
+                "active model",
+                "fail",
+                f"{current}/manifest.json unreadable ({exc})",
+                "edge-agent rollback, or reinstall the package",
+            )
+    path = config.model.path
+    if path is None:
+        return CheckResult(
+            "active model",
+            "fail",
+            f"no installed package in {state_dir} and model.path not set",
+            "edge-agent install PKG.tar, or set model.path",
+        )
+    if not path.is_file():
+        return CheckResult("active model", "fail", f"model.path {path} not found", "fix model.path")
+    return CheckResult("active model", "ok", f"{path} (model.path)")
+
+
+def check_daemon(config: AgentConfig, state_dir: Path) -> CheckResult:
+    """Whether a daemon is writing its status file (fresh, with a live pid)."""
+    path = config.status.path or state_dir / "status.json"
+    try:
+        snap = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return CheckResult(
+            "daemon", "warn", f"{path}: no status file (not running)", "systemctl start edge-agent"
+        )
+    except (OSError, ValueError) as exc:
+        return CheckResult("daemon", "warn", f"{path}: unreadable ({exc})")
+    if not isinstance(snap, dict):
+        return CheckResult("daemon", "warn", f"{path}: not a JSON object")
+    age_s = time.time() - float(snap.get("updated", 0) or 0)
+    pid = snap.get("pid")
+    alive = isinstance(pid, int) and pid > 0 and _pid_exists(pid)
+    if snap.get("state") == "stopped" or not alive:
+        return CheckResult(
+            "daemon", "warn", f"not running (last state {snap.get('state')})",
+            "systemctl start edge-agent; journalctl -u edge-agent for why it stopped",
+        )  # fmt: skip
+    if age_s > max(5.0, 5 * config.status.interval_s):
+        return CheckResult(
+            "daemon", "fail", f"pid {pid} alive but status {age_s:.0f} s old (stalled)",
+            "systemctl restart edge-agent; edge-agent status --watch",
+        )  # fmt: skip
+    return CheckResult(
+        "daemon", "ok", f"{snap.get('state')}, pid {pid}, {snap.get('fps')} FPS, {age_s:.0f} s ago"
+    )
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# A backlog older than this means uploads have not worked for a long while.
+BACKLOG_WARN_AGE_S = 24 * 3600
+
+
+def check_telemetry_backlog(config: AgentConfig, state_dir: Path) -> CheckResult:
+    from agent.telemetry.status import telemetry_status
+
+    if not config.telemetry.enabled:
+        return CheckResult("telemetry", "skip", "telemetry.enabled is false")
+    db = config.telemetry.db_path or state_dir / "telemetry.db"
+    st = telemetry_status(db)
+    if not st.get("exists"):
+        return CheckResult("telemetry", "ok", f"{db}: no store yet (created on first start)")
+    if st.get("error"):
+        return CheckResult("telemetry", "warn", f"{db}: {st['error']}")
+    backlog = int(st.get("backlog_rows") or 0)
+    detail = f"backlog {backlog} rows ({st.get('backlog_bytes', 0)} bytes)"
+    oldest = st.get("oldest_unix_ns")
+    error = st.get("last_upload_error")
+    if not config.telemetry.endpoint:
+        return CheckResult("telemetry", "ok", f"{detail}; no endpoint (kept on the device)")
+    old = backlog and oldest and time.time() - int(oldest) / 1e9 > BACKLOG_WARN_AGE_S
+    if old or (backlog and error):
+        return CheckResult(
+            "telemetry",
+            "warn",
+            f"{detail}; last upload error: {error or 'none'}"[:200],
+            f"check telemetry.endpoint {config.telemetry.endpoint} and the token; "
+            "edge-agent telemetry flush shows the error",
+        )
+    return CheckResult("telemetry", "ok", detail)
+
+
+def operator_checks(config: AgentConfig, env: DoctorEnv | None = None) -> list[CheckResult]:
+    env = env or DoctorEnv()
+    state_dir = env.state_dir or config.state_dir
+    return [
+        check_golden_set(config),
+        check_active_model(config, state_dir),
+        check_daemon(config, state_dir),
+        check_telemetry_backlog(config, state_dir),
+    ]
+
+
+def format_report(rows: Sequence[CheckResult], width: int = 80) -> str:
+    """The table in `width` columns: status, check, detail wrapped, each fix on its own line."""
+    import textwrap
+
+    name_w = max(len(r.name) for r in rows) if rows else 5
+    indent = " " * (6 + name_w + 2)
+    out = []
+    for r in rows:
+        head = f"{r.status.upper():<6}{r.name:<{name_w}}  "
+        out += textwrap.wrap(
+            r.detail or "-",
+            width,
+            initial_indent=head,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+        if r.fix:
+            out += textwrap.wrap(
+                f"fix: {r.fix}",
+                width,
+                initial_indent=indent,
+                subsequent_indent=indent + "     ",
+                break_on_hyphens=False,
+                break_long_words=False,
+            )
+    return "\n".join(out)

@@ -42,7 +42,7 @@ from agent.errors import FetchError  # noqa: E402
 from agent.fleet.keys import generate_key_files, load_key_dir  # noqa: E402
 from agent.fleet.repo import init_repo, publish_package  # noqa: E402
 from agent.fleet.rollout import RolloutPolicy, load_state, start_rollout  # noqa: E402
-from agent.fleet.tokens import add_device_token  # noqa: E402
+from agent.fleet.tokens import add_device_token, add_operator_token  # noqa: E402
 from agent.ota.channel import ChannelClient  # noqa: E402
 from agent.ota.golden import run_gate  # noqa: E402
 from agent.ota.journal import Journal  # noqa: E402
@@ -138,6 +138,10 @@ class GateOracle:
             return self.results[(current, candidate)]
 
 
+# The server's read API needs an operator token; main() adds one to the tokens file.
+OPERATOR: dict[str, str] = {}
+
+
 def poll(device: Device, channel: str, keyring: Any, gate: GateOracle) -> None:
     """One check of the channel, as an agent's update loop would do it."""
     try:
@@ -229,7 +233,7 @@ def run_phase(
     per_stage: dict[float, int] = {}
     outcome = "timeout"
     for _ in range(max_rounds):
-        status = requests.get(f"{url}/api/rollouts/stable", timeout=10).json()
+        status = requests.get(f"{url}/api/rollouts/stable", headers=OPERATOR, timeout=10).json()
         max_pct = max(max_pct, status["percent"])
         installed_now = sum(d.running == version for d in devices)
         if status["aborted"]:
@@ -304,6 +308,7 @@ def main() -> int:
         tokens_path = work / "tokens.json"
         ids = [f"dev-{i:04d}" for i in range(args.devices)]
         tokens = {d: add_device_token(tokens_path, d) for d in ids}
+        OPERATOR["Authorization"] = f"Bearer {add_operator_token(tokens_path, 'bench')}"
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(

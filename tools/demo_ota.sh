@@ -123,6 +123,9 @@ step "4. provision the device and install 1.0.0 from the file (no daemon yet)"
 PORT=$(free_port)
 TOKEN_FILE=tokens.json
 "$EA" -q token add --tokens $TOKEN_FILE --device demo-device-1 >token.txt
+# Reading the fleet (rollout status --server, the fleet page) takes an operator token.
+EDGE_AGENT_OPERATOR_TOKEN=$("$EA" -q token add --tokens $TOKEN_FILE --operator demo 2>/dev/null)
+export EDGE_AGENT_OPERATOR_TOKEN
 cat >agent.yaml <<EOF
 state_dir: $WORK/state
 log_level: INFO

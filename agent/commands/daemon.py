@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.commands import SubParsers, add_command
-from agent.errors import EXIT_OK, EXIT_REFUSED, StateError
+from agent.errors import EXIT_OK, EXIT_REFUSED, ConfigError, StateError
 
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
@@ -56,6 +56,27 @@ def add_commands(sub: SubParsers) -> None:
         "--json",
         action="store_true",
         help="print the status file as JSON, with the OTA state under the key ota",
+    )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="live view: redraws in place on a terminal, one line per refresh when piped; "
+        "adds device id, channel, OTA polls, telemetry backlog, process CPU and RSS "
+        "(Ctrl-C stops, exit 0)",
+    )
+    p.add_argument(
+        "--interval-s",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="with --watch: seconds between refreshes (default 1.0)",
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --watch: stop after N refreshes (default 0: until Ctrl-C)",
     )
 
 
@@ -215,21 +236,47 @@ def read_ota_status(state_dir: Path) -> dict[str, Any]:
     return data
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    if args.config is not None:
-        from agent.config import load_config
+def _status_paths(args: argparse.Namespace) -> tuple[Path, Path, Any]:
+    """State dir, status file and the watch's sources. A config that does not load is not
+    fatal here: the status file is the daemon's, and `status` must answer while an operator
+    is still fixing the config (the daemon runs on the config it loaded)."""
+    from agent.commands.status_watch import WatchSources
 
-        cfg = load_config(args.config)
-        state_dir = cfg.state_dir
-        path = cfg.status.path or cfg.state_dir / "status.json"
-    else:
+    if args.config is None:
         state_dir = args.state_dir or DEFAULT_STATE_DIR
-        path = state_dir / "status.json"
+        return state_dir, state_dir / "status.json", WatchSources(state_dir)
+    from agent.config import load_config  # only with --config: status needs no YAML otherwise
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        state_dir = _state_dir_of_bad_config(args.config) or DEFAULT_STATE_DIR
+        sys.stderr.write(f"warning: {exc}; reading the status from {state_dir}\n")
+        return state_dir, state_dir / "status.json", WatchSources(state_dir)
+    path = cfg.status.path or cfg.state_dir / "status.json"
+    return cfg.state_dir, path, WatchSources(cfg.state_dir, cfg.device_id, cfg.ota.channel)
+
+
+def _state_dir_of_bad_config(path: Path) -> Path | None:
+    """Just `state_dir` from a config that does not validate (a typo elsewhere)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")[: 1 << 20])
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    value = data.get("state_dir") if isinstance(data, dict) else None
+    if not isinstance(value, str) or not value:
+        return None
+    state_dir = Path(value)
+    return state_dir if state_dir.is_absolute() else path.parent.resolve() / state_dir
+
+
+def _read_status(path: Path, state_dir: Path) -> tuple[dict[str, Any], bool]:
     try:
         snap = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        sys.stderr.write(f"Error: {path}: no status file (is the daemon running?)\n")
-        return EXIT_REFUSED
+        raise StateError(f"{path}: no status file (is the daemon running?)") from None
     except (OSError, ValueError) as exc:
         raise StateError(f"{path}: cannot read the status file ({exc})") from None
     if not isinstance(snap, dict):
@@ -238,6 +285,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     fresh = time.time() - float(snap.get("updated", 0)) <= max(5.0, 5 * interval_s)
     running = snap.get("state") not in ("stopped",) and fresh and _pid_alive(snap.get("pid"))
     snap["ota"] = read_ota_status(state_dir)
+    return snap, running
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state_dir, path, sources = _status_paths(args)
+    if getattr(args, "watch", False):
+        from agent.commands.status_watch import watch
+
+        def read() -> tuple[dict[str, Any], bool] | str:
+            try:
+                return _read_status(path, state_dir)
+            except StateError as exc:
+                return f"waiting: {exc}"
+
+        return watch(read, format_status, sources, interval_s=args.interval_s, count=args.count)
+    if not path.exists():
+        sys.stderr.write(f"Error: {path}: no status file (is the daemon running?)\n")
+        return EXIT_REFUSED
+    snap, running = _read_status(path, state_dir)
     if args.json:
         print(json.dumps({**snap, "running": running}, indent=1))
     else:

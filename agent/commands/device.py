@@ -14,7 +14,7 @@ import yaml
 from agent.commands import SubParsers, add_command
 from agent.config import AgentConfig, load_config
 from agent.errors import EXIT_REFUSED, UsageError
-from agent.textio import format_table, write_atomic
+from agent.textio import write_atomic
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
 
@@ -143,7 +143,15 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from agent.doctor import DoctorEnv, blocking, report_json, run_doctor
+    from agent.doctor import (
+        DoctorEnv,
+        blocking,
+        check_config_file,
+        format_report,
+        operator_checks,
+        report_json,
+        run_doctor,
+    )
 
     if args.config is not None:
         cfg = load_config(args.config)
@@ -159,12 +167,12 @@ def _doctor(args: argparse.Namespace) -> int:
         repo_timeout_s=args.timeout,
         etc_root=args.etc_root,
     )
-    rows = run_doctor(cfg, env)
+    rows = [check_config_file(args.config, DEFAULT_CONFIG_PATH), *run_doctor(cfg, env)]
+    rows += operator_checks(cfg, env)
     if args.json:
         print(report_json(rows))
     else:
-        table = [(r.name, r.status.upper(), r.detail, r.fix) for r in rows]
-        print(format_table(["check", "status", "detail", "fix"], table))
+        print(format_report(rows))  # 80 columns, each fix on its own line
         failed = blocking(rows)
         if failed:
             print(f"\n{len(failed)} blocking problem(s): {', '.join(r.name for r in failed)}")
@@ -179,8 +187,9 @@ def add_commands(sub: SubParsers) -> None:
         sub,
         "doctor",
         _doctor,
-        "Check this device (Python, backends, camera, sensors, throttling, clock, disk, "
-        "state dir, service user, keyring, repository) and print a fix for each problem; "
+        "Check this device (config, Python, backends, camera, sensors, throttling, clock, "
+        "disk, state dir, service user, keyring, repository, golden set, active model, "
+        "daemon, telemetry backlog) and print a fix for each problem; "
         "exits 3 on a blocking problem.",
         "edge-agent doctor --config /etc/edge-agent/agent.yaml",
     )

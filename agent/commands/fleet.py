@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ def _nested(parser: argparse.ArgumentParser, dest: str) -> SubParsers:
         return EXIT_USAGE
 
     parser.set_defaults(handler=show_help)
-    return parser.add_subparsers(dest=dest, metavar="ACTION", parser_class=type(parser))
+    return parser.add_subparsers(dest=dest, metavar="COMMAND", parser_class=type(parser))
 
 
 # --- repo ---------------------------------------------------------------------------------
@@ -169,10 +170,16 @@ def _rollout_abort(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fetch_status(server: str, channel: str) -> dict[str, Any]:
+def _fetch_status(server: str, channel: str, token: str | None) -> dict[str, Any]:
     url = f"{server.rstrip('/')}/api/rollouts/{channel}"
+    if not token:
+        raise UsageError(
+            f"{url}: reading the server needs an operator token "
+            "(--operator-token or $EDGE_AGENT_OPERATOR_TOKEN; see token add --operator)"
+        )
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10) as resp:
             data: dict[str, Any] = json.loads(resp.read(1 << 22))
             return data
     except urllib.error.HTTPError as exc:
@@ -186,7 +193,8 @@ def _rollout_status(args: argparse.Namespace) -> int:
     from agent.textio import format_table
 
     if args.server:
-        st = _fetch_status(args.server, args.channel)
+        token = args.operator_token or os.environ.get("EDGE_AGENT_OPERATOR_TOKEN")
+        st = _fetch_status(args.server, args.channel, token)
     else:
         from agent.fleet.rollout import load_state
         from agent.fleet.status import rollout_status
@@ -302,8 +310,17 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _token_add(args: argparse.Namespace) -> int:
-    from agent.fleet.tokens import add_device_token
+    from agent.fleet.tokens import add_device_token, add_operator_token
 
+    if args.operator is not None:
+        token = add_operator_token(args.tokens, args.operator)
+        print(token)
+        sys.stderr.write(
+            f"operator token for {args.operator} stored (as sha256) in {args.tokens}; log in "
+            "to the fleet page with it, or send 'Authorization: Bearer <token>' to /api/; "
+            "restart the server to load it\n"
+        )
+        return 0
     token = add_device_token(args.tokens, args.device)
     print(token)
     sys.stderr.write(
@@ -314,8 +331,12 @@ def _token_add(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
-    from agent.fleet.tokens import revoke_device_token
+    from agent.fleet.tokens import revoke_device_token, revoke_operator_token
 
+    if args.operator is not None:
+        revoke_operator_token(args.tokens, args.operator)
+        print(f"operator token of {args.operator} revoked")
+        return 0
     revoke_device_token(args.tokens, args.device)
     print(f"token of {args.device} revoked")
     return 0
@@ -423,12 +444,14 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("--version", required=True, help="published package version")
     p.add_argument("--package", help="package name (needed for a new channel with ambiguity)")
     p.add_argument("--stages", default="1,10,100", help="percent per stage (default 1,10,100)")
-    p.add_argument("--soak-s", type=float, default=3600.0, help="minimum time per stage")
+    p.add_argument(
+        "--soak-s", type=float, default=3600.0, help="minimum time per stage (default 3600)"
+    )
     p.add_argument(
         "--min-devices",
         type=int,
         default=2,
-        help="reports needed per stage (capped at the stage's known devices)",
+        help="reports needed per stage, capped at the stage's known devices (default 2)",
     )
     p.add_argument(
         "--max-failure-rate",
@@ -468,6 +491,10 @@ def add_commands(sub: SubParsers) -> None:
         help="the server's telemetry database: SQLite path or postgresql://user@host/db URL",
     )
     p.add_argument("--server", help="ask a running server instead, e.g. http://fleet:8080")
+    p.add_argument(
+        "--operator-token",
+        help="operator token for --server (default: $EDGE_AGENT_OPERATOR_TOKEN)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add_command(
@@ -493,7 +520,9 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="listen port (default 8080)")
-    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request size limit")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=4 << 20, help="request size limit (default 4194304)"
+    )
     p.add_argument(
         "--controller-interval-s",
         type=float,
@@ -505,20 +534,26 @@ def add_commands(sub: SubParsers) -> None:
         sub,
         "token",
         lambda a: EXIT_USAGE,
-        "per-device upload tokens",
-        "edge-agent token add --tokens tokens.json --device cam-001",
+        "device upload tokens and operator read tokens",
+        "edge-agent token add --tokens tokens.json --device cam-001\n  "
+        "edge-agent token add --tokens tokens.json --operator alice",
     )
     t_sub = _nested(token, "token_action")
     for name, handler, text in (
-        ("add", _token_add, "create a device's token and print it once"),
-        ("revoke", _token_revoke, "remove a device's token"),
+        ("add", _token_add, "create a device's or operator's token and print it once"),
+        ("revoke", _token_revoke, "remove a device's or operator's token"),
     ):
         p = add_command(
             t_sub,
             name,
             handler,
             text,
-            f"edge-agent token {name} --tokens tokens.json --device cam-001",
+            f"edge-agent token {name} --tokens tokens.json --device cam-001\n  "
+            f"edge-agent token {name} --tokens tokens.json --operator alice",
         )
         p.add_argument("--tokens", type=Path, required=True, help="tokens file")
-        p.add_argument("--device", required=True, help="device id")
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument("--device", help="device id (an upload token)")
+        who.add_argument(
+            "--operator", help="operator name (a read token for the fleet page and /api/)"
+        )

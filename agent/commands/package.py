@@ -271,7 +271,7 @@ def cmd_package_inspect(args: argparse.Namespace) -> int:
 def add_commands(sub: SubParsers) -> None:
     """Add `keys ...` and `package ...` subcommand groups."""
     keys = sub.add_parser("keys", help="create signing keys and device keyrings")
-    keys_sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
     p = add_command(
         keys_sub,
@@ -280,7 +280,7 @@ def add_commands(sub: SubParsers) -> None:
         "Create an Ed25519 key pair: <name>.key (PKCS#8 PEM, 0600) and <name>.pub.json.",
         "edge-agent keys generate --role release --name release-1 --out keys/",
     )
-    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--role", required=True, choices=ROLES, help="what the key signs")
     p.add_argument("--out", required=True, help="directory for the key files")
     p.add_argument("--name", help="file name stem (default: the role)")
     p.add_argument("--passphrase-env", metavar="VAR", help="encrypt with the passphrase in $VAR")
@@ -295,10 +295,18 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("public_keys", nargs="+", metavar="PUB", help="*.pub.json files")
     p.add_argument("--out", required=True, help="keyring directory to write")
-    p.add_argument("--threshold", type=int, default=1, help="release signatures required")
-    p.add_argument("--rollout-threshold", type=int, default=1)
-    p.add_argument("--revoke", action="append", default=[], metavar="KEYID")
-    p.add_argument("--keyring-version", type=int, default=1, help="raise on every rotation")
+    p.add_argument(
+        "--threshold", type=int, default=1, help="release signatures required (default 1)"
+    )
+    p.add_argument(
+        "--rollout-threshold", type=int, default=1, help="rollout signatures required (default 1)"
+    )
+    p.add_argument(
+        "--revoke", action="append", default=[], metavar="KEYID", help="revoke a key id; repeat"
+    )
+    p.add_argument(
+        "--keyring-version", type=int, default=1, help="raise on every rotation (default 1)"
+    )
 
     p = add_command(
         keys_sub,
@@ -309,8 +317,10 @@ def add_commands(sub: SubParsers) -> None:
         "--release-counter 2 --out dist/",
     )
     p.add_argument("--keyring", required=True, help="the NEW keyring directory")
-    p.add_argument("--version", required=True)
-    p.add_argument("--release-counter", type=int, required=True)
+    p.add_argument("--version", required=True, help="version of the update package, e.g. 2.0.0")
+    p.add_argument(
+        "--release-counter", type=int, required=True, help="above every earlier update's"
+    )
     p.add_argument("--out", required=True, help="output directory or .tar path")
 
     p = add_command(
@@ -320,11 +330,11 @@ def add_commands(sub: SubParsers) -> None:
         "Verify a keyring-update package with the current keyring and install it.",
         "edge-agent keys apply-update dist/keyring-2.0.0.tar --keyring /var/lib/edge-agent/keyring",
     )
-    p.add_argument("package")
+    p.add_argument("package", help="keyring-update package .tar")
     p.add_argument("--keyring", required=True, help="the device's current keyring directory")
 
     pkg = sub.add_parser("package", help="build, sign, verify and inspect model packages")
-    pkg_sub = pkg.add_subparsers(dest="package_command", metavar="SUBCOMMAND", required=True)
+    pkg_sub = pkg.add_subparsers(dest="package_command", metavar="COMMAND", required=True)
 
     p = add_command(
         pkg_sub,
@@ -335,14 +345,18 @@ def add_commands(sub: SubParsers) -> None:
         "edge-agent package build --model digits_fp32.onnx --schema schema.yaml "
         "--labels labels.txt --out dist/",
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model file (.onnx, .tflite, .engine)")
     p.add_argument("--schema", required=True, help="YAML: name, version, runtime, inputs, ...")
     p.add_argument("--labels", help="text file, one label per line")
     p.add_argument("--out", required=True, help="output directory or .tar path")
-    p.add_argument("--name")
-    p.add_argument("--version")
-    p.add_argument("--release-counter", type=int)
-    p.add_argument("--file", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--name", help="package name (default: the schema's name)")
+    p.add_argument("--version", help="package version (default: the schema's version)")
+    p.add_argument(
+        "--release-counter", type=int, help="anti-downgrade counter (default: the schema's)"
+    )
+    p.add_argument(
+        "--file", action="append", default=[], metavar="NAME=PATH", help="extra file; repeat"
+    )
     p.add_argument("--no-check-model", action="store_true", help="skip loading the model")
 
     p = add_command(
@@ -352,9 +366,9 @@ def add_commands(sub: SubParsers) -> None:
         "Add one signature to a package (each signer runs this with their key).",
         "edge-agent package sign dist/digits-1.1.0.tar --key keys/release-1.key",
     )
-    p.add_argument("package")
+    p.add_argument("package", help="package .tar (rewritten in place)")
     p.add_argument("--key", required=True, help="Ed25519 private key (.key)")
-    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("--passphrase-env", metavar="VAR", help="the key's passphrase is in $VAR")
 
     p = add_command(
         pkg_sub,
@@ -387,9 +401,11 @@ def add_commands(sub: SubParsers) -> None:
         "Check a package as a device would (exit 0 valid, 3 refused with the reason).",
         "edge-agent package verify dist/digits-1.1.0.tar --keyring keyring/",
     )
-    p.add_argument("package")
-    p.add_argument("--keyring", required=True)
-    p.add_argument("--role", default="release", choices=ROLES)
+    p.add_argument("package", help="package .tar")
+    p.add_argument("--keyring", required=True, help="keyring directory (keyring.json + keys)")
+    p.add_argument(
+        "--role", default="release", choices=ROLES, help="signer role to require (default release)"
+    )
     p.add_argument("--hardware-class", help="also check compat for this hardware class")
     p.add_argument("--agent-version", help="also check compat for this agent version")
 
@@ -400,6 +416,6 @@ def add_commands(sub: SubParsers) -> None:
         "Show a package's manifest and signatures (a table, or --json).",
         "edge-agent package inspect dist/digits-1.1.0.tar --keyring keyring/",
     )
-    p.add_argument("package")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("package", help="package .tar")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--keyring", help="check the signatures against this keyring")

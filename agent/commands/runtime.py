@@ -11,9 +11,10 @@ import numpy as np
 
 from agent.commands import SubParsers, add_command
 from agent.errors import InputDataError
+from agent.progress import Progress
 from agent.runtime import BACKEND_NAMES, Backend, BackendOptions, load_backend
 from agent.runtime.bench import bench_models, current_rss_bytes
-from agent.textio import format_table, load_npy, progress_printer, save_npy
+from agent.textio import format_table, load_npy, save_npy
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +67,17 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         for path in args.model:
             before = current_rss_bytes()
             models.append((path, load_backend(Path(path), args.backend, opts), before))
-        show = None if args.json or not sys.stderr.isatty() else progress_printer("bench")
-        results = bench_models(
-            models, _bench_input, seconds=args.seconds, warmup_runs=args.warmup, progress=show
-        )
+        # The bar ends its line before the table prints (it used to stop short of 100 % and
+        # leave the table's header glued to it).
+        tty = sys.stderr.isatty() and not args.json
+        with Progress("bench", 1.0, unit="%", enabled=None if tty else False, min_total=0) as bar:
+            results = bench_models(
+                models,
+                _bench_input,
+                seconds=args.seconds,
+                warmup_runs=args.warmup,
+                progress=bar.fraction,
+            )
     finally:
         for _, b, _ in models:
             b.close()

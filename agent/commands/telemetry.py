@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from agent.commands import SubParsers, add_command
 from agent.config import AgentConfig, TelemetryConfig, load_config
 from agent.errors import TelemetryError, UsageError
+from agent.progress import Progress
 from agent.telemetry.identity import read_boot_id, resolve_device_id
 from agent.telemetry.status import telemetry_status
-from agent.telemetry.store import TelemetryStore
-from agent.telemetry.uploader import check_endpoint, drain, exporter_from_config
+from agent.telemetry.store import StoredRecord, TelemetryStore
+from agent.telemetry.uploader import (
+    BatchResult,
+    OtlpHttpExporter,
+    check_endpoint,
+    drain,
+    exporter_from_config,
+)
 from agent.textio import format_table
 
 
@@ -95,8 +103,10 @@ def cmd_flush(args: argparse.Namespace) -> int:
         db_path, device_id, read_boot_id(), tcfg.max_bytes, tcfg.synchronous, check_integrity=False
     )
     exporter = exporter_from_config(tcfg, endpoint)
+    backlog = int(telemetry_status(db_path).get("backlog_bytes") or 0)
     try:
-        result = drain(store, exporter, tcfg, max_s=args.max_s)
+        with Progress("upload backlog", backlog) as bar:
+            result = drain(store, _counted(exporter, bar), tcfg, max_s=args.max_s)
     finally:
         exporter.close()
         store.close()
@@ -109,6 +119,23 @@ def cmd_flush(args: argparse.Namespace) -> int:
             f"backlog not empty after {args.max_s:g} s (last error: {result.last_error or 'none'})"
         )
     return 0
+
+
+def _counted(exporter: OtlpHttpExporter, bar: Progress) -> OtlpHttpExporter:
+    """The exporter, reporting each batch that left the backlog (acked or refused) to bar."""
+    if not bar.active:
+        return exporter
+    send = exporter.send
+
+    def counted_send(batch: Sequence[StoredRecord]) -> BatchResult:
+        outcome = send(batch)
+        if outcome.outcome in ("acked", "rejected"):
+            bar.advance(sum(r.size_bytes for r in batch))
+        return outcome
+
+    # An instance attribute shadows the method for this flush's exporter only.
+    exporter.send = counted_send  # type: ignore[method-assign, assignment]
+    return exporter
 
 
 def add_commands(sub: SubParsers) -> None:

@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import threading
-import time
 import zlib
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -16,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from agent.errors import EdgeAgentError, TelemetryError
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import utc_now
 from agent.fleet.rollout import list_states, run_controller_once
-from agent.fleet.status import render_chart_svg, render_status_page, rollout_status
+from agent.fleet.status import rollout_status
 from agent.fleet.store import BadPayloadError, TelemetryStore, parse_otlp_logs, parse_otlp_metrics
-from agent.fleet.tokens import device_for_token, load_tokens
+from agent.fleet.tokens import device_for_token, load_operator_tokens, load_tokens
+from agent.fleet.web import install_fleet_pages
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def create_app(
 ) -> Any:
     """The FastAPI app; keys (rollout, snapshot, timestamp) enable the scheduled controller."""
     tokens = load_tokens(config.tokens_path) if config.tokens_path else {}
+    operators = load_operator_tokens(config.tokens_path) if config.tokens_path else {}
     controller = ControllerThread(config, store, keys) if keys else None
 
     @asynccontextmanager
@@ -87,6 +88,8 @@ def create_app(
             controller.stop_event.set()
 
     app = FastAPI(title="edge-agent fleet server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # The fleet page and every read of fleet state need an operator token (agent/fleet/web.py).
+    api_guard = install_fleet_pages(app, store, config.repo_dir, operators, config.chart_points)
     metadata_dir = config.repo_dir / "metadata"
     targets_dir = config.repo_dir / "targets"
     targets_dir.mkdir(parents=True, exist_ok=True)
@@ -213,11 +216,15 @@ def create_app(
         return [rollout_status(s, store, now) for s in list_states(config.repo_dir)]
 
     @app.get("/api/rollouts")
-    def api_rollouts() -> JSONResponse:
+    def api_rollouts(request: Request) -> JSONResponse:
+        if (denied := api_guard(request)) is not None:
+            return denied
         return JSONResponse({"rollouts": statuses()})
 
     @app.get("/api/rollouts/{channel}")
-    def api_rollout(channel: str) -> JSONResponse:
+    def api_rollout(request: Request, channel: str) -> JSONResponse:
+        if (denied := api_guard(request)) is not None:
+            return denied
         for st in statuses():
             if st["channel"] == channel:
                 return JSONResponse(st)
@@ -226,16 +233,6 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         return JSONResponse({"ok": True, "devices": len(store.known_devices())})
-
-    @app.get("/", response_class=HTMLResponse)
-    def status_page() -> HTMLResponse:
-        sts = statuses()
-        now_ns = time.time_ns()
-        charts = []
-        for st in sts:
-            times, series = store.version_timeline(st["package"], config.chart_points, now_ns)
-            charts.append(render_chart_svg(times, series, f"{st['package']} versions over time"))
-        return HTMLResponse(render_status_page(sts, charts))
 
     return app
 

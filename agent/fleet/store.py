@@ -497,6 +497,54 @@ class TelemetryStore(ABC):
                 values[ti] = counts.get(v, 0)
         return times, series
 
+    # --- what the fleet page reads (agent/fleet/page.py) ---
+
+    def device_seen(self) -> dict[str, tuple[float, float]]:
+        """device_id -> (first_seen_s, last_seen_s), server clock."""
+        rows = self._query("SELECT device_id, first_seen_s, last_seen_s FROM devices")
+        return {d: (float(first), float(last)) for d, first, last in rows}
+
+    def latest_summaries(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """device_id -> (time_ns, attrs) of its newest inference summary."""
+        rows = self._query(
+            "SELECT l.device_id, l.time_ns, l.attrs FROM logs l JOIN (SELECT device_id, "
+            "MAX(time_ns) AS newest FROM logs WHERE type = 'summary' GROUP BY device_id) m "
+            "ON l.device_id = m.device_id AND l.time_ns = m.newest WHERE l.type = 'summary'"
+        )
+        return {d: (int(t), _attrs(a)) for d, t, a in rows}
+
+    def ota_history(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """ota.state rows (one device's, or all), oldest first, IDLE and CHECKING included."""
+        where, args = ("WHERE device_id = ? ", (device_id,)) if device_id is not None else ("", ())
+        rows = self._query(
+            "SELECT device_id, time_ns, package, version, from_version, state, reason, channel "
+            f"FROM ota_states {where}ORDER BY time_ns, {self.arrival_column}",
+            args,
+        )
+        keys = ("device_id", "time_ns", "package", "version", "from_version", "state")
+        return [dict(zip((*keys, "reason", "channel"), row)) for row in rows]
+
+    def device_records(
+        self, device_id: str, type_: str, event_name: str, limit: int
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """A device's newest `limit` log rows of one type and name as (time_ns, attrs),
+        oldest first."""
+        rows = self._query(
+            "SELECT time_ns, attrs FROM logs WHERE device_id = ? AND type = ? AND "
+            "event_name = ? ORDER BY time_ns DESC LIMIT ?",
+            (device_id, type_, event_name, int(limit)),
+        )
+        return [(int(t), _attrs(a)) for t, a in reversed(rows)]
+
+
+def _attrs(text: Any) -> dict[str, Any]:
+    # attrs are cut at MAX_ATTR_TEXT when stored; a cut row reads as empty, not as an error.
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
 
 def _in_key_order(rows: Sequence[LogRow]) -> list[LogRow]:
     # Every writer takes its row locks in key order, so two overlapping batches (a device's

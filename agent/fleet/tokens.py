@@ -1,4 +1,4 @@
-"""Per-device bearer tokens for telemetry upload; the file keeps only their sha256."""
+"""Bearer tokens: per-device upload tokens and operator read tokens; the file keeps only sha256."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from agent.errors import ConfigError, UsageError
 from agent.textio import write_atomic
@@ -54,20 +55,73 @@ def _read_devices(path: Path) -> dict[str, str]:
     return {device: digest for digest, device in load_tokens(path).items()}
 
 
+def load_operator_tokens(path: Path) -> dict[str, str]:
+    """sha256(token) -> operator name from the same file's "operators" section.
+
+    Kept apart from the device tokens: a device token never reads the fleet page and an
+    operator token never writes telemetry.
+    """
+    load_tokens(path)  # the same size, JSON and shape checks
+    operators = json.loads(path.read_bytes()).get("operators", {})
+    if not isinstance(operators, dict):
+        raise ConfigError(f'{path}: expected "operators": {{name: sha256}}')
+    out: dict[str, str] = {}
+    for name, digest in operators.items():
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ConfigError(f"{path}: operators.{name}: expected a sha256 hex digest")
+        out[digest] = name
+    return out
+
+
+def _read_operators(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    return {name: digest for digest, name in load_operator_tokens(path).items()}
+
+
+def _write_tokens(path: Path, devices: Mapping[str, str], operators: Mapping[str, str]) -> None:
+    doc: dict[str, Any] = {"devices": dict(devices)}
+    if operators:
+        doc["operators"] = dict(operators)
+    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True).encode(), 0o600)
+
+
+def _check_name(what: str, name: str) -> None:
+    if not name or len(name) > 128 or not name.isprintable():
+        raise UsageError(f"{what} {name!r}: use 1-128 printable characters")
+
+
+def add_operator_token(path: Path, name: str) -> str:
+    """Create (or replace) an operator's read token for the fleet page; shown only once."""
+    _check_name("operator name", name)
+    devices, operators = _read_devices(path), _read_operators(path)
+    token = secrets.token_urlsafe(32)
+    operators[name] = token_digest(token)
+    _write_tokens(path, devices, operators)
+    return token
+
+
+def revoke_operator_token(path: Path, name: str) -> None:
+    devices, operators = _read_devices(path), _read_operators(path)
+    if name not in operators:
+        raise UsageError(f"operator {name!r} has no token in {path}")
+    del operators[name]
+    _write_tokens(path, devices, operators)
+
+
 def add_device_token(path: Path, device_id: str) -> str:
     """Create (or replace) a device's token; returns the token, which is shown only once."""
-    if not device_id or len(device_id) > 128 or not device_id.isprintable():
-        raise UsageError(f"device id {device_id!r}: use 1-128 printable characters")
-    devices = _read_devices(path)
+    _check_name("device id", device_id)
+    devices, operators = _read_devices(path), _read_operators(path)
     token = secrets.token_urlsafe(32)
     devices[device_id] = token_digest(token)
-    write_atomic(path, json.dumps({"devices": devices}, indent=2, sort_keys=True).encode(), 0o600)
+    _write_tokens(path, devices, operators)
     return token
 
 
 def revoke_device_token(path: Path, device_id: str) -> None:
-    devices = _read_devices(path)
+    devices, operators = _read_devices(path), _read_operators(path)
     if device_id not in devices:
         raise UsageError(f"device {device_id!r} has no token in {path}")
     del devices[device_id]
-    write_atomic(path, json.dumps({"devices": devices}, indent=2, sort_keys=True).encode(), 0o600)
+    _write_tokens(path, devices, operators)

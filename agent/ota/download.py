@@ -12,6 +12,7 @@ from pathlib import Path
 from agent.errors import FetchError, OTAError
 from agent.ota.fetch import HttpFetcher, TransferCut
 from agent.ota.killpoint import kill_point
+from agent.progress import Progress
 from agent.textio import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,11 @@ def _fetch_into(http: HttpFetcher, target: TargetRef, part: Path) -> None:
         log.info("%s: server ignored Range; downloading from the start", target.url)
         mode, have = "wb", 0
     written_since_sync = 0
-    with part.open(mode) as fh:
+    label = f"download {target.url.rsplit('/', 1)[-1]}"
+    with part.open(mode) as fh, Progress(label, target.length, done=have) as bar:
         try:
             for chunk in chunks:
+                bar.advance(len(chunk))
                 if have + len(chunk) > target.length:
                     fh.close()
                     part.unlink(missing_ok=True)

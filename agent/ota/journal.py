@@ -23,6 +23,8 @@ LAST_GATE_REPORT = "last_gate_report"
 # ota_values row with the last channel check's time and outcome (checks that change
 # nothing are not journaled; status reads this instead)
 LAST_CHECK = "last_check"
+# ota_values row with the poll loop's last and next poll (for `status --watch`)
+LAST_POLL = "last_poll"
 # At-rest rows kept in ota_journal; older ones are pruned as new rows arrive (the last row
 # of each end state is always kept: status shows them).
 KEEP_ROWS = 200

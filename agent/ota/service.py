@@ -41,7 +41,7 @@ from agent.ota.download import TargetRef, download_target
 from agent.ota.fetch import FetchLimits, HttpFetcher
 from agent.ota.gate_process import GateLimits, GateOutcome, GateRequest, GateStopped, run_gate_child
 from agent.ota.host import LiveLatency, ModelHost, SlotHost
-from agent.ota.journal import LAST_CHECK, LAST_GATE_REPORT, Journal, JournalEntry
+from agent.ota.journal import LAST_CHECK, LAST_GATE_REPORT, LAST_POLL, Journal, JournalEntry
 from agent.ota.killpoint import kill_point
 from agent.ota.membership import in_rollout, poll_delay_s, rollout_bucket
 from agent.ota.probation import (
@@ -1302,14 +1302,29 @@ class OTAService:
         """Check the channel every poll interval (with jitter) until ``stop`` is set."""
         ota = self.config.ota
         while not stop.is_set():
+            error = None
+            at = time.time()
             try:
                 with self.step():
                     self.update_now()
             except EdgeAgentError as exc:
                 log.warning("OTA update: %s", exc)
-            except Exception:  # the poll thread must outlive any one bad update
+                error = str(exc)
+            except Exception as exc:  # the poll thread must outlive any one bad update
                 log.exception("OTA update failed unexpectedly")
-            stop.wait(poll_delay_s(ota.poll_interval_s, ota.poll_jitter_s, rng))
+                error = f"unexpected {type(exc).__name__}: {exc}"
+            delay_s = poll_delay_s(ota.poll_interval_s, ota.poll_jitter_s, rng)
+            self._record_poll(at, delay_s, error)
+            stop.wait(delay_s)
+
+    def _record_poll(self, at: float, delay_s: float, error: str | None) -> None:
+        # For `edge-agent status --watch` (last and next poll); a failed write must not
+        # stop the poll loop.
+        value = {"at": at, "next_at": time.time() + delay_s, "channel": self.config.ota.channel}
+        try:
+            self.journal.set_value(LAST_POLL, json.dumps({**value, "error": error}))
+        except Exception as exc:
+            log.warning("cannot record the OTA poll time: %s", exc)
 
 
 def clear_staging(state_dir: Path) -> None:

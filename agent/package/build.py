@@ -34,6 +34,7 @@ from agent.package.manifest import (
 )
 from agent.package.reader import BACKEND_FOR_KIND, ReadLimits, _read_small_member, compare_schema
 from agent.package.tarstream import CHUNK_BYTES, END_OF_ARCHIVE, TarReader, padding, tar_header
+from agent.progress import Progress, ProgressReader
 from agent.runtime.base import TensorSpec
 from agent.textio import atomic_file, open_regular, read_regular
 
@@ -60,10 +61,14 @@ def file_digest(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     try:
-        with open_regular(path) as fh:
+        with (
+            open_regular(path) as fh,
+            Progress(f"hash {path.name}", os.fstat(fh.fileno()).st_size) as bar,
+        ):
             while chunk := fh.read(CHUNK_BYTES):
                 digest.update(chunk)
                 size += len(chunk)
+                bar.advance(len(chunk))
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
     return digest.hexdigest(), size
@@ -88,7 +93,10 @@ def write_package(
                 with open_regular(src) as fh:
                     size = os.fstat(fh.fileno()).st_size
                     out.write(tar_header(name, size))
-                    shutil.copyfileobj(fh, out, CHUNK_BYTES)
+                    with Progress(f"write {name}", size) as bar:
+                        shutil.copyfileobj(
+                            ProgressReader(fh, bar) if bar.active else fh, out, CHUNK_BYTES
+                        )
                 out.write(padding(size))
             out.write(END_OF_ARCHIVE)
     except OSError as exc:

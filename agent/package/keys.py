@@ -127,7 +127,7 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
         ) from None
     except ValueError as exc:
         reason = "wrong passphrase" if passphrase else "not a PEM private key"
-        raise UsageError(f"{path}: cannot load key ({reason}: {str(exc)[:80]})") from None
+        raise UsageError(f"{path}: cannot load key ({reason}: {_first_line(exc)})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise UsageError(f"{path}: not an Ed25519 key ({type(key).__name__})")
     return SigningKey(keyid_of(key.public_key()), key)
@@ -400,3 +400,14 @@ def require_threshold(
     if not result.passed:
         raise SignatureError(f"{SIGNATURES_NAME}: {result.summary()}")
     return result
+
+
+def _first_line(exc: Exception, max_chars: int = 300) -> str:
+    """The first line of a library's message, cut only between words: cryptography's
+    "See https://cryptography.io/en/latest/faq/#..." link must stay whole to be useful."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    if len(text) <= max_chars:
+        return text
+    cut = text.rfind(" ", 0, max_chars)
+    return text[: cut if cut > 0 else max_chars] + " ..."

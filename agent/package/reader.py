@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import yaml
@@ -40,6 +40,7 @@ from agent.package.manifest import (
     parse_manifest,
 )
 from agent.package.tarstream import Member, TarReader
+from agent.progress import Progress, ProgressReader
 from agent.runtime.base import TensorSpec
 from agent.textio import open_regular
 
@@ -98,7 +99,8 @@ def _open_source(source: Source, limits: ReadLimits) -> Iterator[tuple[BinaryIO,
                 )
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            yield fh, st.st_size
+            with Progress(f"verify {path.name}", st.st_size) as bar:
+                yield (cast(BinaryIO, ProgressReader(fh, bar)) if bar.active else fh), st.st_size
         finally:
             fh.close()
     else:

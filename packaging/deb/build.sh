@@ -24,6 +24,7 @@ Options:
                      when the system provides every dependency)
   --wheelhouse DIR   install dependencies offline from this folder (pip --no-index)
   --keep-stage       keep the staging tree (printed) for inspection
+  -q, --quiet        no progress lines (errors and warnings still show)
   -h, --help         this text
 
 Example:
@@ -46,6 +47,9 @@ NO_DEPS=0
 EXTRAS=litert
 WHEELHOUSE=""
 KEEP_STAGE=0
+QUIET=0
+STEPS=5
+STARTED=$(date +%s)
 BUILD_PYTHON=${BUILD_PYTHON:-python3}
 UNIT_SRC=$REPO/systemd/edge-agent.service
 
@@ -60,6 +64,7 @@ while [ $# -gt 0 ]; do
         --no-deps) NO_DEPS=1; shift ;;
         --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
         --keep-stage) KEEP_STAGE=1; shift ;;
+        -q|--quiet) QUIET=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; ea_die "unknown option $1 (packaging/deb/build.sh)" ;;
     esac
@@ -81,18 +86,27 @@ MAINTAINER=${DEB_MAINTAINER:-edge-agent developers <edge-agent@example.org>}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 
+# One line per step on stderr (the .deb path stays the only stdout line): what runs,
+# how far along, how long so far, and the staged size once it is known.
+step() {
+    [ "$QUIET" = 1 ] && return 0
+    ea_log "deb: [$1/$STEPS] $(( $1 * 100 / STEPS - 100 / STEPS ))% $2 ($(( $(date +%s) - STARTED )) s so far)"
+}
+
 WORK=$(mktemp -d)
 STAGE=$WORK/stage
 # shellcheck disable=SC2064  # expand now: the paths are fixed
 [ "$KEEP_STAGE" = 1 ] || trap "rm -rf '$WORK'" EXIT
 mkdir -p "$STAGE"
 
+step 1 "building the edge-agent wheel"
 if [ -z "$WHEEL" ]; then
     WHEEL=$(ea_build_wheel "$REPO" "$WORK/wheel" "$BUILD_PYTHON")
 fi
 
 set --
 [ -n "$WHEELHOUSE" ] && set -- --no-index --find-links "$WHEELHOUSE"
+step 2 "installing the venv in /opt/edge-agent/venv (pip; the longest step)"
 ea_make_venv "$STAGE/opt/edge-agent/venv" /opt/edge-agent/venv "$PYTHON" "$WHEEL" \
     "$JETSON" "$NO_DEPS" "$EXTRAS" "$@"
 # A venv's python is a symlink to the system interpreter it was made with; the package
@@ -103,6 +117,7 @@ case "$(readlink "$STAGE/opt/edge-agent/venv/bin/python")" in
     *) ea_log "warning: the venv's python links outside /usr/bin ($PYTHON); the .deb will not run elsewhere" ;;
 esac
 
+step 3 "adding the unit, the default config and the docs ($(du -sm "$STAGE" | cut -f1) MB staged)"
 install -d "$STAGE/usr/bin"
 ln -s /opt/edge-agent/venv/bin/edge-agent "$STAGE/usr/bin/edge-agent"
 
@@ -129,6 +144,7 @@ for script in postinst prerm postrm; do
 done
 echo /etc/edge-agent/agent.yaml > "$STAGE/DEBIAN/conffiles"
 
+step 4 "writing the control file"
 FLAVOR="generic"
 [ "$JETSON" = 1 ] && FLAVOR="Jetson (uses JetPack's system onnxruntime-gpu and TensorRT)"
 SIZE_KB=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
@@ -152,8 +168,10 @@ Description: on-device inference agent with signed, gated OTA model updates
 CONTROL
 
 DEB=$OUT_DIR/edge-agent_${VERSION}_${ARCH}.deb
+step 5 "compressing $(( SIZE_KB / 1024 )) MB with ${DEB_COMPRESSION:-xz} into $DEB"
 # --root-owner-group: every file root:root without needing fakeroot or root.
 # DEB_COMPRESSION=gzip builds faster (tests, CI); xz makes the smaller download.
 dpkg-deb --root-owner-group -Z"${DEB_COMPRESSION:-xz}" --build "$STAGE" "$DEB" >&2
 [ "$KEEP_STAGE" = 1 ] && ea_log "staging tree kept: $STAGE"
+[ "$QUIET" = 1 ] || ea_log "deb: 100% done: $(( $(stat -c %s "$DEB") / 1024 )) kB in $(( $(date +%s) - STARTED )) s"
 echo "$DEB"

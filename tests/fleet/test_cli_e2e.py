@@ -208,6 +208,8 @@ def test_serve_promotes_on_canary_reports_and_survives_sigkill(
         d: run_cli("token", "add", "--tokens", tokens_path, "--device", d).stdout.strip()
         for d in canaries + others
     }
+    operator = run_cli("token", "add", "--tokens", tokens_path, "--operator", "ops").stdout.strip()
+    ops = {"Authorization": f"Bearer {operator}"}
     cmd = [
         *CLI,
         "serve",
@@ -265,7 +267,9 @@ def test_serve_promotes_on_canary_reports_and_survives_sigkill(
             batch = [ota_record(device, 2, "COMMITTED", "1.1.0", now + 1)]
             assert exporters[device].send(batch).outcome == "acked"
         deadline = time.monotonic() + 60
-        while requests.get(f"{url}/api/rollouts/stable", timeout=5).json()["stage"] < 1:
+        while (
+            requests.get(f"{url}/api/rollouts/stable", headers=ops, timeout=5).json()["stage"] < 1
+        ):
             assert time.monotonic() < deadline, "controller did not promote"
             time.sleep(0.1)
     finally:
@@ -279,11 +283,20 @@ def test_serve_promotes_on_canary_reports_and_survives_sigkill(
         assert exporter.send([ota_record(device, 2, "COMMITTED", "1.1.0", now + 1)]).outcome == (
             "acked"
         )
-        status = requests.get(f"{url}/api/rollouts/stable", timeout=5).json()
+        status = requests.get(f"{url}/api/rollouts/stable", headers=ops, timeout=5).json()
         assert status["committed"] == 2 and status["percent"] >= 10.0
-        table = run_cli("rollout", "status", "--channel", "stable", "--server", url).stdout
+        table = run_cli(
+            "rollout",
+            "status",
+            "--channel",
+            "stable",
+            "--server",
+            url,
+            "--operator-token",
+            operator,
+        ).stdout
         assert "committed" in table and "failure rate" in table
-        page = requests.get(url, timeout=5).text
+        page = requests.get(url, headers=ops, timeout=5).text
         assert "<svg" in page and 'data-version="1.1.0"' in page
     finally:
         os.kill(proc.pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ from agent.fleet.repo import init_repo, load_repo, publish_package, read_channel
 from agent.fleet.rollout import RolloutPolicy, is_member, start_rollout
 from agent.fleet.server import ServerConfig, create_app
 from agent.fleet.store import SQLiteTelemetryStore, TelemetryStore
-from agent.fleet.tokens import add_device_token
+from agent.fleet.tokens import add_device_token, add_operator_token
 from agent.telemetry import otlp
 from agent.telemetry.uploader import OtlpHttpExporter
 
@@ -37,6 +37,9 @@ def _fleet_ids(count: int) -> list[str]:
     ids = [f"dev-{i:04d}" for i in range(count)]
     members = [d for d in (f"canary-{i}" for i in range(5000)) if is_member(d, SALT, 1.0)]
     return members[:2] + ids
+
+
+OPERATOR = "operator"  # the operator token's key in Env.tokens (not a device)
 
 
 @dataclass
@@ -59,6 +62,7 @@ def _make_env(
     devices = _fleet_ids(6)
     tokens_path = tmp_path / "tokens.json"
     tokens = {d: add_device_token(tokens_path, d) for d in devices}
+    tokens[OPERATOR] = add_operator_token(tokens_path, OPERATOR)  # reads need one
     store = SQLiteTelemetryStore(tmp_path / "fleet.db")
     config = ServerConfig(
         repo_dir=base,
@@ -245,10 +249,16 @@ def test_repository_files_are_served_and_a_device_can_update_through_the_server(
     assert requests.get(got.package.url, timeout=10).status_code == 200
 
 
+def _operator(env: Env) -> dict[str, str]:
+    return {"Authorization": f"Bearer {env.tokens[OPERATOR]}"}
+
+
 def test_rollout_status_endpoint_counts_reports(env: Env) -> None:
     canary = env.devices[0]
     _exporter(env, canary).send([ota_record(canary, 1, "COMMITTED", "1.0.0", time.time_ns())])
-    status = requests.get(f"{env.url}/api/rollouts/stable", timeout=10).json()
+    status = requests.get(
+        f"{env.url}/api/rollouts/stable", headers=_operator(env), timeout=10
+    ).json()
     assert status["version"] == "1.0.0" and status["percent"] == 1.0
     assert status["committed"] == 1 and status["failed"] == 0
     assert status["members_known"] == 1
@@ -256,8 +266,18 @@ def test_rollout_status_endpoint_counts_reports(env: Env) -> None:
     assert {"version": "1.0.0", "state": "COMMITTED", "devices": 1} in status[
         "devices_by_version_state"
     ]
-    assert requests.get(f"{env.url}/api/rollouts/nope", timeout=10).status_code == 404
-    assert len(requests.get(f"{env.url}/api/rollouts", timeout=10).json()["rollouts"]) == 1
+    assert (
+        requests.get(f"{env.url}/api/rollouts/nope", headers=_operator(env), timeout=10).status_code
+        == 404
+    )
+    assert (
+        len(
+            requests.get(f"{env.url}/api/rollouts", headers=_operator(env), timeout=10).json()[
+                "rollouts"
+            ]
+        )
+        == 1
+    )
 
 
 def test_scheduled_controller_promotes_after_canaries_commit(
@@ -277,7 +297,9 @@ def test_scheduled_controller_promotes_after_canaries_commit(
         percent = 1.0
         while time.monotonic() < deadline and percent == 1.0:
             time.sleep(0.1)
-            percent = requests.get(f"{url}/api/rollouts/stable", timeout=10).json()["percent"]
+            percent = requests.get(
+                f"{url}/api/rollouts/stable", headers=_operator(env), timeout=10
+            ).json()["percent"]
         assert percent == 10.0
     doc = read_channel(load_repo(config.repo_dir), "stable")
     assert doc is not None and doc["rollout"]["stage"] >= 1

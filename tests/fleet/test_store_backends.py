@@ -36,7 +36,7 @@ from agent.fleet.store import (
     parse_otlp_logs,
     parse_otlp_metrics,
 )
-from agent.fleet.tokens import add_device_token
+from agent.fleet.tokens import add_device_token, add_operator_token
 from agent.telemetry import otlp
 from agent.telemetry.uploader import OtlpHttpExporter
 
@@ -315,6 +315,7 @@ def test_serve_ingests_into_postgres_and_promotes(
     canaries = [d for d in (f"cam-{i}" for i in range(5000)) if is_member(d, state.salt, 1.0)][:2]
     tokens_path = tmp_path / "tokens.json"
     tokens = {d: add_device_token(tokens_path, d) for d in canaries}
+    ops = {"Authorization": f"Bearer {add_operator_token(tokens_path, 'ops')}"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -349,7 +350,9 @@ def test_serve_ingests_into_postgres_and_promotes(
         assert (answer.json()["accepted"], answer.json()["duplicates"]) == (0, 2)
         # The controller inside the server reads the reports from PostgreSQL and promotes.
         deadline = time.monotonic() + 60
-        while requests.get(f"{url}/api/rollouts/stable", timeout=5).json()["stage"] < 1:
+        while (
+            requests.get(f"{url}/api/rollouts/stable", headers=ops, timeout=5).json()["stage"] < 1
+        ):
             assert time.monotonic() < deadline, "controller did not promote"
             time.sleep(0.1)
     finally:
