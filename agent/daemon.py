@@ -34,7 +34,8 @@ from agent.errors import (
 from agent.health.governor import PAUSED, GovernorThread
 from agent.ota.killpoint import kill_point
 from agent.pipeline.latency import LatencyWindow
-from agent.pipeline.postprocess import detections, top_k_rows
+from agent.pipeline.detection import input_image_size, row_result
+from agent.pipeline.postprocess import top_k_rows
 from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest
 from agent.pipeline.scheduler import FrameScheduler
 from agent.pipeline.sinks import Sink, open_sink
@@ -780,18 +781,25 @@ class Daemon:
             meta = self._telemetry_meta = (model, {"model": model.name, "version": model.version})
         latency_ms = round(latency_s * 1000.0, 3)
         # classifiers: top-k of the whole batch at once; detectors: per row below
-        tops = None if pre.task == "detection" else top_k_rows(outputs[0], pre.top_k, model.labels)
+        tops = (
+            top_k_rows(outputs[0], pre.top_k, model.labels)
+            if pre.task == "classification"
+            else None
+        )
         for row, frame in enumerate(frames):
             top_class = -1
+            box_scores = None
             if tops is None:
-                found = detections(
-                    outputs, pre.score_threshold, pre.iou_threshold, model.labels, row
+                # detectors (boxes) and segmenters (class pixel shares), per row
+                res = row_result(
+                    outputs,
+                    pre,
+                    model.labels,
+                    row,
+                    input_image_size(model.backend.inputs[0].shape, pre.layout),
                 )
-                if found:
-                    top_class, confidence = int(found[0]["class"]), float(found[0]["score"])
-                else:
-                    confidence = 0.0
-                key, value = "detections", found
+                key, value, top_class, confidence = res.key, res.value, res.top_class, res.confidence
+                box_scores = res.box_scores
             else:
                 best = tops[row]
                 top_class, confidence = int(best[0]["class"]), float(best[0]["score"])
@@ -814,6 +822,8 @@ class Daemon:
                     telemetry.observe_inference(
                         frame.seq, latency_s, top_class, confidence, meta[1]
                     )
+                    if box_scores is not None:
+                        telemetry.observe_boxes(box_scores)
                 except Exception as exc:
                     self._warn_once("telemetry", f"telemetry observe failed: {exc}")
         return confidence
@@ -1074,8 +1084,15 @@ def package_model_parts(
     """The preprocessing (with task) and labels an installed package's manifest describes."""
     where = str(package_dir / "manifest.json")
     pre_data = dict(manifest.get("preprocess") or {})
-    if manifest.get("task") in ("classification", "detection"):
+    if manifest.get("task") in ("classification", "detection", "segmentation"):
         pre_data["task"] = manifest["task"]
+    detection = manifest.get("detection")
+    if isinstance(detection, Mapping):
+        # the output layout and post-processing the package names (docs/packages.md)
+        pre_data["detection_layout"] = detection.get("layout", "yolo")
+        for key in ("score_threshold", "iou_threshold", "max_detections", "box_units"):
+            if key in detection:
+                pre_data[key] = detection[key]
     pre = preprocess_from_manifest(pre_data, where)
     labels = manifest.get("labels") or ()
     if isinstance(labels, str):

@@ -150,3 +150,96 @@ def mean_iou(
         "miou": float(iou[present].mean()) if present.any() else 0.0,
         "per_class_iou": {str(c): float(iou[c]) for c in range(num_classes) if present[c]},
     }
+
+
+# COCO's ten IoU thresholds 0.50, 0.55, ..., 0.95 (same construction as pycocotools).
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)
+COCO_MAX_DETS = 100
+
+
+def _match_thresholds(
+    ious: FloatArray, thresholds: FloatArray
+) -> npt.NDArray[np.bool_]:
+    """_match_image at every IoU threshold at once: hits [T, detections] for one image's
+    detections of one class (score order) against its ground-truth boxes."""
+    num_t, (num_d, num_g) = len(thresholds), ious.shape
+    hits = np.zeros((num_t, num_d), dtype=bool)
+    if num_d == 0 or num_g == 0:
+        return hits
+    floor = np.minimum(thresholds, 1 - 1e-10)[:, None]
+    taken = np.zeros((num_t, num_g), dtype=bool)
+    rows = np.arange(num_t)
+    for d in range(num_d):
+        masked = np.where(~taken & (ious[d][None, :] >= floor), ious[d][None, :], -1.0)
+        # the best IoU, the last box on a tie (pycocotools' ">=" loop)
+        best = num_g - 1 - np.argmax(masked[:, ::-1], axis=1)
+        ok = masked[rows, best] >= 0.0
+        hits[ok, d] = True
+        taken[rows[ok], best[ok]] = True
+    return hits
+
+
+def coco_detection_metrics(
+    ground_truth: Sequence[ImageBoxes],
+    detections: Sequence[ImageBoxes],
+    num_classes: int,
+    max_dets: int = COCO_MAX_DETS,
+) -> dict[str, Any]:
+    """COCO box metrics as pycocotools computes them (area "all", ``max_dets`` per image and
+    class, 101 recall points): mAP@0.5, mAP@0.5:0.95 and both per class (classes without
+    ground truth are left out), plus box counts."""
+    if len(ground_truth) != len(detections):
+        raise ValueError(
+            f"{len(ground_truth)} ground-truth images but {len(detections)} detection images"
+        )
+    thresholds = COCO_IOU_THRESHOLDS
+    per50: dict[str, float] = {}
+    per5095: dict[str, float] = {}
+    gt_classes = [np.asarray(g.classes).reshape(-1) for g in ground_truth]
+    gt_boxes = [np.asarray(g.boxes, dtype=np.float64).reshape(-1, 4) for g in ground_truth]
+    det_classes = [np.asarray(d.classes).reshape(-1) for d in detections]
+    det_boxes = [np.asarray(d.boxes, dtype=np.float64).reshape(-1, 4) for d in detections]
+    det_scores = [
+        np.asarray(d.scores if d.scores is not None else [], dtype=np.float64).reshape(-1)
+        for d in detections
+    ]
+    for cls in range(num_classes):
+        num_gt = 0
+        hit_parts: list[npt.NDArray[np.bool_]] = []
+        score_parts: list[FloatArray] = []
+        for i in range(len(ground_truth)):
+            g = gt_boxes[i][gt_classes[i] == cls]
+            num_gt += len(g)
+            mask = det_classes[i] == cls
+            if not mask.any():
+                continue
+            s = det_scores[i][mask]
+            order = np.argsort(-s, kind="mergesort")[:max_dets]
+            b = det_boxes[i][mask][order]
+            hit_parts.append(_match_thresholds(box_iou(b, g), thresholds))
+            score_parts.append(s[order])
+        if num_gt == 0:
+            continue
+        if not score_parts:
+            per50[str(cls)], per5095[str(cls)] = 0.0, 0.0
+            continue
+        scores = np.concatenate(score_parts)
+        order = np.argsort(-scores, kind="mergesort")
+        tp = np.concatenate(hit_parts, axis=1)[:, order].astype(np.float64)
+        tp_cum = np.cumsum(tp, axis=1)
+        fp_cum = np.cumsum(1.0 - tp, axis=1)
+        recall = tp_cum / num_gt
+        precision = tp_cum / (tp_cum + fp_cum + np.spacing(1))
+        aps = [
+            average_precision(recall[t], precision[t], "coco101") for t in range(len(thresholds))
+        ]
+        per50[str(cls)] = aps[0]
+        per5095[str(cls)] = float(np.mean(aps))
+    return {
+        "map50": float(np.mean(list(per50.values()))) if per50 else 0.0,
+        "map50_95": float(np.mean(list(per5095.values()))) if per5095 else 0.0,
+        "per_class_ap50": per50,
+        "per_class_ap50_95": per5095,
+        "gt_boxes": int(sum(len(c) for c in gt_classes)),
+        "det_boxes": int(sum(len(c) for c in det_classes)),
+    }

@@ -29,6 +29,9 @@ class GatePolicy:
     memory_added_max_mb: float = 256.0
     map_drop_max_pp: float = 0.5
     miou_drop_max_pp: float = 0.5
+    # detection: mAP@0.5:0.95 (COCO's average over 10 IoU thresholds) and AP@0.5 per class
+    map50_95_drop_max_pp: float = 1.0
+    class_ap_drop_max_pp: float = 5.0
 
     def check(self) -> str | None:
         for f in dataclasses.fields(self):

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,16 @@ import psutil
 from agent.errors import InputDataError, ModelError
 from agent.ota.gate_cache import BaselineCache, CachedRun
 from agent.ota.gate_data import (
+    DETECTION_SPEC_NAME,
     GateModel,
     GoldenSet,
     check_labels_fit,
     load_golden_set,
+    manifest_beside,
     resolve_model,
     scan_model_file,
 )
-from agent.ota.gate_detection import mean_iou
+from agent.ota.gate_detection import ImageBoxes, coco_detection_metrics, mean_iou
 from agent.ota.gate_metrics import (
     agreement_metrics,
     classification_metrics_of_each,
@@ -38,6 +40,7 @@ from agent.ota.gate_policy import (
     load_policy,
     policy_from_mapping,
 )
+from agent.pipeline.detection import DetectionSpec, decode_batch, detection_spec_from_mapping
 from agent.runtime import load_backend, select_backend
 from agent.runtime.base import Backend, file_sha256
 from agent.textio import format_table
@@ -534,6 +537,102 @@ def detection_checks(
     ]
 
 
+def detection_gate_checks(
+    policy: GatePolicy,
+    base: Mapping[str, Any],
+    cand: Mapping[str, Any],
+    class_names: Sequence[str] = (),
+) -> list[GateCheck]:
+    """ΔmAP@0.5, ΔmAP@0.5:0.95 and the worst per-class AP@0.5 drop, from two
+    coco_detection_metrics() results; the class whose AP fell most is named."""
+
+    def name(k: str) -> str:
+        i = int(k)
+        return f"class {k} ({class_names[i]})" if 0 <= i < len(class_names) else f"class {k}"
+
+    d50 = (cand["map50"] - base["map50"]) * 100.0
+    d5095 = (cand["map50_95"] - base["map50_95"]) * 100.0
+    base_ap, cand_ap = base["per_class_ap50"], cand["per_class_ap50"]
+    drops = {k: (base_ap[k] - cand_ap.get(k, 0.0)) * 100.0 for k in base_ap}
+    checks = [
+        _check(
+            "map50",
+            d50,
+            -policy.map_drop_max_pp,
+            ">=",
+            f"mAP@0.5 {base['map50']:.4f} -> {cand['map50']:.4f} ({d50:+.2f} pp)",
+        ),
+        _check(
+            "map50_95",
+            d5095,
+            -policy.map50_95_drop_max_pp,
+            ">=",
+            f"mAP@0.5:0.95 {base['map50_95']:.4f} -> {cand['map50_95']:.4f} ({d5095:+.2f} pp)",
+        ),
+    ]
+    if drops:
+        worst = max(drops, key=lambda k: drops[k])
+        checks.append(
+            _check(
+                "class_ap",
+                drops[worst],
+                policy.class_ap_drop_max_pp,
+                "<=",
+                f"{name(worst)} AP@0.5 {base_ap[worst]:.4f} -> {cand_ap.get(worst, 0.0):.4f} "
+                f"({-drops[worst]:+.1f} pp, worst class)",
+            )
+        )
+    return checks
+
+
+def detection_spec_of(model: GateModel, golden: GoldenSet) -> DetectionSpec:
+    """How to decode a model's outputs: its package's `detection` block, else the golden
+    set's detection.yaml, else the defaults with the layout guessed from the output."""
+    block = (model.manifest or {}).get("detection")
+    if isinstance(block, Mapping):
+        return detection_spec_from_mapping(block, f"{model.label}: manifest")
+    if golden.detection is not None:
+        return detection_spec_from_mapping(
+            golden.detection, str(golden.path / DETECTION_SPEC_NAME)
+        )
+    return DetectionSpec()
+
+
+def golden_image_size(golden: GoldenSet) -> tuple[int, int]:
+    """(height, width) of the golden inputs: NCHW when the second axis looks like channels."""
+    shape = golden.inputs.shape
+    if len(shape) == 4 and shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4):
+        return int(shape[2]), int(shape[3])
+    if len(shape) >= 3:
+        return int(shape[1]), int(shape[2])
+    return 1, 1
+
+
+def detection_metrics(
+    golden: GoldenSet, outputs: npt.NDArray[np.float32], spec: DetectionSpec
+) -> dict[str, Any]:
+    """Decode one model's golden-set outputs with its spec and score them (COCO rules)."""
+    assert golden.boxes is not None
+    num_classes = len(golden.class_names)
+    if spec.layout == "ssd":
+        raise ModelError(
+            "the gate reads one output per model; the ssd layout (4 outputs) is decoded by "
+            "the daemon but not gated yet"
+        )
+    width = outputs.shape[2] if spec.layout == "yolo" else outputs.shape[1]
+    model_classes = width - (5 if spec.layout == "yolo" else 4)
+    if outputs.ndim != 3 or model_classes != num_classes:
+        raise ModelError(
+            f"{spec.layout} output {list(outputs.shape[1:])} does not fit the golden set's "
+            f"{num_classes} categories"
+        )
+    found = decode_batch([outputs], spec, golden_image_size(golden))
+    dets = [ImageBoxes(d.boxes, d.classes, d.scores) for d in found]
+    result = coco_detection_metrics(golden.boxes, dets, num_classes, spec.max_detections)
+    result["boxes_per_image"] = result["det_boxes"] / max(1, golden.rows)
+    return result
+
+
 # ---------------------------------------------------------------------------------------
 # The API the CLI and the OTA client call
 # ---------------------------------------------------------------------------------------
@@ -542,7 +641,9 @@ def detection_checks(
 def _as_model(source: ModelSource, backend: str) -> tuple[GateModel, Backend | None]:
     if isinstance(source, Backend):
         sha256, precision = scan_model_file(source.path, onnx=source.name == "onnx")
-        return GateModel(source.path, source.name, precision, None, sha256), source
+        # a loaded package model: its manifest names the output layout (detection)
+        manifest = manifest_beside(Path(source.path))
+        return GateModel(source.path, source.name, precision, manifest, sha256), source
     return resolve_model(Path(source), backend), None
 
 
@@ -640,7 +741,8 @@ def run_gate(
         base = _Measured(cached.outputs, cached.latencies_s, cached.rss_added_bytes, True)
     else:
         base = _Measured(outs[0], lats[0], rss_added["baseline"])
-    if base.outputs.shape[1:] != cand.outputs.shape[1:]:
+    # A detector may change its layout (YOLO -> SSD): boxes are compared, not raw outputs.
+    if golden.task != "detection" and base.outputs.shape[1:] != cand.outputs.shape[1:]:
         raise ModelError(
             f"{cand_model.model_path}: output shape {list(cand.outputs.shape[1:])} differs from "
             f"the current model's {list(base.outputs.shape[1:])} (different output size)"
@@ -660,6 +762,9 @@ def run_gate(
         base_precision,
         cand_precision,
         cand_model.labels or base_model.labels,
+        (detection_spec_of(base_model, golden), detection_spec_of(cand_model, golden))
+        if golden.task == "detection"
+        else None,
     )
 
     if cache is not None:
@@ -747,6 +852,7 @@ def _judge(
     base_precision: str,
     cand_precision: str,
     class_names: list[str] | None,
+    detection_specs: tuple[DetectionSpec, DetectionSpec] | None = None,
 ) -> tuple[dict[str, Any], list[GateCheck]]:
     known = "unknown" not in (base_precision, cand_precision)
     same_precision = (base_precision == cand_precision) if known else None
@@ -762,7 +868,17 @@ def _judge(
     }
     metrics: dict[str, Any] = {"task": golden.task, "latency": latency, "memory": memory}
     checks: list[GateCheck] = []
-    if golden.task == "segmentation":
+    if golden.task == "detection":
+        assert detection_specs is not None
+        b, c = (
+            detection_metrics(golden, measured.outputs, spec)
+            for measured, spec in zip((base, cand), detection_specs)
+        )
+        metrics.update({"baseline": b, "candidate": c})
+        metrics["detection"] = {"baseline": detection_specs[0].to_dict(),
+                                "candidate": detection_specs[1].to_dict()}
+        checks += detection_gate_checks(policy, b, c, golden.class_names)
+    elif golden.task == "segmentation":
         if base.outputs.ndim != 4 or base.outputs.shape[2:] != golden.labels.shape[1:]:
             raise ModelError(
                 f"segmentation output shape {list(base.outputs.shape[1:])} does not match "

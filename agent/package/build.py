@@ -50,6 +50,7 @@ SCHEMA_KEYS = (
     "labels",
     "compat",
     "gate",
+    "detection",
 )
 
 
