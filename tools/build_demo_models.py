@@ -211,11 +211,10 @@ def build_shapes_tflite(out: Path, weights: dm.ShapesDetWeights) -> None:
         return tf.constant(w.astype(np.float32)), tf.constant(b.astype(np.float32))
 
     cw1, cb1 = conv1(weights.cls_w1, weights.cls_b1)
-    bw1, bb1 = conv1(weights.box_w1, weights.box_b1)
+    bwx, bb = conv1(weights.box_wx, weights.box_b)
     cw2 = tf.constant(weights.cls_w2.reshape(1, 1, -1, 4))
     cb2 = tf.constant(weights.cls_b2)
-    bw2 = tf.constant(weights.box_w2.reshape(1, 1, -1, 4))
-    bb2 = tf.constant(weights.box_b2)
+    bwh = tf.constant(weights.box_wh.reshape(1, 1, -1, 4))
     rr, cc = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
     grid = tf.constant(np.stack([cc, rr], axis=-1)[None].astype(np.float32))
 
@@ -226,12 +225,13 @@ def build_shapes_tflite(out: Path, weights: dm.ShapesDetWeights) -> None:
             pooled = tf.nn.avg_pool2d(x, 2, 2, "VALID")
             padded = tf.pad(pooled, [[0, 0], [6, 6], [6, 6], [0, 0]])
 
-            def branch(w1: tf.Tensor, b1: tf.Tensor, w2: tf.Tensor, b2: tf.Tensor) -> tf.Tensor:
-                h = tf.nn.relu(tf.nn.conv2d(padded, w1, 4, "VALID") + b1)
-                return tf.nn.conv2d(h, w2, 1, "VALID") + b2
-
-            probs = tf.nn.softmax(branch(cw1, cb1, cw2, cb2), axis=-1)
-            raw = branch(bw1, bb1, bw2, bb2)
+            hidden = tf.nn.relu(tf.nn.conv2d(padded, cw1, 4, "VALID") + cb1)
+            probs = tf.nn.softmax(tf.nn.conv2d(hidden, cw2, 1, "VALID") + cb2, axis=-1)
+            raw = (
+                tf.nn.conv2d(hidden, bwh, 1, "VALID")
+                + tf.nn.conv2d(padded, bwx, 4, "VALID")
+                + bb
+            )
             objectness = 1.0 - probs[..., :1]
             cls = probs[..., 1:] / tf.maximum(objectness, 1e-6)
             xy = (raw[..., :2] + grid) / g
