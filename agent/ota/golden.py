@@ -630,6 +630,10 @@ def detection_metrics(
     dets = [ImageBoxes(d.boxes, d.classes, d.scores) for d in found]
     result = coco_detection_metrics(golden.boxes, dets, num_classes, spec.max_detections)
     result["boxes_per_image"] = result["det_boxes"] / max(1, golden.rows)
+    # the daemon's per-frame confidence for a detector (probation compares against it)
+    result["top_score_mean"] = float(
+        np.mean([float(d.scores[0]) if len(d) else 0.0 for d in found])
+    )
     return result
 
 
