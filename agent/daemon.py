@@ -33,8 +33,8 @@ from agent.errors import (
 )
 from agent.health.governor import PAUSED, GovernorThread
 from agent.ota.killpoint import kill_point
-from agent.pipeline.latency import LatencyWindow
 from agent.pipeline.detection import input_image_size, row_result
+from agent.pipeline.latency import LatencyWindow
 from agent.pipeline.postprocess import top_k_rows
 from agent.pipeline.preprocess import Preprocessor, preprocess_from_manifest
 from agent.pipeline.scheduler import FrameScheduler
@@ -798,8 +798,8 @@ class Daemon:
                     row,
                     input_image_size(model.backend.inputs[0].shape, pre.layout),
                 )
-                key, value, top_class, confidence = res.key, res.value, res.top_class, res.confidence
-                box_scores = res.box_scores
+                key, value, box_scores = res.key, res.value, res.box_scores
+                top_class, confidence = res.top_class, res.confidence
             else:
                 best = tops[row]
                 top_class, confidence = int(best[0]["class"]), float(best[0]["score"])

@@ -11,9 +11,10 @@ Usage:
   python tools/build_demo_models.py --check    # verify committed files against SHA256SUMS
 
 The digits classifier is trained on scikit-learn's bundled digits data (no download), the
-CNN has fixed-seed weights. The shapes detector is fitted with scikit-learn on frames
-agent/demo/shapes.py draws from fixed seeds. The TFLite conversion needs TensorFlow, which the agent never
-depends on: the small .tflite files and their TensorFlow reference outputs are committed.
+CNN has fixed-seed weights. The shapes detector is fitted with scikit-learn on frames that
+agent/demo/shapes.py draws from fixed seeds. The TFLite conversion needs TensorFlow, which the
+agent never depends on: the small .tflite files and their TensorFlow reference outputs are
+committed.
 """
 
 from __future__ import annotations
@@ -112,9 +113,7 @@ def write_shapes_golden(golden: Path) -> None:
     np.save(golden / "inputs.npy", dm.shapes_inputs(frames), allow_pickle=False)
     images, annotations = [], []
     for row, frame in enumerate(frames):
-        images.append(
-            {"id": row + 1, "file_name": f"row{row:04d}", "width": 64, "height": 64}
-        )
+        images.append({"id": row + 1, "file_name": f"row{row:04d}", "width": 64, "height": 64})
         for box, cls in zip(frame.boxes.tolist(), frame.classes.tolist()):
             x1, y1, x2, y2 = box
             annotations.append(
@@ -227,11 +226,7 @@ def build_shapes_tflite(out: Path, weights: dm.ShapesDetWeights) -> None:
 
             hidden = tf.nn.relu(tf.nn.conv2d(padded, cw1, 4, "VALID") + cb1)
             probs = tf.nn.softmax(tf.nn.conv2d(hidden, cw2, 1, "VALID") + cb2, axis=-1)
-            raw = (
-                tf.nn.conv2d(hidden, bwh, 1, "VALID")
-                + tf.nn.conv2d(padded, bwx, 4, "VALID")
-                + bb
-            )
+            raw = tf.nn.conv2d(hidden, bwh, 1, "VALID") + tf.nn.conv2d(padded, bwx, 4, "VALID") + bb
             objectness = 1.0 - probs[..., :1]
             cls = probs[..., 1:] / tf.maximum(objectness, 1e-6)
             xy = (raw[..., :2] + grid) / g

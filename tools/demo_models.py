@@ -298,7 +298,9 @@ def _cell_patches(inputs: np.ndarray) -> np.ndarray:
     out = np.empty((n, g, g, _KERNEL * _KERNEL), np.float32)
     for r in range(g):
         for c in range(g):
-            window = pad[:, _STRIDE * r : _STRIDE * r + _KERNEL, _STRIDE * c : _STRIDE * c + _KERNEL]
+            window = pad[
+                :, _STRIDE * r : _STRIDE * r + _KERNEL, _STRIDE * c : _STRIDE * c + _KERNEL
+            ]
             out[:, r, c] = window.reshape(n, -1)
     return (out - _FEATURE_MEAN) / _FEATURE_STD
 
@@ -363,9 +365,7 @@ def train_shapes_detector(
     w1, b1 = clf.coefs_[0], clf.intercepts_[0]
     pos = np.flatnonzero(flat_cls > 0)
     px = flat_x[pos].astype(np.float64)
-    features = np.concatenate(
-        [np.maximum(px @ w1 + b1, 0.0), px, np.ones((len(pos), 1))], axis=1
-    )
+    features = np.concatenate([np.maximum(px @ w1 + b1, 0.0), px, np.ones((len(pos), 1))], axis=1)
     ridge = 1e-2 * np.eye(features.shape[1])
     beta = np.linalg.solve(features.T @ features + ridge, features.T @ flat_box[pos])
     f32 = np.float32
@@ -473,14 +473,20 @@ def shapes_det_onnx(
     nodes.append(
         helper.make_node("Concat", ["xy", "t_wh", "objectness", scores], ["grid_out"], axis=1)
     )
-    inits.append(numpy_helper.from_array(np.array([0, 5 + SHAPES_CLASSES, g * g], dtype=np.int64), "flat"))
+    inits.append(
+        numpy_helper.from_array(np.array([0, 5 + SHAPES_CLASSES, g * g], dtype=np.int64), "flat")
+    )
     nodes.append(helper.make_node("Reshape", ["grid_out", "flat"], ["rows_t"]))
     nodes.append(helper.make_node("Transpose", ["rows_t"], ["output"], perm=[0, 2, 1]))
     graph = helper.make_graph(
         nodes,
         name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *SHAPES_INPUT])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", g * g, 5 + SHAPES_CLASSES])],
+        [
+            helper.make_tensor_value_info(
+                "output", TensorProto.FLOAT, ["N", g * g, 5 + SHAPES_CLASSES]
+            )
+        ],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

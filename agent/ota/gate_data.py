@@ -266,9 +266,18 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
     )
 
 
+_SETTINGS_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
 def _detection_settings(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    """detection.yaml, parsed once per file version (the pure-Python YAML parser is slow)."""
+    try:
+        st = path.stat()
+    except OSError:
         return None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _SETTINGS_CACHE:
+        return dict(_SETTINGS_CACHE[key])
     from agent.config import load_yaml_file
 
     try:
@@ -277,6 +286,7 @@ def _detection_settings(path: Path) -> dict[str, Any] | None:
         raise GoldenSetError(str(exc)) from None
     if not isinstance(data, dict):
         raise GoldenSetError(f"{path}: expected a mapping (layout, score_threshold, ...)")
+    _SETTINGS_CACHE[key] = dict(data)
     return data
 
 
@@ -297,6 +307,24 @@ def load_coco_annotations(
         raise GoldenSetError(f"{path}: cannot read ({exc.strerror})") from None
     if len(raw) > ANNOTATIONS_MAX_BYTES:
         raise GoldenSetError(f"{path}: {len(raw)} bytes is more than {ANNOTATIONS_MAX_BYTES}")
+    digest = hashlib.sha256(raw).hexdigest()
+    # The OTA client gates often on the same file: parse and check it once per content.
+    cached = _ANNOTATIONS_CACHE.get((digest, rows))
+    if cached is not None:
+        return cached
+    boxes, names = _parse_coco(path, raw, rows)
+    result = (boxes, names, digest)
+    _ANNOTATIONS_CACHE.clear()
+    _ANNOTATIONS_CACHE[(digest, rows)] = result
+    return result
+
+
+_ANNOTATIONS_CACHE: dict[tuple[str, int], tuple[tuple[ImageBoxes, ...], tuple[str, ...], str]] = {}
+
+
+def _parse_coco(
+    path: Path, raw: bytes, rows: int
+) -> tuple[tuple[ImageBoxes, ...], tuple[str, ...]]:
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -336,7 +364,9 @@ def load_coco_annotations(
         if ann.get("image_id") not in row_of:
             raise _coco_fail(path, f"{where}.image_id", f"no image {ann.get('image_id')!r}")
         if ann.get("category_id") not in class_of:
-            raise _coco_fail(path, f"{where}.category_id", f"no category {ann.get('category_id')!r}")
+            raise _coco_fail(
+                path, f"{where}.category_id", f"no category {ann.get('category_id')!r}"
+            )
         bbox = ann.get("bbox")
         if (
             not isinstance(bbox, list)
@@ -350,7 +380,9 @@ def load_coco_annotations(
         if ann.get("iscrowd"):
             raise _coco_fail(path, f"{where}.iscrowd", "crowd regions are not supported")
         x, y, w, h = (float(v) for v in bbox)
-        per_row[row_of[ann["image_id"]]].append(([x, y, x + w, y + h], class_of[ann["category_id"]]))
+        per_row[row_of[ann["image_id"]]].append(
+            ([x, y, x + w, y + h], class_of[ann["category_id"]])
+        )
     boxes = tuple(
         ImageBoxes(
             np.asarray([b for b, _ in items], dtype=np.float64).reshape(-1, 4),
@@ -358,7 +390,7 @@ def load_coco_annotations(
         )
         for items in per_row
     )
-    return boxes, tuple(names), hashlib.sha256(raw).hexdigest()
+    return boxes, tuple(names)
 
 
 def _optional(path: Path, rows: int, hashes: dict[str, str]) -> npt.NDArray[Any] | None:

@@ -27,7 +27,13 @@ from agent.ota.gate_data import (
     resolve_model,
     scan_model_file,
 )
-from agent.ota.gate_detection import ImageBoxes, coco_detection_metrics, mean_iou
+from agent.ota.gate_detection import (
+    COCO_MAX_DETS,
+    FlatBoxes,
+    coco_metrics_flat,
+    flatten_boxes,
+    mean_iou,
+)
 from agent.ota.gate_metrics import (
     agreement_metrics,
     classification_metrics_of_each,
@@ -40,7 +46,12 @@ from agent.ota.gate_policy import (
     load_policy,
     policy_from_mapping,
 )
-from agent.pipeline.detection import DetectionSpec, decode_batch, detection_spec_from_mapping
+from agent.pipeline.detection import (
+    DetectionSpec,
+    decode_flat,
+    detection_spec_from_mapping,
+    infer_layout,
+)
 from agent.runtime import load_backend, select_backend
 from agent.runtime.base import Backend, file_sha256
 from agent.textio import format_table
@@ -585,17 +596,17 @@ def detection_gate_checks(
     return checks
 
 
-def detection_spec_of(model: GateModel, golden: GoldenSet) -> DetectionSpec:
+def detection_spec_of(
+    model: GateModel, golden: GoldenSet, output_shape: Sequence[int]
+) -> DetectionSpec:
     """How to decode a model's outputs: its package's `detection` block, else the golden
     set's detection.yaml, else the defaults with the layout guessed from the output."""
     block = (model.manifest or {}).get("detection")
     if isinstance(block, Mapping):
         return detection_spec_from_mapping(block, f"{model.label}: manifest")
     if golden.detection is not None:
-        return detection_spec_from_mapping(
-            golden.detection, str(golden.path / DETECTION_SPEC_NAME)
-        )
-    return DetectionSpec()
+        return detection_spec_from_mapping(golden.detection, str(golden.path / DETECTION_SPEC_NAME))
+    return DetectionSpec(layout=infer_layout([tuple(output_shape)]))
 
 
 def golden_image_size(golden: GoldenSet) -> tuple[int, int]:
@@ -626,15 +637,29 @@ def detection_metrics(
             f"{spec.layout} output {list(outputs.shape[1:])} does not fit the golden set's "
             f"{num_classes} categories"
         )
-    found = decode_batch([outputs], spec, golden_image_size(golden))
-    dets = [ImageBoxes(d.boxes, d.classes, d.scores) for d in found]
-    result = coco_detection_metrics(golden.boxes, dets, num_classes, spec.max_detections)
-    result["boxes_per_image"] = result["det_boxes"] / max(1, golden.rows)
-    # the daemon's per-frame confidence for a detector (probation compares against it)
-    result["top_score_mean"] = float(
-        np.mean([float(d.scores[0]) if len(d) else 0.0 for d in found])
+    flat = decode_flat([outputs], spec, golden_image_size(golden))
+    result = coco_metrics_flat(
+        flat_ground_truth(golden), flat, num_classes, min(spec.max_detections, COCO_MAX_DETS)
     )
+    result["boxes_per_image"] = result["det_boxes"] / max(1, golden.rows)
+    # the daemon's per-frame confidence for a detector: its best box's score (0 without)
+    best = np.zeros(golden.rows)
+    np.maximum.at(best, flat[0], flat[3])
+    result["top_score_mean"] = float(best.mean())
     return result
+
+
+_FLAT_GT: dict[str, FlatBoxes] = {}
+
+
+def flat_ground_truth(golden: GoldenSet) -> FlatBoxes:
+    """The golden boxes as flat arrays, made once per golden set (keyed by its hash)."""
+    assert golden.boxes is not None
+    key = f"{golden.sha256}:{len(golden.class_names)}"
+    if key not in _FLAT_GT:
+        _FLAT_GT.clear()  # one golden set per device: keep only the latest
+        _FLAT_GT[key] = flatten_boxes(golden.boxes, len(golden.class_names))
+    return _FLAT_GT[key]
 
 
 # ---------------------------------------------------------------------------------------
@@ -766,7 +791,10 @@ def run_gate(
         base_precision,
         cand_precision,
         cand_model.labels or base_model.labels,
-        (detection_spec_of(base_model, golden), detection_spec_of(cand_model, golden))
+        (
+            detection_spec_of(base_model, golden, base.outputs.shape),
+            detection_spec_of(cand_model, golden, cand.outputs.shape),
+        )
         if golden.task == "detection"
         else None,
     )
@@ -879,8 +907,10 @@ def _judge(
             for measured, spec in zip((base, cand), detection_specs)
         )
         metrics.update({"baseline": b, "candidate": c})
-        metrics["detection"] = {"baseline": detection_specs[0].to_dict(),
-                                "candidate": detection_specs[1].to_dict()}
+        metrics["detection"] = {
+            "baseline": detection_specs[0].to_dict(),
+            "candidate": detection_specs[1].to_dict(),
+        }
         checks += detection_gate_checks(policy, b, c, golden.class_names)
     elif golden.task == "segmentation":
         if base.outputs.ndim != 4 or base.outputs.shape[2:] != golden.labels.shape[1:]:

@@ -404,9 +404,7 @@ def _tensor(c: _Check, v: Any, path: str) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), quantization=quant)
 
 
-def _detection_block(
-    c: _Check, v: Any, task: str, outputs: Sequence[TensorSpec]
-) -> dict[str, Any]:
+def _detection_block(c: _Check, v: Any, task: str, outputs: Sequence[TensorSpec]) -> dict[str, Any]:
     """The ``detection`` block: which output layout the model has and how to post-process it."""
     d = c.obj(
         v,
@@ -425,14 +423,20 @@ def _detection_block(
                 c.fail(f"detection.{key}", f"{value} is outside {lo:g}..{hi:g}")
             out[key] = value
     if "max_detections" in d:
-        out["max_detections"] = c.integer(d["max_detections"], "detection.max_detections", 1, 10_000)
+        out["max_detections"] = c.integer(
+            d["max_detections"], "detection.max_detections", 1, 10_000
+        )
     if "box_units" in d:
         out["box_units"] = c.choice(d["box_units"], "detection.box_units", ("pixels", "normalized"))
     need = 3 if layout == "ssd" else 1
     if outputs and len(outputs) < need:
-        c.fail("detection.layout", f"{layout} needs {need}+ outputs, the manifest lists {len(outputs)}")
+        c.fail(
+            "detection.layout", f"{layout} needs {need}+ outputs, the manifest lists {len(outputs)}"
+        )
     if outputs and layout != "ssd" and len(outputs[0].shape) != 3:
-        c.fail("detection.layout", f"{layout} needs an output of rank 3, got {list(outputs[0].shape)}")
+        c.fail(
+            "detection.layout", f"{layout} needs an output of rank 3, got {list(outputs[0].shape)}"
+        )
     return out
 
 

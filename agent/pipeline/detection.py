@@ -1,4 +1,4 @@
-"""Detector output decoders (YOLO, transposed YOLO, SSD) with score threshold, per-class NMS and a cap."""
+"""Detector output decoders (YOLO, transposed YOLO, SSD): score threshold, per-class NMS, a cap."""
 
 from __future__ import annotations
 
@@ -98,7 +98,9 @@ class Detections:
     def to_list(self, labels: Sequence[str] = ()) -> list[dict[str, Any]]:
         """JSON-ready boxes for sinks: class, label, score and [x1, y1, x2, y2]."""
         out: list[dict[str, Any]] = []
-        for box, cls, score in zip(self.boxes.tolist(), self.classes.tolist(), self.scores.tolist()):
+        for box, cls, score in zip(
+            self.boxes.tolist(), self.classes.tolist(), self.scores.tolist()
+        ):
             item: dict[str, Any] = {
                 "class": int(cls),
                 "score": round(float(score), 6),
@@ -205,15 +207,13 @@ def nms_indices(
     return kept
 
 
-def decode_batch(
+def _decode_padded(
     outputs: Sequence[npt.NDArray[Any]],
     spec: DetectionSpec,
-    image_size: tuple[int, int] | None = None,
-) -> list[Detections]:
-    """Every image's detections: layout decode, score threshold, per-class greedy NMS (a box
-    goes when its IoU with a kept, better box of its class is above ``iou_threshold``), the
-    best ``max_detections`` by score. All images at once, so a gate over a golden set pays
-    numpy's per-call cost once per step, not once per image."""
+    image_size: tuple[int, int] | None,
+) -> tuple[int, Any, Any, Any, npt.NDArray[np.bool_] | None]:
+    """(rows, boxes, classes, scores, kept) padded to the widest image, best first; kept is
+    None when no image has a box over the threshold."""
     boxes, classes, scores, valid = candidates(outputs, spec.layout)
     if spec.normalized and image_size is not None:
         # 0..1 shares of the input -> input pixels (what sinks and the golden boxes use)
@@ -223,10 +223,7 @@ def decode_batch(
     passed = valid & (scores >= spec.score_threshold)
     width = int(passed.sum(axis=1).max()) if rows and passed.size else 0
     if width == 0:
-        empty = Detections(
-            np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        )
-        return [empty] * rows
+        return rows, None, None, None, None
     # Each image's passing boxes, best score first, padded to the widest image.
     key = np.where(passed, scores, -np.inf)
     order = np.argsort(-key, axis=1, kind="stable")[:, :width]
@@ -240,6 +237,24 @@ def decode_batch(
         # a kept box i removes the worse boxes of its class that overlap it too much
         alive[:, i + 1 :] &= ~(alive[:, i : i + 1] & suppress[:, i, i + 1 :])
     alive &= np.cumsum(alive, axis=1) <= spec.max_detections
+    return rows, b, c, s, alive
+
+
+def decode_batch(
+    outputs: Sequence[npt.NDArray[Any]],
+    spec: DetectionSpec,
+    image_size: tuple[int, int] | None = None,
+) -> list[Detections]:
+    """Every image's detections: layout decode, score threshold, per-class greedy NMS (a box
+    goes when its IoU with a kept, better box of its class is above ``iou_threshold``), the
+    best ``max_detections`` by score. All images at once, so a gate over a golden set pays
+    numpy's per-call cost once per step, not once per image."""
+    rows, b, c, s, alive = _decode_padded(outputs, spec, image_size)
+    if alive is None:
+        empty = Detections(
+            np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        )
+        return [empty] * rows
     out: list[Detections] = []
     for r in range(rows):
         keep = alive[r]
@@ -251,6 +266,26 @@ def decode_batch(
             )
         )
     return out
+
+
+def decode_flat(
+    outputs: Sequence[npt.NDArray[Any]],
+    spec: DetectionSpec,
+    image_size: tuple[int, int] | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[Any], npt.NDArray[Any]]:
+    """decode_batch() as flat arrays over all images: (image index, class, xyxy box, score),
+    each image's boxes best first; what the gate scores (no per-image objects)."""
+    _, b, c, s, alive = _decode_padded(outputs, spec, image_size)
+    if alive is None:
+        none = np.zeros(0, dtype=np.int64)
+        return none, none, np.zeros((0, 4)), np.zeros(0)
+    img, slot = np.nonzero(alive)
+    return (
+        img.astype(np.int64),
+        c[img, slot].astype(np.int64),
+        b[img, slot].astype(np.float64),
+        s[img, slot].astype(np.float64),
+    )
 
 
 def decode(
@@ -270,8 +305,9 @@ def infer_layout(shapes: Sequence[Sequence[int | None]]) -> str:
     if len(shapes) >= 3:
         return "ssd"
     shape = list(shapes[0]) if shapes else []
-    if len(shape) == 3 and shape[1] is not None and shape[2] is not None:
-        if shape[1] < shape[2] and shape[1] <= 256:
+    if len(shape) == 3:
+        a, b = shape[1], shape[2]
+        if a is not None and b is not None and a < b and a <= 256:
             return "yolo_transposed"
     return "yolo"
 

@@ -153,8 +153,12 @@ class BadRow:
 BAD = [
     BadRow("yolo-rank-2", [np.zeros((1, 8), np.float32)], "yolo", "rank 3"),
     BadRow("yolo-too-narrow", [np.zeros((1, 4, 5), np.float32)], "yolo", "4 + 1 + classes"),
-    BadRow("transposed-too-narrow", [np.zeros((1, 4, 9), np.float32)], "yolo_transposed", "4 + classes"),
-    BadRow("ssd-two-outputs", [np.zeros((1, 3, 4)), np.zeros((1, 3))], "ssd", "boxes, classes, scores"),
+    BadRow(
+        "transposed-too-narrow", [np.zeros((1, 4, 9), np.float32)], "yolo_transposed", "4 + classes"
+    ),
+    BadRow(
+        "ssd-two-outputs", [np.zeros((1, 3, 4)), np.zeros((1, 3))], "ssd", "boxes, classes, scores"
+    ),
     BadRow(
         "ssd-lengths-differ",
         [np.zeros((1, 3, 4)), np.zeros((1, 2)), np.zeros((1, 3))],

@@ -122,7 +122,9 @@ status: {{interval_s: 0.5}}
         [str(EDGE_AGENT), "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        _wait(config, "1.0.0 running", lambda s: s["model"]["version"] == "1.0.0" and s["frames"] > 20)
+        _wait(
+            config, "1.0.0 running", lambda s: s["model"]["version"] == "1.0.0" and s["frames"] > 20
+        )
         # handed to the running daemon: gate, hot swap, probation, commit
         swap = _ea("install", "dist/shapes-1.1.0.tar", "--config", str(config))
         assert "installed shapes 1.1.0" in swap.stdout

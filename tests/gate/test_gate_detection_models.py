@@ -102,7 +102,9 @@ def decoded_golden(model: Path, golden_dir: Path) -> tuple[list[ImageBoxes], lis
     golden = load_golden_set(golden_dir)
     backend = load_backend(model)
     try:
-        outputs = np.concatenate([backend.run(golden.inputs[i : i + 1])[0] for i in range(golden.rows)])
+        outputs = np.concatenate(
+            [backend.run(golden.inputs[i : i + 1])[0] for i in range(golden.rows)]
+        )
     finally:
         backend.close()
     spec = detection_spec_from_mapping(golden.detection, "detection.yaml")
