@@ -211,3 +211,16 @@ def test_row_result_for_a_detector_and_a_segmenter() -> None:
         {"class": 2, "share": 0.75, "label": "road"},
         {"class": 0, "share": 0.25, "label": "bg"},
     ]
+
+
+def test_synthetic_shapes_source_draws_the_detector_frames() -> None:
+    from agent.config import SourceConfig
+    from agent.pipeline.sources import open_source
+
+    source = open_source(SourceConfig(pattern="shapes", max_frames=3), (None, 1, 64, 64))
+    assert source.name == "synthetic:shapes"
+    frames = [source.read(0.1) for _ in range(3)]
+    assert all(f is not None and f.data.shape == (64, 64) for f in frames)
+    bright = [int((f.data > 120).sum()) for f in frames if f is not None]
+    assert min(bright) >= 12 * 12 // 2  # at least one shape's worth of bright pixels
+    assert source.read(0.1) is None and source.exhausted
