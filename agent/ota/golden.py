@@ -258,7 +258,10 @@ def _load_measured(model: GateModel, golden: GoldenSet) -> tuple[Backend, int]:
 
 
 def _interleaved_pass(
-    backends: list[Backend], inputs: npt.NDArray[np.float32], progress: Progress | None
+    backends: list[Backend],
+    inputs: npt.NDArray[np.float32],
+    progress: Progress | None,
+    runs: list[Callable[[npt.NDArray[np.float32]], list[Any]]] | None = None,
 ) -> tuple[list[npt.NDArray[np.float32]], list[npt.NDArray[np.float64]], int]:
     """Run every row through one or two backends, one row at a time; with two, the order
     flips every row so a noisy moment hits both models alike. Returns each backend's
@@ -267,7 +270,9 @@ def _interleaved_pass(
         raise ValueError(f"the gate times one or two models, not {len(backends)}")
     rows = len(inputs)
     # One untimed probe per model gives the output layout every row must keep.
-    firsts = [np.asarray(b.run(inputs[:1])[0]) for b in backends]
+    if runs is None:
+        runs = [b.run for b in backends]
+    firsts = [np.asarray(run(inputs[:1])[0]) for run in runs]
     for backend, first in zip(backends, firsts):
         if first.ndim == 0 or first.shape[0] != 1:
             raise ModelError(
@@ -276,7 +281,6 @@ def _interleaved_pass(
             )
     row_bytes: list[list[bytes]] = [[] for _ in backends]
     row_latencies: list[list[float]] = [[] for _ in backends]
-    runs = [b.run for b in backends]
     rss_start = rss_peak = current_rss_bytes()
     # Rows go in chunks; RSS and progress are read between chunks, never between rows.
     chunk = RSS_SAMPLE_EVERY_ROWS
@@ -358,6 +362,33 @@ def _timed_rows_single(
         t1 = clock()
         took(t1 - t0)
         put(y.tobytes())
+
+
+def _packed_run(backend: Backend) -> Callable[[npt.NDArray[np.float32]], list[Any]]:
+    """A multi-output detector's run (SSD: boxes, classes, scores, count) with every output
+    of the row flattened into one float32 row, so the pass keeps them all in one array;
+    detection_metrics() splits them again."""
+    run = backend.run
+
+    def packed(x: npt.NDArray[np.float32]) -> list[Any]:
+        parts = [np.asarray(o, dtype=np.float32).reshape(1, -1) for o in run(x)]
+        return [np.concatenate(parts, axis=1)]
+
+    return packed
+
+
+def _ssd_outputs(packed: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+    """Packed SSD rows [N, 6K (+1)] back into boxes [N,K,4], classes [N,K], scores [N,K] and
+    count [N] when present (6K + 1 values a row)."""
+    rows, total = packed.shape[0], int(np.prod(packed.shape[1:]))
+    flat = packed.reshape(rows, total)
+    k = (total - 1) // 6 if total % 6 == 1 else total // 6
+    if k < 1 or total not in (6 * k, 6 * k + 1):
+        raise ModelError(f"ssd outputs of {total} values a row are not boxes, classes, scores")
+    parts = [flat[:, : 4 * k].reshape(rows, k, 4), flat[:, 4 * k : 5 * k], flat[:, 5 * k : 6 * k]]
+    if total == 6 * k + 1:
+        parts.append(flat[:, 6 * k])
+    return parts
 
 
 def _stack_rows(
@@ -626,18 +657,19 @@ def detection_metrics(
     assert golden.boxes is not None
     num_classes = len(golden.class_names)
     if spec.layout == "ssd":
-        raise ModelError(
-            "the gate reads one output per model; the ssd layout (4 outputs) is decoded by "
-            "the daemon but not gated yet"
-        )
-    width = outputs.shape[2] if spec.layout == "yolo" else outputs.shape[1]
-    model_classes = width - (5 if spec.layout == "yolo" else 4)
-    if outputs.ndim != 3 or model_classes != num_classes:
-        raise ModelError(
-            f"{spec.layout} output {list(outputs.shape[1:])} does not fit the golden set's "
-            f"{num_classes} categories"
-        )
-    flat = decode_flat([outputs], spec, golden_image_size(golden))
+        parts = _ssd_outputs(outputs)
+    else:
+        width = outputs.shape[2] if spec.layout == "yolo" and outputs.ndim == 3 else 0
+        if spec.layout == "yolo_transposed" and outputs.ndim == 3:
+            width = outputs.shape[1]
+        model_classes = width - (5 if spec.layout == "yolo" else 4)
+        if outputs.ndim != 3 or model_classes != num_classes:
+            raise ModelError(
+                f"{spec.layout} output {list(outputs.shape[1:])} does not fit the golden set's "
+                f"{num_classes} categories"
+            )
+        parts = [outputs]
+    flat = decode_flat(parts, spec, golden_image_size(golden))
     result = coco_metrics_flat(
         flat_ground_truth(golden), flat, num_classes, min(spec.max_detections, COCO_MAX_DETS)
     )
@@ -757,7 +789,11 @@ def run_gate(
         rss_added["candidate"] = 0
     to_run.append(cand_backend)
     try:
-        outs, lats, pass_growth = _interleaved_pass(to_run, golden.inputs, progress)
+        runs = [
+            _packed_run(b) if golden.task == "detection" and len(b.outputs) > 1 else b.run
+            for b in to_run
+        ]
+        outs, lats, pass_growth = _interleaved_pass(to_run, golden.inputs, progress, runs)
         cand_info = cand_backend.describe()
         cand_id = backend_identity(cand_backend)
         base_run_id = backend_identity(to_run[0]) if cached is None else None

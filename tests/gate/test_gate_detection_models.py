@@ -297,3 +297,102 @@ def test_not_json_annotations_exit_2(
     code = main(["gate", "--baseline", model, "--candidate", model, "--golden", str(copy)])
     assert code == 2
     assert "annotations.json: not valid JSON" in capsys.readouterr().err
+
+
+def ssd_from_yolo(src: Path, dst: Path) -> Path:
+    """The shapes detector with TFLite-style SSD outputs appended: boxes [N,64,4] (y1, x1,
+    y2, x2 in 0..1), classes [N,64], scores [N,64], count [N]: the same boxes, another
+    layout."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    del g.output[:]
+
+    def const(name: str, values: list[int]) -> None:
+        g.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+
+    const("ax2", [2])
+    for name, lo, hi in (("cx", 0, 1), ("cy", 1, 2), ("w", 2, 3), ("h", 3, 4), ("s_obj", 4, 5)):
+        const(f"{name}_lo", [lo])
+        const(f"{name}_hi", [hi])
+        g.node.append(
+            helper.make_node("Slice", ["output", f"{name}_lo", f"{name}_hi", "ax2"], [name])
+        )
+    const("cls_lo", [5])
+    const("cls_hi", [8])
+    g.node.append(helper.make_node("Slice", ["output", "cls_lo", "cls_hi", "ax2"], ["s_cls"]))
+    g.initializer.append(numpy_helper.from_array(np.array([0.5], np.float32), "half"))
+    g.node.extend(
+        [
+            helper.make_node("Mul", ["w", "half"], ["hw"]),
+            helper.make_node("Mul", ["h", "half"], ["hh"]),
+            helper.make_node("Sub", ["cy", "hh"], ["y1"]),
+            helper.make_node("Sub", ["cx", "hw"], ["x1"]),
+            helper.make_node("Add", ["cy", "hh"], ["y2"]),
+            helper.make_node("Add", ["cx", "hw"], ["x2"]),
+            helper.make_node("Concat", ["y1", "x1", "y2", "x2"], ["boxes"], axis=2),
+            helper.make_node("Mul", ["s_cls", "s_obj"], ["s_cls_scores"]),
+            helper.make_node("ReduceMax", ["s_cls_scores"], ["scores"], axes=[2], keepdims=0),
+            helper.make_node("ArgMax", ["s_cls_scores"], ["cls_i"], axis=2, keepdims=0),
+            helper.make_node("Cast", ["cls_i"], ["classes"], to=TensorProto.FLOAT),
+        ]
+    )
+    # count: every box is real here (the decoder's threshold still applies)
+    const("ax1", [1])
+    g.node.extend(
+        [
+            helper.make_node("Mul", ["scores", "zero_f"], ["zeros"]),
+            helper.make_node("Add", ["zeros", "one_f"], ["ones"]),
+            helper.make_node("ReduceSum", ["ones", "ax1"], ["count"], keepdims=0),
+        ]
+    )
+    g.initializer.append(numpy_helper.from_array(np.array([0.0], np.float32), "zero_f"))
+    g.initializer.append(numpy_helper.from_array(np.array([1.0], np.float32), "one_f"))
+    for name, shape in (
+        ("boxes", ["N", 64, 4]),
+        ("classes", ["N", 64]),
+        ("scores", ["N", 64]),
+        ("count", ["N"]),
+    ):
+        g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(dst))
+    return dst
+
+
+def test_a_yolo_detector_replaced_by_an_ssd_one_is_gated_on_its_boxes(
+    tmp_path: Path, demo_models: Path, no_latency_golden: Path
+) -> None:
+    model = ssd_from_yolo(demo_models / "shapes_det_fp32.onnx", tmp_path / "model.onnx")
+    data = model.read_bytes()
+    manifest = {
+        "format": 1,
+        "name": "shapes",
+        "version": "2.0.0",
+        "release_counter": 3,
+        "created": "2026-12-01T00:00:00Z",
+        "task": "detection",
+        "runtime": {"kind": "onnx", "precision": "fp32", "model": "model.onnx"},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [None, 1, 64, 64]}],
+        "outputs": [
+            {"name": "boxes", "dtype": "float32", "shape": [None, 64, 4]},
+            {"name": "classes", "dtype": "float32", "shape": [None, 64]},
+            {"name": "scores", "dtype": "float32", "shape": [None, 64]},
+            {"name": "count", "dtype": "float32", "shape": [None]},
+        ],
+        "detection": {"layout": "ssd", "score_threshold": 0.25},
+        "files": [
+            {"path": "model.onnx", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        ],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    report = run_gate(demo_models / "shapes_det_fp32.onnx", tmp_path, no_latency_golden)
+    base, cand = report.metrics["baseline"], report.metrics["candidate"]
+    assert report.metrics["detection"]["candidate"]["layout"] == "ssd"
+    # the same boxes in another layout: the same mAP (float rounding of the corners aside)
+    assert cand["det_boxes"] == base["det_boxes"]
+    assert cand["map50"] == pytest.approx(base["map50"], abs=1e-6)
+    assert cand["map50_95"] == pytest.approx(base["map50_95"], abs=1e-3)
+    assert report.passed, report.format_table()
