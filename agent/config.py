@@ -263,6 +263,8 @@ class PreprocessConfig:
             return "std: must not contain 0"
         if self.top_k < 1:
             return "top_k: must be at least 1"
+        if not 1 <= self.max_detections <= 10_000:
+            return "max_detections: must be within 1..10000"
         return None
 
 
