@@ -240,12 +240,17 @@ class PreprocessConfig:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     scale: float = 1.0
-    # What the daemon does with the model's output: classification (top-k with labels) or
-    # detection (boxes with a score threshold and NMS).
-    task: Literal["classification", "detection"] = "classification"
+    # What the daemon does with the model's output: classification (top-k with labels),
+    # detection (boxes with a score threshold and NMS) or segmentation (class pixel shares).
+    task: Literal["classification", "detection", "segmentation"] = "classification"
     top_k: int = 1
     score_threshold: float = 0.25
     iou_threshold: float = 0.45
+    # detection: the output layout a package's `detection` block names ("" : the older
+    # [N, K, 6] (x1, y1, x2, y2, score, class) or boxes/scores/classes tensors)
+    detection_layout: Literal["", "yolo", "yolo_transposed", "ssd"] = ""
+    max_detections: int = 100
+    box_units: Literal["pixels", "normalized"] = "pixels"
 
     def check(self) -> str | None:
         if self.resize and (len(self.resize) != 2 or min(self.resize) < 1):
@@ -254,6 +259,8 @@ class PreprocessConfig:
             return "std: must not contain 0"
         if self.top_k < 1:
             return "top_k: must be at least 1"
+        if not 1 <= self.max_detections <= 10_000:
+            return "max_detections: must be within 1..10000"
         return None
 
 
@@ -269,8 +276,9 @@ class SourceConfig:
     seed: int = 0
     reopen_backoff_max_s: float = 30.0
     # synthetic: "digits" draws 8x8-style digit strokes, "random" uniform noise, "tensor"
-    # ready float32 model inputs (no preprocessing cost: for benchmarks).
-    pattern: Literal["digits", "random", "tensor"] = "digits"
+    # ready float32 model inputs (no preprocessing cost: for benchmarks), "shapes" grey
+    # squares, circles and triangles (the demo detector's frames, agent/demo/shapes.py).
+    pattern: Literal["digits", "random", "tensor", "shapes"] = "digits"
     # synthetic frame size; 0 takes it from the model input
     width: int = 0
     height: int = 0

@@ -30,6 +30,7 @@ from agent.errors import (
 )
 from agent.health.governor import PAUSED, GovernorThread
 from agent.ota.host import LiveLatency
+from agent.pipeline.detection import input_image_size, row_result
 from agent.pipeline.latency import LatencyWindow, sorted_percentile
 from agent.pipeline.model import (
     backend_options,
@@ -44,7 +45,7 @@ from agent.pipeline.model import (
     probe_frame,
     read_manifest,
 )
-from agent.pipeline.postprocess import detections, top_k_rows
+from agent.pipeline.postprocess import top_k_rows
 from agent.pipeline.preprocess import Preprocessor
 from agent.pipeline.scheduler import FrameScheduler
 from agent.pipeline.sinks import Sink, open_sink
@@ -726,18 +727,25 @@ class Daemon:
             meta = self._telemetry_meta = (model, {"model": model.name, "version": model.version})
         latency_ms = round(latency_s * 1000.0, 3)
         # classifiers: top-k of the whole batch at once; detectors: per row below
-        tops = None if pre.task == "detection" else top_k_rows(outputs[0], pre.top_k, model.labels)
+        tops = (
+            top_k_rows(outputs[0], pre.top_k, model.labels)
+            if pre.task == "classification"
+            else None
+        )
         for row, frame in enumerate(frames):
             top_class = -1
+            box_scores = None
             if tops is None:
-                found = detections(
-                    outputs, pre.score_threshold, pre.iou_threshold, model.labels, row
+                # detectors (boxes) and segmenters (class pixel shares), per row
+                res = row_result(
+                    outputs,
+                    pre,
+                    model.labels,
+                    row,
+                    input_image_size(model.backend.inputs[0].shape, pre.layout),
                 )
-                if found:
-                    top_class, confidence = int(found[0]["class"]), float(found[0]["score"])
-                else:
-                    confidence = 0.0
-                key, value = "detections", found
+                key, value, box_scores = res.key, res.value, res.box_scores
+                top_class, confidence = res.top_class, res.confidence
             else:
                 best = tops[row]
                 top_class, confidence = int(best[0]["class"]), float(best[0]["score"])
@@ -760,6 +768,8 @@ class Daemon:
                     telemetry.observe_inference(
                         frame.seq, latency_s, top_class, confidence, meta[1]
                     )
+                    if box_scores is not None:
+                        telemetry.observe_boxes(box_scores)
                 except Exception as exc:
                     self._warn_once("telemetry", f"telemetry observe failed: {exc}")
         return confidence

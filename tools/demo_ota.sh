@@ -4,6 +4,8 @@
 #
 #   bash tools/demo_ota.sh            # about 1-2 minutes; everything under a temp dir
 #   DEMO_DIR=/tmp/x KEEP=1 bash tools/demo_ota.sh   # keep the files afterwards
+#   DETECTOR=1 bash tools/demo_ota.sh # the same story with the shapes detector: FP32 1.0.0,
+#                                     # INT8 1.1.0, 1.2.0 with the triangle class lowered
 #
 # Only 127.0.0.1 is used. Exit 0 when every step showed what it should.
 set -euo pipefail
@@ -12,6 +14,13 @@ REPO_ROOT=$PWD
 EA="$REPO_ROOT/.venv/bin/edge-agent"
 PY="$REPO_ROOT/.venv/bin/python"
 MODELS="$REPO_ROOT/agent/demo/models"
+if [ -n "${DETECTOR:-}" ]; then
+  NAME=shapes PATTERN=shapes GOLDEN="$REPO_ROOT/golden_local/detection"
+  FP32="$MODELS/shapes_det_fp32.onnx" INT8="$MODELS/shapes_det_int8.onnx"
+else
+  NAME=digits PATTERN=digits GOLDEN="$REPO_ROOT/golden_local"
+  FP32="$MODELS/digits_fp32.onnx" INT8="$MODELS/digits_int8.onnx"
+fi
 WORK=${DEMO_DIR:-$(mktemp -d /tmp/edge-agent-ota.XXXXXX)}
 mkdir -p "$WORK"
 cd "$WORK"
@@ -103,8 +112,19 @@ ea keys keyring --out keyring/ --threshold 1 keys/release-1.pub.json
 step "2. a TUF repository"
 ea repo init repo --keys keys --release-threshold 1
 
-step "3. digits 1.0.0 (FP32 ONNX): build and sign"
-cat >schema.yaml <<'EOF'
+step "3. $NAME 1.0.0 (FP32 ONNX): build and sign"
+if [ "$NAME" = shapes ]; then
+  cat >schema.yaml <<'EOF'
+name: shapes
+task: detection
+runtime: {kind: onnx, precision: fp32}
+preprocess: {resize: [64, 64], layout: NCHW, color_order: GRAY, mean: [0.0], std: [1.0], scale: 0.00392156862745098}
+labels: [square, circle, triangle]
+detection: {layout: yolo, box_units: normalized, score_threshold: 0.25, iou_threshold: 0.45, max_detections: 100}
+compat: {min_agent_version: 0.1.0, hardware_classes: [], runtime_features: [onnx]}
+EOF
+else
+  cat >schema.yaml <<'EOF'
 name: digits
 task: classification
 runtime: {kind: onnx, precision: fp32}
@@ -112,12 +132,13 @@ preprocess: {resize: [8, 8], layout: NCHW, color_order: GRAY, mean: [0.0], std: 
 labels: ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 compat: {min_agent_version: 0.1.0, hardware_classes: [], runtime_features: [onnx]}
 EOF
+fi
 sed 's/precision: fp32/precision: int8/' schema.yaml >schema-int8.yaml
 build() {  # build VERSION COUNTER MODEL SCHEMA
   ea package build --model "$3" --schema "$4" --out dist/ --version "$1" --release-counter "$2"
-  ea package sign "dist/digits-$1.tar" --key keys/release-1.key
+  ea package sign "dist/$NAME-$1.tar" --key keys/release-1.key
 }
-build 1.0.0 1 "$MODELS/digits_fp32.onnx" schema.yaml
+build 1.0.0 1 "$FP32" schema.yaml
 
 step "4. provision the device and install 1.0.0 from the file (no daemon yet)"
 PORT=$(free_port)
@@ -129,7 +150,7 @@ export EDGE_AGENT_OPERATOR_TOKEN
 cat >agent.yaml <<EOF
 state_dir: $WORK/state
 log_level: INFO
-source: {kind: synthetic, pattern: digits}
+source: {kind: synthetic, pattern: $PATTERN}
 scheduler: {fps_cap: 20}
 governor: {enabled: false}
 sinks: [{kind: jsonl, path: $WORK/results.jsonl}]
@@ -144,14 +165,14 @@ ota:
   channel: stable
   poll_interval_s: 2
   poll_jitter_s: 0
-  golden_dir: $REPO_ROOT/golden_local
+  golden_dir: $GOLDEN
   probation_frames: 40
   probation_s: 2
 status: {interval_s: 0.5}
 EOF
 ea provision --config agent.yaml --tuf-root repo/metadata/1.root.json --keyring keyring/ \
   --device-id demo-device-1
-ea install dist/digits-1.0.0.tar --config agent.yaml
+ea install dist/$NAME-1.0.0.tar --config agent.yaml
 
 step "5. the fleet server on 127.0.0.1:$PORT and the daemon"
 "$EA" serve --repo repo --db fleet.db --tokens $TOKEN_FILE --port "$PORT" >serve.log 2>&1 &
@@ -165,10 +186,10 @@ wait_until 180 "the daemon to infer on 1.0.0" \
 ea status --config agent.yaml
 
 step "6. publish INT8 1.1.0 and roll it out to 100%"
-build 1.1.0 2 "$MODELS/digits_int8.onnx" schema-int8.yaml
-ea publish dist/digits-1.1.0.tar --repo repo --keys keys
+build 1.1.0 2 "$INT8" schema-int8.yaml
+ea publish dist/$NAME-1.1.0.tar --repo repo --keys keys
 FRAMES_BEFORE=$(status_field 's["frames"]')
-ea rollout start --channel stable --version 1.1.0 --package digits --repo repo --keys keys \
+ea rollout start --channel stable --version 1.1.0 --package $NAME --repo repo --keys keys \
   --stages 100
 wait_journaled 300 1.1.0 COMMITTED REJECTED ROLLED_BACK
 wait_until 60 "the daemon to report 1.1.0" 's["model"]["version"]' "1.1.0"
@@ -178,6 +199,10 @@ PID_NOW=$(status_field 's["pid"]')
 echo "frames ${FRAMES_BEFORE} -> ${FRAMES_AFTER}, daemon pid $DAEMON_PID -> $PID_NOW (same process: hot swap)"
 [ "$PID_NOW" = "$DAEMON_PID" ] && [ "$FRAMES_AFTER" -gt "$FRAMES_BEFORE" ]
 
+if [ "$NAME" = shapes ]; then
+step "7. a bad 1.2.0 (the triangle class's scores lowered): published, rolled out, refused by the gate"
+cp "$MODELS/shapes_det_lowered.onnx" bad.onnx
+else
 step "7. a bad 1.2.0 (class 3's bias lowered): published, rolled out, refused by the gate"
 "$PY" - "$REPO_ROOT/tools" "$MODELS/digits_mlp_weights.npz" bad.onnx <<'EOF'
 import sys
@@ -189,10 +214,11 @@ b2 = w.b2.copy()
 b2[3] -= 4.0  # the model almost never answers "3" any more
 mlp_onnx(MLPWeights(w.w1, w.b1, w.w2, b2), Path(sys.argv[3]))
 EOF
+fi
 build 1.2.0 3 bad.onnx schema.yaml
-ea publish dist/digits-1.2.0.tar --repo repo --keys keys
+ea publish dist/$NAME-1.2.0.tar --repo repo --keys keys
 FRAMES_BEFORE=$(status_field 's["frames"]')
-ea rollout start --channel stable --version 1.2.0 --package digits --repo repo --keys keys \
+ea rollout start --channel stable --version 1.2.0 --package $NAME --repo repo --keys keys \
   --stages 100
 wait_journaled 300 1.2.0 REJECTED COMMITTED PROBATION
 wait_until 60 "the refusal of 1.2.0 in status" \

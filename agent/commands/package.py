@@ -242,6 +242,8 @@ def cmd_package_inspect(args: argparse.Namespace) -> int:
     if m.labels:
         shown = ", ".join(m.labels[:10]) + (" ..." if len(m.labels) > 10 else "")
         rows.append(("labels", f"{len(m.labels)}: {shown}"))
+    if m.detection:
+        rows.append(("detection", ", ".join(f"{k} {v}" for k, v in m.detection.items())))
     c = m.compat
     rows.append(
         (

@@ -14,12 +14,18 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import GoldenSetError, ModelError
+from agent.errors import ConfigError, GoldenSetError, ModelError
+from agent.ota.gate_detection import ImageBoxes
 from agent.runtime.base import file_sha256
 from agent.textio import load_npy, open_regular
 
-GOLDEN_FILES = ("inputs.npy", "labels.npy", "slices.npy", "reference.npy")
+GOLDEN_FILES = ("inputs.npy", "labels.npy", "slices.npy", "reference.npy", "annotations.json")
 GOLDEN_FILE_MAX_BYTES = 1 << 31
+# A detection golden set: boxes in COCO JSON (images in row order) instead of labels.npy,
+# and optionally how to decode a bare model file's outputs (a package's `detection` wins).
+ANNOTATIONS_NAME = "annotations.json"
+DETECTION_SPEC_NAME = "detection.yaml"
+ANNOTATIONS_MAX_BYTES = 64 << 20
 # Segmentation labels may mark pixels to ignore with this value (the common convention).
 SEGMENTATION_IGNORE = 255
 RUNTIME_TO_BACKEND = {
@@ -49,6 +55,11 @@ class GoldenSet:
     slices: npt.NDArray[Any] | None
     reference: npt.NDArray[np.float32] | None
     sha256: str
+    # detection: one ImageBoxes per row (ground truth), the category names in class order,
+    # and detection.yaml's decode settings for model files without a package
+    boxes: tuple[ImageBoxes, ...] | None = None
+    class_names: tuple[str, ...] = ()
+    detection: dict[str, Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -56,6 +67,8 @@ class GoldenSet:
 
     @property
     def task(self) -> str:
+        if self.boxes is not None:
+            return "detection"
         return "segmentation" if self.labels.ndim == 3 else "classification"
 
     def describe(self) -> dict[str, Any]:
@@ -177,15 +190,21 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
         raise GoldenSetError(f"{golden_dir}: golden set folder not found")
     inputs_path = golden_dir / "inputs.npy"
     labels_path = golden_dir / "labels.npy"
-    for required in (inputs_path, labels_path):
+    annotations_path = golden_dir / ANNOTATIONS_NAME
+    detection = annotations_path.is_file()
+    for required in (inputs_path,) if detection else (inputs_path, labels_path):
         # exists(), not is_file(): a FIFO or folder in its place is refused by name below.
         if not required.exists():
             raise GoldenSetError(
-                f"{required}: missing (a golden set needs inputs.npy and labels.npy)"
+                f"{required}: missing (a golden set needs inputs.npy and labels.npy, "
+                f"or inputs.npy and {ANNOTATIONS_NAME} for detection)"
             )
     hashes: dict[str, str] = {}
     inputs, hashes["inputs.npy"] = read_npy_hashed(inputs_path)
-    labels, hashes["labels.npy"] = read_npy_hashed(labels_path)
+    if detection:
+        labels = np.zeros(len(inputs), dtype=np.int64)
+    else:
+        labels, hashes["labels.npy"] = read_npy_hashed(labels_path)
     if inputs.dtype != np.float32:
         raise GoldenSetError(
             f"{inputs_path}: dtype {inputs.dtype}, expected float32 in the model's float domain"
@@ -197,7 +216,7 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
     if not np.isfinite(inputs).all():
         row = int(np.argwhere(~np.isfinite(inputs))[0][0])
         raise GoldenSetError(f"{inputs_path}: NaN or infinite value (first in row {row})")
-    if labels.dtype.kind not in "iu":
+    if not detection and labels.dtype.kind not in "iu":
         raise GoldenSetError(f"{labels_path}: dtype {labels.dtype}, expected integer class ids")
     if labels.ndim not in (1, 3):
         raise GoldenSetError(
@@ -222,6 +241,14 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
                 f"{golden_dir / 'reference.npy'}: expected finite float outputs, one row per input"
             )
         reference = reference.astype(np.float32)
+    boxes: tuple[ImageBoxes, ...] | None = None
+    class_names: tuple[str, ...] = ()
+    decode: dict[str, Any] | None = None
+    if detection:
+        boxes, class_names, hashes[ANNOTATIONS_NAME] = load_coco_annotations(
+            annotations_path, len(inputs)
+        )
+        decode = _detection_settings(golden_dir / DETECTION_SPEC_NAME)
     return GoldenSet(
         path=golden_dir,
         inputs=inputs,
@@ -229,7 +256,137 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
         slices=slices,
         reference=reference,
         sha256=_golden_digest(hashes),
+        boxes=boxes,
+        class_names=class_names,
+        detection=decode,
     )
+
+
+_SETTINGS_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _detection_settings(path: Path) -> dict[str, Any] | None:
+    """detection.yaml, parsed once per file version (the pure-Python YAML parser is slow)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _SETTINGS_CACHE:
+        return dict(_SETTINGS_CACHE[key])
+    from agent.config import load_yaml_file
+
+    try:
+        data = load_yaml_file(path)
+    except ConfigError as exc:
+        raise GoldenSetError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise GoldenSetError(f"{path}: expected a mapping (layout, score_threshold, ...)")
+    _SETTINGS_CACHE[key] = dict(data)
+    return data
+
+
+def _coco_fail(path: Path, where: str, problem: str) -> GoldenSetError:
+    return GoldenSetError(f"{path}: {where}: {problem}")
+
+
+def load_coco_annotations(
+    path: Path, rows: int
+) -> tuple[tuple[ImageBoxes, ...], tuple[str, ...], str]:
+    """Ground-truth boxes from a COCO JSON file: ``images`` in row order (the i-th image is
+    inputs row i), ``categories`` in class order (the i-th category is model class i),
+    ``annotations`` with ``bbox`` [x, y, width, height] in input pixels. Returns one
+    ImageBoxes (xyxy) per row, the category names and the file's sha256."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise GoldenSetError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > ANNOTATIONS_MAX_BYTES:
+        raise GoldenSetError(f"{path}: {len(raw)} bytes is more than {ANNOTATIONS_MAX_BYTES}")
+    digest = hashlib.sha256(raw).hexdigest()
+    # The OTA client gates often on the same file: parse and check it once per content.
+    cached = _ANNOTATIONS_CACHE.get((digest, rows))
+    if cached is not None:
+        return cached
+    boxes, names = _parse_coco(path, raw, rows)
+    result = (boxes, names, digest)
+    _ANNOTATIONS_CACHE.clear()
+    _ANNOTATIONS_CACHE[(digest, rows)] = result
+    return result
+
+
+_ANNOTATIONS_CACHE: dict[tuple[str, int], tuple[tuple[ImageBoxes, ...], tuple[str, ...], str]] = {}
+
+
+def _parse_coco(
+    path: Path, raw: bytes, rows: int
+) -> tuple[tuple[ImageBoxes, ...], tuple[str, ...]]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise GoldenSetError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise GoldenSetError(f"{path}: expected a COCO object (images, annotations, categories)")
+    images, anns, cats = (data.get(k) for k in ("images", "annotations", "categories"))
+    for key, value in (("images", images), ("annotations", anns), ("categories", cats)):
+        if not isinstance(value, list):
+            raise _coco_fail(path, key, "missing or not a list")
+    assert isinstance(images, list) and isinstance(anns, list) and isinstance(cats, list)
+    if len(images) != rows:
+        raise _coco_fail(path, "images", f"{len(images)} images for {rows} inputs (lengths differ)")
+    if not cats:
+        raise _coco_fail(path, "categories", "empty (at least one class)")
+    row_of: dict[Any, int] = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or isinstance(img.get("id"), bool) or "id" not in img:
+            raise _coco_fail(path, f"images[{i}]", "expected an object with an id")
+        if img["id"] in row_of:
+            raise _coco_fail(path, f"images[{i}].id", f"duplicate id {img['id']!r}")
+        row_of[img["id"]] = i
+    class_of: dict[Any, int] = {}
+    names: list[str] = []
+    for i, cat in enumerate(cats):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise _coco_fail(path, f"categories[{i}]", "expected an object with an id")
+        if cat["id"] in class_of:
+            raise _coco_fail(path, f"categories[{i}].id", f"duplicate id {cat['id']!r}")
+        class_of[cat["id"]] = i
+        names.append(str(cat.get("name", cat["id"])))
+    per_row: list[list[tuple[list[float], int]]] = [[] for _ in range(rows)]
+    for i, ann in enumerate(anns):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise _coco_fail(path, where, "expected an object")
+        if ann.get("image_id") not in row_of:
+            raise _coco_fail(path, f"{where}.image_id", f"no image {ann.get('image_id')!r}")
+        if ann.get("category_id") not in class_of:
+            raise _coco_fail(
+                path, f"{where}.category_id", f"no category {ann.get('category_id')!r}"
+            )
+        bbox = ann.get("bbox")
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+            or not all(math.isfinite(v) for v in bbox)
+            or bbox[2] <= 0
+            or bbox[3] <= 0
+        ):
+            raise _coco_fail(path, f"{where}.bbox", "expected [x, y, width, height], sizes > 0")
+        if ann.get("iscrowd"):
+            raise _coco_fail(path, f"{where}.iscrowd", "crowd regions are not supported")
+        x, y, w, h = (float(v) for v in bbox)
+        per_row[row_of[ann["image_id"]]].append(
+            ([x, y, x + w, y + h], class_of[ann["category_id"]])
+        )
+    boxes = tuple(
+        ImageBoxes(
+            np.asarray([b for b, _ in items], dtype=np.float64).reshape(-1, 4),
+            np.asarray([c for _, c in items], dtype=np.int64),
+        )
+        for items in per_row
+    )
+    return boxes, tuple(names)
 
 
 def _optional(path: Path, rows: int, hashes: dict[str, str]) -> npt.NDArray[Any] | None:
@@ -304,6 +461,26 @@ def _read_manifest(package_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelError(f"{path}: the manifest is not a JSON object")
     return data
+
+
+def manifest_beside(model_path: Path, levels: int = 8) -> dict[str, Any] | None:
+    """The manifest of the installed package holding ``model_path`` (a loaded backend's
+    file), or None for a bare model file. Plain JSON: the package was verified at install."""
+    target = model_path.resolve()
+    for folder in list(target.parents)[:levels]:
+        path = folder / "manifest.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        runtime = data.get("runtime") if isinstance(data, dict) else None
+        model = runtime.get("model") if isinstance(runtime, dict) else None
+        if isinstance(model, str) and (folder / model).resolve() == target:
+            return dict(data)
+        return None
+    return None
 
 
 def scan_model_file(

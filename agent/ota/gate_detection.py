@@ -150,3 +150,175 @@ def mean_iou(
         "miou": float(iou[present].mean()) if present.any() else 0.0,
         "per_class_iou": {str(c): float(iou[c]) for c in range(num_classes) if present[c]},
     }
+
+
+# COCO's ten IoU thresholds 0.50, 0.55, ..., 0.95 (same construction as pycocotools).
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)
+COCO_MAX_DETS = 100
+
+
+def flatten_boxes(
+    images: Sequence[ImageBoxes], num_classes: int, scored: bool = False
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], FloatArray, FloatArray]:
+    """Every box of every image as flat arrays: image index, class, xyxy box, score (1 for
+    ground truth); boxes of classes outside 0..num_classes-1 are left out."""
+    img, cls, box, score = [], [], [], []
+    for i, entry in enumerate(images):
+        c = np.asarray(entry.classes).reshape(-1).astype(np.int64)
+        img.append(np.full(len(c), i, dtype=np.int64))
+        cls.append(c)
+        box.append(np.asarray(entry.boxes, dtype=np.float64).reshape(-1, 4))
+        raw = entry.scores if scored and entry.scores is not None else np.ones(len(c))
+        score.append(np.asarray(raw, dtype=np.float64).reshape(-1))
+    if not img:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros((0, 4)), np.zeros(0)
+    i_all, c_all = np.concatenate(img), np.concatenate(cls)
+    b_all, s_all = np.concatenate(box), np.concatenate(score)
+    keep = (c_all >= 0) & (c_all < num_classes)
+    return i_all[keep], c_all[keep], b_all[keep], s_all[keep]
+
+
+def _ranks(groups: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Position of each entry within its group, for entries already sorted by group."""
+    if len(groups) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    counts = np.diff(np.r_[starts, len(groups)])
+    out: npt.NDArray[np.int64] = np.arange(len(groups)) - np.repeat(starts, counts)
+    return out
+
+
+def _batched_iou(a: FloatArray, b: FloatArray) -> FloatArray:
+    """IoU of each group's boxes: a [P, D, 4] x b [P, G, 4] -> [P, D, G]."""
+    ix1 = np.maximum(a[:, :, None, 0], b[:, None, :, 0])
+    iy1 = np.maximum(a[:, :, None, 1], b[:, None, :, 1])
+    ix2 = np.minimum(a[:, :, None, 2], b[:, None, :, 2])
+    iy2 = np.minimum(a[:, :, None, 3], b[:, None, :, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    union = area_a[:, :, None] + area_b[:, None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out: FloatArray = np.where(union > 0, inter / union, 0.0)
+    return out
+
+
+def coco_detection_metrics(
+    ground_truth: Sequence[ImageBoxes],
+    detections: Sequence[ImageBoxes],
+    num_classes: int,
+    max_dets: int = COCO_MAX_DETS,
+) -> dict[str, Any]:
+    """COCO box metrics as pycocotools computes them (area "all", ``max_dets`` per image and
+    class, 101 recall points): mAP@0.5, mAP@0.5:0.95 and both per class (classes without
+    ground truth are left out), plus box counts.
+
+    All images and classes at once: each (image, class) pair's detections (score order)
+    and ground truth are padded into arrays, and the greedy matching (each detection takes
+    the best unmatched box with IoU >= t, the later box on a tie, as pycocotools' loop)
+    runs for the ten IoU thresholds together, one detection rank at a time."""
+    if len(ground_truth) != len(detections):
+        raise ValueError(
+            f"{len(ground_truth)} ground-truth images but {len(detections)} detection images"
+        )
+    return coco_metrics_flat(
+        flatten_boxes(ground_truth, num_classes, scored=False),
+        flatten_boxes(detections, num_classes, scored=True),
+        num_classes,
+        max_dets,
+    )
+
+
+FlatBoxes = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], FloatArray, FloatArray]
+
+
+def coco_metrics_flat(
+    ground_truth: FlatBoxes, detections: FlatBoxes, num_classes: int, max_dets: int
+) -> dict[str, Any]:
+    """coco_detection_metrics() over flat arrays (image index, class, xyxy box, score), as
+    flatten_boxes() makes them: the gate decodes a whole golden set straight into this form."""
+    thresholds = COCO_IOU_THRESHOLDS
+    num_t = len(thresholds)
+    g_img, g_cls, g_box, _ = ground_truth
+    d_img, d_cls, d_box, d_score = detections
+    keep = (d_cls >= 0) & (d_cls < num_classes)
+    d_img, d_cls, d_box, d_score = d_img[keep], d_cls[keep], d_box[keep], d_score[keep]
+    g_pair = g_img * num_classes + g_cls
+    d_pair = d_img * num_classes + d_cls
+    # detections by (image, class), best score first, ties in the given order; at most
+    # max_dets per pair (pycocotools' maxDets)
+    d_order = np.lexsort((-d_score, d_pair))
+    d_pair, d_box, d_score, d_cls = (
+        d_pair[d_order],
+        d_box[d_order],
+        d_score[d_order],
+        d_cls[d_order],
+    )
+    d_rank = _ranks(d_pair)
+    kept = d_rank < max_dets
+    d_pair, d_box, d_score, d_cls, d_rank = (
+        d_pair[kept], d_box[kept], d_score[kept], d_cls[kept], d_rank[kept]
+    )  # fmt: skip
+    g_order = np.argsort(g_pair, kind="stable")
+    g_pair, g_box = g_pair[g_order], g_box[g_order]
+    g_rank = _ranks(g_pair)
+    hits = np.zeros((num_t, len(d_pair)), dtype=bool)
+    both = np.intersect1d(d_pair, g_pair)
+    if len(both):
+        slot_of = {int(p): i for i, p in enumerate(both.tolist())}
+        d_in = np.isin(d_pair, both)
+        g_in = np.isin(g_pair, both)
+        d_slot = np.array([slot_of[int(p)] for p in d_pair[d_in].tolist()], dtype=np.int64)
+        g_slot = np.array([slot_of[int(p)] for p in g_pair[g_in].tolist()], dtype=np.int64)
+        width_d, width_g = int(d_rank[d_in].max()) + 1, int(g_rank[g_in].max()) + 1
+        db = np.zeros((len(both), width_d, 4))
+        dv = np.zeros((len(both), width_d), dtype=bool)
+        gb = np.zeros((len(both), width_g, 4))
+        gv = np.zeros((len(both), width_g), dtype=bool)
+        db[d_slot, d_rank[d_in]] = d_box[d_in]
+        dv[d_slot, d_rank[d_in]] = True
+        gb[g_slot, g_rank[g_in]] = g_box[g_in]
+        gv[g_slot, g_rank[g_in]] = True
+        ious = _batched_iou(db, gb)
+        floor = np.minimum(thresholds, 1 - 1e-10)[None, :, None]
+        taken = np.zeros((len(both), num_t, width_g), dtype=bool)
+        matched = np.zeros((len(both), num_t, width_d), dtype=bool)
+        for d in range(width_d):
+            iou_d = ious[:, d, None, :]
+            masked = np.where(~taken & gv[:, None, :] & (iou_d >= floor), iou_d, -1.0)
+            best = width_g - 1 - np.argmax(masked[:, :, ::-1], axis=2)
+            ok = (np.take_along_axis(masked, best[:, :, None], axis=2)[:, :, 0] >= 0.0) & dv[
+                :, d, None
+            ]
+            matched[:, :, d] = ok
+            pi, ti = np.nonzero(ok)
+            taken[pi, ti, best[pi, ti]] = True
+        hits[:, d_in] = matched[d_slot, :, d_rank[d_in]].T
+    num_gt = np.bincount(g_cls, minlength=num_classes)
+    per50: dict[str, float] = {}
+    per5095: dict[str, float] = {}
+    for cls in range(num_classes):
+        if num_gt[cls] == 0:
+            continue
+        mine = np.flatnonzero(d_cls == cls)  # image order, then score order: as pycocotools
+        if len(mine) == 0:
+            per50[str(cls)], per5095[str(cls)] = 0.0, 0.0
+            continue
+        order = mine[np.argsort(-d_score[mine], kind="mergesort")]
+        tp = hits[:, order].astype(np.float64)
+        tp_cum = np.cumsum(tp, axis=1)
+        fp_cum = np.cumsum(1.0 - tp, axis=1)
+        recall = tp_cum / num_gt[cls]
+        precision = tp_cum / (tp_cum + fp_cum + np.spacing(1))
+        aps = [average_precision(recall[t], precision[t], "coco101") for t in range(num_t)]
+        per50[str(cls)] = aps[0]
+        per5095[str(cls)] = float(np.mean(aps))
+    return {
+        "map50": float(np.mean(list(per50.values()))) if per50 else 0.0,
+        "map50_95": float(np.mean(list(per5095.values()))) if per5095 else 0.0,
+        "per_class_ap50": per50,
+        "per_class_ap50_95": per5095,
+        "gt_boxes": len(g_cls),
+        "det_boxes": len(d_cls),
+    }

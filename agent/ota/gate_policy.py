@@ -34,6 +34,9 @@ class GatePolicy:
     # running the golden set of a small model; a package may lower both, never raise them.
     gate_timeout_s: float = 300.0
     gate_memory_max_mb: float = 1024.0
+    # detection: mAP@0.5:0.95 (COCO's average over 10 IoU thresholds) and AP@0.5 per class
+    map50_95_drop_max_pp: float = 1.0
+    class_ap_drop_max_pp: float = 5.0
 
     def check(self) -> str | None:
         for f in dataclasses.fields(self):

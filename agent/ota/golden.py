@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,22 @@ import psutil
 from agent.errors import InputDataError, ModelError
 from agent.ota.gate_cache import BaselineCache, CachedRun
 from agent.ota.gate_data import (
+    DETECTION_SPEC_NAME,
     GateModel,
     GoldenSet,
     check_labels_fit,
     load_golden_set,
+    manifest_beside,
     resolve_model,
     scan_model_file,
 )
-from agent.ota.gate_detection import mean_iou
+from agent.ota.gate_detection import (
+    COCO_MAX_DETS,
+    FlatBoxes,
+    coco_metrics_flat,
+    flatten_boxes,
+    mean_iou,
+)
 from agent.ota.gate_metrics import (
     agreement_metrics,
     classification_metrics_of_each,
@@ -37,6 +45,12 @@ from agent.ota.gate_policy import (
     apply_package_gate,
     load_policy,
     policy_from_mapping,
+)
+from agent.pipeline.detection import (
+    DetectionSpec,
+    decode_flat,
+    detection_spec_from_mapping,
+    infer_layout,
 )
 from agent.runtime import load_backend, select_backend
 from agent.runtime.base import Backend, file_sha256
@@ -244,7 +258,10 @@ def _load_measured(model: GateModel, golden: GoldenSet) -> tuple[Backend, int]:
 
 
 def _interleaved_pass(
-    backends: list[Backend], inputs: npt.NDArray[np.float32], progress: Progress | None
+    backends: list[Backend],
+    inputs: npt.NDArray[np.float32],
+    progress: Progress | None,
+    runs: list[Callable[[npt.NDArray[np.float32]], list[Any]]] | None = None,
 ) -> tuple[list[npt.NDArray[np.float32]], list[npt.NDArray[np.float64]], int]:
     """Run every row through one or two backends, one row at a time; with two, the order
     flips every row so a noisy moment hits both models alike. Returns each backend's
@@ -253,7 +270,9 @@ def _interleaved_pass(
         raise ValueError(f"the gate times one or two models, not {len(backends)}")
     rows = len(inputs)
     # One untimed probe per model gives the output layout every row must keep.
-    firsts = [np.asarray(b.run(inputs[:1])[0]) for b in backends]
+    if runs is None:
+        runs = [b.run for b in backends]
+    firsts = [np.asarray(run(inputs[:1])[0]) for run in runs]
     for backend, first in zip(backends, firsts):
         if first.ndim == 0 or first.shape[0] != 1:
             raise ModelError(
@@ -262,7 +281,6 @@ def _interleaved_pass(
             )
     row_bytes: list[list[bytes]] = [[] for _ in backends]
     row_latencies: list[list[float]] = [[] for _ in backends]
-    runs = [b.run for b in backends]
     rss_start = rss_peak = current_rss_bytes()
     # Rows go in chunks; RSS and progress are read between chunks, never between rows.
     chunk = RSS_SAMPLE_EVERY_ROWS
@@ -344,6 +362,33 @@ def _timed_rows_single(
         t1 = clock()
         took(t1 - t0)
         put(y.tobytes())
+
+
+def _packed_run(backend: Backend) -> Callable[[npt.NDArray[np.float32]], list[Any]]:
+    """A multi-output detector's run (SSD: boxes, classes, scores, count) with every output
+    of the row flattened into one float32 row, so the pass keeps them all in one array;
+    detection_metrics() splits them again."""
+    run = backend.run
+
+    def packed(x: npt.NDArray[np.float32]) -> list[Any]:
+        parts = [np.asarray(o, dtype=np.float32).reshape(1, -1) for o in run(x)]
+        return [np.concatenate(parts, axis=1)]
+
+    return packed
+
+
+def _ssd_outputs(packed: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+    """Packed SSD rows [N, 6K (+1)] back into boxes [N,K,4], classes [N,K], scores [N,K] and
+    count [N] when present (6K + 1 values a row)."""
+    rows, total = packed.shape[0], int(np.prod(packed.shape[1:]))
+    flat = packed.reshape(rows, total)
+    k = (total - 1) // 6 if total % 6 == 1 else total // 6
+    if k < 1 or total not in (6 * k, 6 * k + 1):
+        raise ModelError(f"ssd outputs of {total} values a row are not boxes, classes, scores")
+    parts = [flat[:, : 4 * k].reshape(rows, k, 4), flat[:, 4 * k : 5 * k], flat[:, 5 * k : 6 * k]]
+    if total == 6 * k + 1:
+        parts.append(flat[:, 6 * k])
+    return parts
 
 
 def _stack_rows(
@@ -534,6 +579,121 @@ def detection_checks(
     ]
 
 
+def detection_gate_checks(
+    policy: GatePolicy,
+    base: Mapping[str, Any],
+    cand: Mapping[str, Any],
+    class_names: Sequence[str] = (),
+) -> list[GateCheck]:
+    """ΔmAP@0.5, ΔmAP@0.5:0.95 and the worst per-class AP@0.5 drop, from two
+    coco_detection_metrics() results; the class whose AP fell most is named."""
+
+    def name(k: str) -> str:
+        i = int(k)
+        return f"class {k} ({class_names[i]})" if 0 <= i < len(class_names) else f"class {k}"
+
+    d50 = (cand["map50"] - base["map50"]) * 100.0
+    d5095 = (cand["map50_95"] - base["map50_95"]) * 100.0
+    base_ap, cand_ap = base["per_class_ap50"], cand["per_class_ap50"]
+    drops = {k: (base_ap[k] - cand_ap.get(k, 0.0)) * 100.0 for k in base_ap}
+    checks = [
+        _check(
+            "map50",
+            d50,
+            -policy.map_drop_max_pp,
+            ">=",
+            f"mAP@0.5 {base['map50']:.4f} -> {cand['map50']:.4f} ({d50:+.2f} pp)",
+        ),
+        _check(
+            "map50_95",
+            d5095,
+            -policy.map50_95_drop_max_pp,
+            ">=",
+            f"mAP@0.5:0.95 {base['map50_95']:.4f} -> {cand['map50_95']:.4f} ({d5095:+.2f} pp)",
+        ),
+    ]
+    if drops:
+        worst = max(drops, key=lambda k: drops[k])
+        checks.append(
+            _check(
+                "class_ap",
+                drops[worst],
+                policy.class_ap_drop_max_pp,
+                "<=",
+                f"{name(worst)} AP@0.5 {base_ap[worst]:.4f} -> {cand_ap.get(worst, 0.0):.4f} "
+                f"({-drops[worst]:+.1f} pp, worst class)",
+            )
+        )
+    return checks
+
+
+def detection_spec_of(
+    model: GateModel, golden: GoldenSet, output_shape: Sequence[int]
+) -> DetectionSpec:
+    """How to decode a model's outputs: its package's `detection` block, else the golden
+    set's detection.yaml, else the defaults with the layout guessed from the output."""
+    block = (model.manifest or {}).get("detection")
+    if isinstance(block, Mapping):
+        return detection_spec_from_mapping(block, f"{model.label}: manifest")
+    if golden.detection is not None:
+        return detection_spec_from_mapping(golden.detection, str(golden.path / DETECTION_SPEC_NAME))
+    return DetectionSpec(layout=infer_layout([tuple(output_shape)]))
+
+
+def golden_image_size(golden: GoldenSet) -> tuple[int, int]:
+    """(height, width) of the golden inputs: NCHW when the second axis looks like channels."""
+    shape = golden.inputs.shape
+    if len(shape) == 4 and shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4):
+        return int(shape[2]), int(shape[3])
+    if len(shape) >= 3:
+        return int(shape[1]), int(shape[2])
+    return 1, 1
+
+
+def detection_metrics(
+    golden: GoldenSet, outputs: npt.NDArray[np.float32], spec: DetectionSpec
+) -> dict[str, Any]:
+    """Decode one model's golden-set outputs with its spec and score them (COCO rules)."""
+    assert golden.boxes is not None
+    num_classes = len(golden.class_names)
+    if spec.layout == "ssd":
+        parts = _ssd_outputs(outputs)
+    else:
+        width = outputs.shape[2] if spec.layout == "yolo" and outputs.ndim == 3 else 0
+        if spec.layout == "yolo_transposed" and outputs.ndim == 3:
+            width = outputs.shape[1]
+        model_classes = width - (5 if spec.layout == "yolo" else 4)
+        if outputs.ndim != 3 or model_classes != num_classes:
+            raise ModelError(
+                f"{spec.layout} output {list(outputs.shape[1:])} does not fit the golden set's "
+                f"{num_classes} categories"
+            )
+        parts = [outputs]
+    flat = decode_flat(parts, spec, golden_image_size(golden))
+    result = coco_metrics_flat(
+        flat_ground_truth(golden), flat, num_classes, min(spec.max_detections, COCO_MAX_DETS)
+    )
+    result["boxes_per_image"] = result["det_boxes"] / max(1, golden.rows)
+    # the daemon's per-frame confidence for a detector: its best box's score (0 without)
+    best = np.zeros(golden.rows)
+    np.maximum.at(best, flat[0], flat[3])
+    result["top_score_mean"] = float(best.mean())
+    return result
+
+
+_FLAT_GT: dict[str, FlatBoxes] = {}
+
+
+def flat_ground_truth(golden: GoldenSet) -> FlatBoxes:
+    """The golden boxes as flat arrays, made once per golden set (keyed by its hash)."""
+    assert golden.boxes is not None
+    key = f"{golden.sha256}:{len(golden.class_names)}"
+    if key not in _FLAT_GT:
+        _FLAT_GT.clear()  # one golden set per device: keep only the latest
+        _FLAT_GT[key] = flatten_boxes(golden.boxes, len(golden.class_names))
+    return _FLAT_GT[key]
+
+
 # ---------------------------------------------------------------------------------------
 # The API the CLI and the OTA client call
 # ---------------------------------------------------------------------------------------
@@ -542,7 +702,9 @@ def detection_checks(
 def _as_model(source: ModelSource, backend: str) -> tuple[GateModel, Backend | None]:
     if isinstance(source, Backend):
         sha256, precision = scan_model_file(source.path, onnx=source.name == "onnx")
-        return GateModel(source.path, source.name, precision, None, sha256), source
+        # a loaded package model: its manifest names the output layout (detection)
+        manifest = manifest_beside(Path(source.path))
+        return GateModel(source.path, source.name, precision, manifest, sha256), source
     return resolve_model(Path(source), backend), None
 
 
@@ -627,7 +789,11 @@ def run_gate(
         rss_added["candidate"] = 0
     to_run.append(cand_backend)
     try:
-        outs, lats, pass_growth = _interleaved_pass(to_run, golden.inputs, progress)
+        runs = [
+            _packed_run(b) if golden.task == "detection" and len(b.outputs) > 1 else b.run
+            for b in to_run
+        ]
+        outs, lats, pass_growth = _interleaved_pass(to_run, golden.inputs, progress, runs)
         cand_info = cand_backend.describe()
         cand_id = backend_identity(cand_backend)
         base_run_id = backend_identity(to_run[0]) if cached is None else None
@@ -640,7 +806,8 @@ def run_gate(
         base = _Measured(cached.outputs, cached.latencies_s, cached.rss_added_bytes, True)
     else:
         base = _Measured(outs[0], lats[0], rss_added["baseline"])
-    if base.outputs.shape[1:] != cand.outputs.shape[1:]:
+    # A detector may change its layout (YOLO -> SSD): boxes are compared, not raw outputs.
+    if golden.task != "detection" and base.outputs.shape[1:] != cand.outputs.shape[1:]:
         raise ModelError(
             f"{cand_model.model_path}: output shape {list(cand.outputs.shape[1:])} differs from "
             f"the current model's {list(base.outputs.shape[1:])} (different output size)"
@@ -660,6 +827,12 @@ def run_gate(
         base_precision,
         cand_precision,
         cand_model.labels or base_model.labels,
+        (
+            detection_spec_of(base_model, golden, base.outputs.shape),
+            detection_spec_of(cand_model, golden, cand.outputs.shape),
+        )
+        if golden.task == "detection"
+        else None,
     )
 
     if cache is not None:
@@ -747,6 +920,7 @@ def _judge(
     base_precision: str,
     cand_precision: str,
     class_names: list[str] | None,
+    detection_specs: tuple[DetectionSpec, DetectionSpec] | None = None,
 ) -> tuple[dict[str, Any], list[GateCheck]]:
     known = "unknown" not in (base_precision, cand_precision)
     same_precision = (base_precision == cand_precision) if known else None
@@ -762,7 +936,19 @@ def _judge(
     }
     metrics: dict[str, Any] = {"task": golden.task, "latency": latency, "memory": memory}
     checks: list[GateCheck] = []
-    if golden.task == "segmentation":
+    if golden.task == "detection":
+        assert detection_specs is not None
+        b, c = (
+            detection_metrics(golden, measured.outputs, spec)
+            for measured, spec in zip((base, cand), detection_specs)
+        )
+        metrics.update({"baseline": b, "candidate": c})
+        metrics["detection"] = {
+            "baseline": detection_specs[0].to_dict(),
+            "candidate": detection_specs[1].to_dict(),
+        }
+        checks += detection_gate_checks(policy, b, c, golden.class_names)
+    elif golden.task == "segmentation":
         if base.outputs.ndim != 4 or base.outputs.shape[2:] != golden.labels.shape[1:]:
             raise ModelError(
                 f"segmentation output shape {list(base.outputs.shape[1:])} does not match "

@@ -53,6 +53,7 @@ SCHEMA_KEYS = (
     "labels",
     "compat",
     "gate",
+    "detection",
 )
 
 

@@ -39,6 +39,8 @@ DTYPES = (
 )
 LAYOUTS = ("NCHW", "NHWC", "flat")
 COLOR_ORDERS = ("RGB", "BGR", "GRAY")
+# Detector output layouts (agent/pipeline/detection.py decodes each).
+DETECTION_LAYOUTS = ("yolo", "yolo_transposed", "ssd")
 # Gate thresholds a package may tighten (docs/CONTRACTS.md, "Gate thresholds").
 GATE_KEYS = (
     "accuracy_drop_max_pp",
@@ -55,6 +57,8 @@ GATE_KEYS = (
     "miou_drop_max_pp",
     "gate_timeout_s",
     "gate_memory_max_mb",
+    "map50_95_drop_max_pp",
+    "class_ap_drop_max_pp",
 )
 
 # Validating patterns: always used with fullmatch (``$`` alone lets "digits\n" through) and
@@ -124,6 +128,8 @@ class Manifest:
     gate: Mapping[str, float] = field(default_factory=dict)
     extensions: Mapping[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    # task detection: the output layout and post-processing (see DETECTION_KEYS)
+    detection: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def semver(self) -> Version:
@@ -182,6 +188,8 @@ class Manifest:
         }
         if self.gate:
             out["gate"] = dict(self.gate)
+        if self.detection:
+            out["detection"] = dict(self.detection)
         out.update(self.extensions)
         out["files"] = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files]
         return out
@@ -400,11 +408,56 @@ def _tensor(c: _Check, v: Any, path: str) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), quantization=quant)
 
 
+def _detection_block(c: _Check, v: Any, task: str, outputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """The ``detection`` block: which output layout the model has and how to post-process it."""
+    d = c.obj(
+        v,
+        "detection",
+        ("layout",),
+        ("score_threshold", "iou_threshold", "max_detections", "box_units"),
+    )
+    if task != "detection":
+        c.fail("detection", f"only for task 'detection', not {task!r}")
+    layout = c.choice(d["layout"], "detection.layout", DETECTION_LAYOUTS)
+    out: dict[str, Any] = {"layout": layout}
+    for key, lo, hi in (("score_threshold", 0.0, 1.0), ("iou_threshold", 1e-9, 1.0)):
+        if key in d:
+            value = c.number(d[key], f"detection.{key}")
+            if not lo <= value <= hi:
+                c.fail(f"detection.{key}", f"{value} is outside {lo:g}..{hi:g}")
+            out[key] = value
+    if "max_detections" in d:
+        out["max_detections"] = c.integer(
+            d["max_detections"], "detection.max_detections", 1, 10_000
+        )
+    if "box_units" in d:
+        out["box_units"] = c.choice(d["box_units"], "detection.box_units", ("pixels", "normalized"))
+    need = 3 if layout == "ssd" else 1
+    if outputs and len(outputs) < need:
+        c.fail(
+            "detection.layout", f"{layout} needs {need}+ outputs, the manifest lists {len(outputs)}"
+        )
+    if outputs and layout != "ssd" and len(outputs[0].shape) != 3:
+        c.fail(
+            "detection.layout", f"{layout} needs an output of rank 3, got {list(outputs[0].shape)}"
+        )
+    return out
+
+
 def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     """Check decoded manifest data against the schema and build a Manifest."""
     c = _Check(source)
     top_required = ("format", "name", "version", "release_counter", "created", "task", "files")
-    top_optional = ("runtime", "inputs", "outputs", "preprocess", "labels", "compat", "gate")
+    top_optional = (
+        "runtime",
+        "inputs",
+        "outputs",
+        "preprocess",
+        "labels",
+        "compat",
+        "gate",
+        "detection",
+    )
     d = c.obj(data, "", top_required, top_optional)
     fmt = c.integer(d["format"], "format", 0, 1 << 16)
     if fmt != FORMAT_VERSION:
@@ -541,8 +594,13 @@ def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         gd = c.obj(d["gate"], "gate", (), GATE_KEYS)
         gate = {k: c.number(v, f"gate.{k}") for k, v in gd.items()}
 
+    detection: dict[str, Any] = {}
+    if "detection" in d:
+        detection = _detection_block(c, d["detection"], task, outputs)
+
     extensions = {k: v for k, v in d.items() if k.startswith("x-")}
     return Manifest(
+        detection=detection,
         format=fmt,
         name=name,
         version=version,

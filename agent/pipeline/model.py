@@ -121,8 +121,15 @@ def package_model_parts(
     """The preprocessing (with task) and labels an installed package's manifest describes."""
     where = str(package_dir / "manifest.json")
     pre_data = dict(manifest.get("preprocess") or {})
-    if manifest.get("task") in ("classification", "detection"):
+    if manifest.get("task") in ("classification", "detection", "segmentation"):
         pre_data["task"] = manifest["task"]
+    detection = manifest.get("detection")
+    if isinstance(detection, Mapping):
+        # the output layout and post-processing the package names (docs/packages.md)
+        pre_data["detection_layout"] = detection.get("layout", "yolo")
+        for key in ("score_threshold", "iou_threshold", "max_detections", "box_units"):
+            if key in detection:
+                pre_data[key] = detection[key]
     pre = preprocess_from_manifest(pre_data, where)
     labels = manifest.get("labels") or ()
     if isinstance(labels, str):

@@ -23,6 +23,8 @@ def preprocess_from_manifest(data: Mapping[str, Any] | None, where: str) -> Prep
         return PreprocessConfig()
     plain = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in data.items()}
     known = {"resize", "layout", "color_order", "mean", "std", "scale", "task", "top_k"}
+    known |= {"score_threshold", "iou_threshold", "detection_layout", "max_detections"}
+    known |= {"box_units"}
     plain = {k: v for k, v in plain.items() if k in known}
     return from_mapping(PreprocessConfig, plain, source=f"{where}:preprocess")
 

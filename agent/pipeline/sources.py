@@ -241,6 +241,15 @@ class SyntheticSource:
             elif pattern == "random":
                 self._frames.append(rng.integers(0, 256, self.shape, dtype=np.uint8))
                 self._labels.append(None)
+            elif pattern == "shapes":
+                # grey squares, circles and triangles (the demo detector's data set)
+                from agent.demo.shapes import shapes_frame
+
+                pixels = shapes_frame(rng, self.shape[0]).pixels
+                if len(self.shape) == 3:
+                    pixels = np.repeat(pixels[:, :, None], self.shape[2], axis=2)
+                self._frames.append(pixels)
+                self._labels.append(None)
             else:
                 digit = i % 10
                 h, w = self.shape[0], self.shape[1]

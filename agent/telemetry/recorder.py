@@ -8,7 +8,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,8 @@ class TelemetryRecorder:
         self._monotonic_ns = monotonic_ns
         self._clock = clock or CheckedClock()
         self._observations: collections.deque[_Observation] = collections.deque()
+        # detectors: each frame's box scores, for the summary's box counts and score histogram
+        self._box_scores: collections.deque[Sequence[float]] = collections.deque()
         self._events: collections.deque[_Event] = collections.deque()
         self._queue_max = config.queue_max
         self._dropped_observations = 0
@@ -161,6 +163,11 @@ class TelemetryRecorder:
         )
         if not self._rows_due and is_sampled(seq, self.config.sample_rate):
             self._signal_row_due()
+
+    def observe_boxes(self, scores: Sequence[float]) -> None:
+        """A detector frame's box scores (after NMS): counted in the interval summary."""
+        if len(self._box_scores) < self._queue_max:
+            self._box_scores.append(tuple(scores))
 
     def _signal_row_due(self) -> None:
         # one wake-up per flush cycle at most: later rows find the flag already set
@@ -292,6 +299,8 @@ class TelemetryRecorder:
                 records.append(
                     self._record("sample", PRIORITY_SAMPLE, "inference.sample", attrs, wall, mono)
                 )
+        while self._box_scores:
+            summary.observe_boxes(self._box_scores.popleft())
         while self._events:
             name, attrs, level, wall, mono = self._events.popleft()
             records.append(self._record("event", level, name, attrs, wall, mono))

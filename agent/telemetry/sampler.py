@@ -69,6 +69,16 @@ class IntervalSummary:
     class_counts: dict[int, int] = field(default_factory=dict)
     confidence_counts: list[int] = field(default_factory=lambda: [0] * 10)
     temps_max_c: dict[str, float] = field(default_factory=dict)
+    # detectors: frames seen, boxes per frame (0, 1, ..., 9, 10 or more), box score histogram
+    box_frames: int = 0
+    box_count_counts: list[int] = field(default_factory=lambda: [0] * 11)
+    box_score_counts: list[int] = field(default_factory=lambda: [0] * 10)
+
+    def observe_boxes(self, scores: Sequence[float]) -> None:
+        self.box_frames += 1
+        self.box_count_counts[min(10, len(scores))] += 1
+        for score in scores:
+            self.box_score_counts[min(9, max(0, int(score * 10))) if score == score else 0] += 1
 
     def observe(self, latency_s: float, top_class: int, confidence: float) -> None:
         self.latencies_s.append(latency_s)
@@ -104,6 +114,14 @@ class IntervalSummary:
             "governor_state": governor_state,
             "fps_cap": fps_cap,
         }
+        if self.box_frames:
+            summary["boxes"] = {
+                "frames": self.box_frames,
+                "total": sum(self.box_score_counts),
+                "count_counts": list(self.box_count_counts),  # frames with 0..9, 10+ boxes
+                "score_bounds": list(CONFIDENCE_BOUNDS),
+                "score_counts": list(self.box_score_counts),
+            }
         if frames:
             lat_ms = np.asarray(self.latencies_s, dtype=np.float64) * 1000.0
             p50, p95, p99 = np.percentile(lat_ms, [50, 95, 99])
