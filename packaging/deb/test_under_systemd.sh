@@ -150,36 +150,7 @@ log "package: $DEB_NAME"
 # real frames, operator keys, a TUF root, two signed digits packages.
 FIX=$WORK/fixtures
 mkdir -p "$FIX"
-EA_DEV=$(dirname "$DEV_PY")/edge-agent
-make_fixtures() {
-    "$DEV_PY" "$HERE/hang_model.py" "$FIX/hang.onnx" || return 1
-    cd "$FIX" || return 1
-    for role in root targets snapshot timestamp rollout; do
-        "$EA_DEV" -q keys generate --role $role --out keys/ >/dev/null || return 1
-    done
-    "$EA_DEV" -q keys generate --role release --name release-1 --out keys/ >/dev/null || return 1
-    "$EA_DEV" -q keys keyring --out keyring/ --threshold 1 keys/release-1.pub.json >/dev/null || return 1
-    "$EA_DEV" -q repo init repo --keys keys --release-threshold 1 >/dev/null || return 1
-    cat >schema.yaml <<'EOF'
-name: digits
-task: classification
-runtime: {kind: onnx, precision: fp32}
-preprocess: {resize: [8, 8], layout: NCHW, color_order: GRAY, mean: [0.0], std: [1.0], scale: 0.00392156862745098}
-labels: ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
-compat: {min_agent_version: 0.1.0, hardware_classes: [], runtime_features: [onnx]}
-EOF
-    sed 's/precision: fp32/precision: int8/' schema.yaml >schema-int8.yaml
-    _models=$REPO/agent/demo/models
-    "$EA_DEV" -q package build --model "$_models/digits_fp32.onnx" --schema schema.yaml \
-        --out dist/ --version 1.0.0 --release-counter 1 >/dev/null || return 1
-    "$EA_DEV" -q package build --model "$_models/digits_int8.onnx" --schema schema-int8.yaml \
-        --out dist/ --version 1.1.0 --release-counter 2 >/dev/null || return 1
-    for v in 1.0.0 1.1.0; do
-        "$EA_DEV" -q package sign "dist/digits-$v.tar" --key keys/release-1.key >/dev/null || return 1
-    done
-    cp -r "$REPO/golden_local" golden
-}
-(make_fixtures) >"$WORK/fixtures.log" 2>&1 || { tail -n 20 "$WORK/fixtures.log" >&2; die "cannot make the test fixtures"; }
+sh "$HERE/make_test_fixtures.sh" "$DEV_PY" "$FIX" >"$WORK/fixtures.log" 2>&1 || { tail -n 20 "$WORK/fixtures.log" >&2; die "cannot make the test fixtures"; }
 
 # ------------------------------------------------------------------ the root
 mkdir -p "$CACHE"
