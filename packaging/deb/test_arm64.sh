@@ -122,7 +122,8 @@ timed() {
 }
 in_root() {
     chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-        LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"
+        LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        PIP_CERT=/etc/ssl/host-ca.pem SSL_CERT_FILE=/etc/ssl/host-ca.pem "$@"
 }
 
 # ------------------------------------------------------------------ host side: fixtures, x86 reference
@@ -157,6 +158,10 @@ else
         || log "warning: could not write the cache $ARM_TAR"
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# pip inside reaches PyPI the way this machine does: through the same CA bundle (a
+# TLS-inspecting proxy's CA is in it where there is one)
+cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOT/etc/ssl/host-ca.pem" \
+    || die "cannot copy this machine's CA bundle into the root"
 # /proc only: with the x86 host's /sys visible, onnxruntime's cpuinfo crashes the
 # emulated process on import
 mount -t proc proc "$ROOT/proc" || die "cannot mount /proc in the root"
