@@ -100,7 +100,7 @@ mount -t tmpfs -o size=2g tmpfs "$ROOT/tmp" || die "cannot mount a tmpfs on the 
 in_root() {
     chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
         PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        PIP_CERT=/etc/ssl/host-ca.pem SSL_CERT_FILE=/etc/ssl/host-ca.pem "$@"
+        PIP_CERT=/etc/ssl/host-ca.pem SSL_CERT_FILE=/etc/ssl/host-ca.pem PIP_RETRIES=10 "$@"
 }
 PYV=$(in_root python3 -c 'import platform; print(platform.python_version())')
 log "python3 in the $SUITE root: $PYV"
