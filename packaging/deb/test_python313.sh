@@ -124,6 +124,9 @@ log "pytest $*"
 T_TEST=$(date +%s)
 in_root sh -c 'cd /root/src && exec /root/venv/bin/python -m pytest "$@"' pytest "$@" >"$WORK/pytest.log" 2>&1
 RC=$?
+# the whole log outlives the root: the tracebacks are what a failure needs
+LOG_KEEP=${TMPDIR:-/var/tmp}/edge-agent-py313-pytest.log
+cp "$WORK/pytest.log" "$LOG_KEEP" && printf 'pytest log: %s\n' "$LOG_KEEP"
 grep -E '^(FAILED|ERROR) ' "$WORK/pytest.log" | head -n 40
 tail -n 3 "$WORK/pytest.log"
 printf 'python313-test: pytest exit %s on Python %s in %s s (total %s s)\n' "$RC" "$PYV" "$(($(date +%s) - T_TEST))" "$(elapsed)"
