@@ -74,12 +74,17 @@ BAD_CANDIDATES = [
 ]
 
 
+def is_gate_of(proc: psutil.Process, state_dir: Path | None = None) -> bool:
+    """``proc`` is a live gate child (of ``state_dir``'s agent when given)."""
+    try:
+        line = " ".join(proc.cmdline())
+    except psutil.Error:  # gone, a zombie, or not ours to read
+        return False
+    return "agent.ota.gate_process" in line and (state_dir is None or str(state_dir) in line)
+
+
 def gate_children() -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if "agent.ota.gate_process" in " ".join(p.cmdline())
-    ]
+    return [p for p in psutil.Process().children(recursive=True) if is_gate_of(p)]
 
 
 @pytest.mark.parametrize("row", BAD_CANDIDATES, ids=[r.id for r in BAD_CANDIDATES])
@@ -177,13 +182,9 @@ def test_the_daemon_infers_and_answers_while_a_candidate_hangs_in_the_gate(
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
-    # this test's gate child only (its request file lies under this device's state dir);
-    # a zombie or a vanished process has no cmdline and is not a live gate
-    assert not any(
-        "agent.ota.gate_process" in (cmd := " ".join(p.info["cmdline"] or ()))
-        and str(device.root) in cmd
-        for p in psutil.process_iter(["cmdline"])
-    ), "the gate child outlived the daemon"
+    assert not any(is_gate_of(p, device.state_dir) for p in psutil.process_iter()), (
+        "the gate child outlived the daemon"
+    )
     svc = device.service()
     last = svc.journal.last()
     assert last is not None and last.state is OTAState.ROLLED_BACK, last
@@ -221,14 +222,7 @@ def test_a_gate_child_dies_with_the_agent_that_started_it(device: Device) -> Non
     )
     try:
         child = wait_for(
-            lambda: next(
-                (
-                    p
-                    for p in psutil.Process(agent.pid).children()
-                    if "agent.ota.gate_process" in " ".join(p.cmdline())
-                ),
-                None,
-            ),
+            lambda: next((p for p in psutil.Process(agent.pid).children() if is_gate_of(p)), None),
             what="the gate child",
         )
         wait_for(lambda: child.cpu_percent(0.2) > 0, what="the candidate spinning")
