@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -44,7 +43,8 @@ from agent.errors import (
 )
 from agent.fleet.keys import OperatorKey, keys_for_role
 from agent.package.revert import REVERT_SUFFIX
-from agent.textio import file_lock, fsync_dir, write_atomic
+from agent.package.semver import Version, parse_version
+from agent.textio import atomic_file, file_lock, open_regular, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,8 @@ PACKAGE_PATTERN = "packages/*"
 CHANNEL_PATTERN = "channels/*"
 MAX_METADATA_BYTES = 4 << 20
 MAX_CHANNEL_BYTES = 64 << 10
-CHANNEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SEMVER_RE = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$"
-)
+# matched with fullmatch: "stable\n" is not a channel name
+CHANNEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -115,16 +113,10 @@ def _expiry(now: datetime, days: float) -> datetime:
     return (now + timedelta(days=days)).replace(microsecond=0)
 
 
-def semver_key(version: str) -> tuple[int, int, int, int, tuple[Any, ...]]:
-    """Sort key for semantic versions (a pre-release sorts before its release)."""
-    m = SEMVER_RE.match(version)
-    if not m:
-        raise ManifestError(f"version {version!r} is not a semantic version (x.y.z)")
-    major, minor, patch, pre = m.group(1), m.group(2), m.group(3), m.group(4)
-    pre_key: tuple[Any, ...] = ()
-    if pre:
-        pre_key = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
-    return (int(major), int(minor), int(patch), 0 if pre else 1, pre_key)
+def semver_key(version: str) -> Version:
+    """Sort key for semantic versions: the package area's one semver parser (a pre-release
+    sorts before its release; "1.0.0\n" and other scripts' digits are not versions)."""
+    return parse_version(version)
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,7 +434,7 @@ def verify_package_for_publish(tar_path: Path, repo: LoadedRepo) -> PackageFacts
     if not tar_path.is_file():
         raise UsageError(f"{tar_path}: package file not found")
     manifest = verify_package(tar_path, keyring)
-    if not CHANNEL_NAME_RE.match(manifest.name):
+    if not CHANNEL_NAME_RE.fullmatch(manifest.name):
         raise ManifestError(f"{tar_path}: package name {manifest.name!r} is not usable in a path")
     semver_key(manifest.version)
     return PackageFacts(manifest.name, manifest.version, manifest.release_counter)
@@ -650,18 +642,10 @@ def _add_delegated_target(
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        with src.open("rb") as fin, tmp.open("wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)
+    # atomic_file: an unguessable mkstemp name (a planted file or link at a fixed temp name
+    # is never written through), fsync, rename, fsync of the folder
+    with open_regular(src, "package file", UsageError) as fin, atomic_file(dest) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 # ---------------------------------------------------------------------------------------
@@ -670,7 +654,7 @@ def _copy_atomic(src: Path, dest: Path) -> None:
 
 
 def check_channel_name(channel: str) -> str:
-    if not CHANNEL_NAME_RE.match(channel):
+    if not CHANNEL_NAME_RE.fullmatch(channel):
         raise UsageError(f"channel name {channel!r}: use a-z, 0-9, '.', '_' or '-'")
     return channel
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.errors import FetchError, OTAError
 from agent.ota.fetch import HttpFetcher, TransferCut
@@ -99,6 +101,19 @@ def download_target(
     return final
 
 
+def _open_part(part: Path, append: bool) -> BinaryIO:
+    """The partial download, opened without following a link planted in its place
+    (staging/ holds unverified data; the agent never writes through a symlink there)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(part, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OTAError(f"{part}: is a symbolic link; refusing to write through it") from None
+        raise
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
 def _fetch_into(http: HttpFetcher, target: TargetRef, part: Path) -> None:
     have = part.stat().st_size if part.exists() else 0
     if have == target.length:
@@ -110,7 +125,10 @@ def _fetch_into(http: HttpFetcher, target: TargetRef, part: Path) -> None:
         mode, have = "wb", 0
     written_since_sync = 0
     label = f"download {target.url.rsplit('/', 1)[-1]}"
-    with part.open(mode) as fh, Progress(label, target.length, done=have) as bar:
+    with (
+        _open_part(part, append=mode == "ab") as fh,
+        Progress(label, target.length, done=have) as bar,
+    ):
         try:
             for chunk in chunks:
                 bar.advance(len(chunk))

@@ -26,6 +26,7 @@ import pytest
 from agent.config import load_yaml_file
 from agent.errors import ConfigError, EdgeAgentError, ManifestError, UsageError
 from agent.fleet.keys import generate_key_files
+from agent.fleet.repo import check_channel_name, semver_key
 from agent.fleet.tokens import add_device_token, revoke_device_token
 from agent.ota.gate_data import load_golden_set
 from agent.package import (
@@ -591,6 +592,9 @@ PATTERN_ROWS = [
     PatternRow("key-name-newline", lambda f: generate_key("release", Path("/nonexistent"), "rel-1\n"), UsageError, "key name"),
     # A revocation that would silently not match the key it names (the set holds "<id>\n").
     PatternRow("revoked-keyid-newline", lambda f: _keyring_with(f, lambda d: d.update(revoked=[d["revoked"][0] + "\n"])), ConfigError, "revoked"),
+    PatternRow("channel-name-newline", lambda f: check_channel_name("stable\n"), UsageError, "channel name 'stable\\n'"),
+    PatternRow("repo-version-newline", lambda f: semver_key("1.1.0\n"), ManifestError, "not a semantic version"),
+    PatternRow("repo-version-other-script-digit", lambda f: semver_key(f"1.{ARABIC_INDIC_3}.0"), ManifestError, "not a semantic version"),
     PatternRow("role-keyid-newline", lambda f: _keyring_with(f, lambda d: d["roles"]["release"]["keyids"].__setitem__(0, d["roles"]["release"]["keyids"][0] + "\n")), ConfigError, "is not a 64-hex key id"),
 ]  # fmt: skip
 
@@ -606,6 +610,8 @@ def test_the_same_values_without_the_trailing_newline_pass(forge: Forge) -> None
     """The table above refuses only the extra character, not the value."""
     assert _manifest_with(forge, name="digits", version="1.1.0").name == "digits"
     assert str(parse_version("1.3.0")) == "1.3.0"
+    assert check_channel_name("stable") == "stable"
+    assert semver_key("1.2.0-rc.1") < semver_key("1.2.0") < semver_key("1.10.0")
     assert forge.keyring.revoked  # the keyring the rows edit does revoke a key
 
 
@@ -617,3 +623,47 @@ def test_file_lock_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
         pass
     assert info.value.errno == errno.ELOOP
     assert not elsewhere.exists()
+
+
+def test_download_does_not_write_through_a_planted_part_link(tmp_path: Path) -> None:
+    """staging/<file>.part replaced by a link to a file elsewhere: the download refuses to
+    write through it, and the file it points at is untouched."""
+    import hashlib
+    import http.server
+
+    from agent.errors import OTAError
+    from agent.ota.download import TargetRef, download_target
+    from agent.ota.fetch import HttpFetcher
+
+    payload = b"x" * 4096
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        victim = tmp_path / "victim.bin"
+        victim.write_bytes(b"KEEP")
+        (staging / "pkg.tar.part").symlink_to(victim)
+        ref = TargetRef(
+            url=f"http://127.0.0.1:{server.server_port}/pkg.tar",
+            length=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
+            filename="pkg.tar",
+        )
+        with pytest.raises(OTAError, match="symbolic link"):
+            download_target(HttpFetcher(), ref, staging)
+        assert victim.read_bytes() == b"KEEP"
+    finally:
+        server.shutdown()
+        server.server_close()
