@@ -48,6 +48,8 @@ def run_script(
         "CALLS": str(calls),
         "FAKE_USERS": users,
         "FAKE_GROUPS": groups,
+        # the state dir's existence is read from here, not from this machine's /var/lib
+        "DPKG_ROOT": str(tmp_path / "root"),
     }
     done = run(["sh", str(deb_tree / "DEBIAN" / name), *args], env_extra=env)
     assert done.returncode == 0, done.stderr
@@ -64,7 +66,8 @@ def test_first_configure_without_systemd(deb_tree: Path, fake_path: Path, tmp_pa
     assert "adduser --quiet edge-agent video" in calls
     assert "adduser --quiet edge-agent i2c" in calls
     assert not any(c.startswith("adduser --quiet edge-agent gpio") for c in calls)
-    assert "install -d -o edge-agent -g edge-agent -m 0750 /var/lib/edge-agent" in calls
+    state_dir = tmp_path / "root" / "var/lib/edge-agent"
+    assert f"install -d -o edge-agent -g edge-agent -m 0750 {state_dir}" in calls
     assert "chown root:edge-agent /etc/edge-agent/agent.yaml" in calls
     assert "deb-systemd-helper enable edge-agent.service" in calls
     # a chroot / image build: enabled, but nothing started and systemctl never called
