@@ -391,7 +391,7 @@ def add_commands(sub: SubParsers) -> None:
         help="the highest device floor this revert applies to (the bad release's counter)",
     )
     p.add_argument("--key", required=True, help="Ed25519 release private key (.key)")
-    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("--passphrase-env", metavar="VAR", help="the key's passphrase is in $VAR")
     p.add_argument(
         "--out", required=True, help="output directory or <name>-<version>.revert.json path"
     )

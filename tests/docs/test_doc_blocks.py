@@ -207,6 +207,10 @@ CANNOT_RUN = {
     ): "a provisioned device with a daemon",
     (
         "README.md",
+        "edge-agent install dist/shapes-1.1.0.tar --config agent.yaml",
+    ): "the detector packages and daemon of tests/e2e/test_detector_install.py, which runs it",
+    (
+        "README.md",
         "edge-agent serve --repo ./repo --db postgresql://",
     ): "a PostgreSQL server at db.example",
     (
