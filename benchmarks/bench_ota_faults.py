@@ -255,11 +255,15 @@ def run_round(
             # the cycle is at its n-th kill point: the disk fills under it
             fill(disk)
             landed = True
-            os.write(parent_fd, b"f")
+            with contextlib.suppress(BrokenPipeError):
+                os.write(parent_fd, b"f")
             wait_line(parent_fd, None)
         with contextlib.suppress(OSError):
             (disk / "filler").unlink()
-        os.write(parent_fd, b"g")  # the disk is free again: poll
+        # the disk is free again: poll (a cycle that ended before its fill point has
+        # already closed its end: nothing to tell it)
+        with contextlib.suppress(BrokenPipeError):
+            os.write(parent_fd, b"g")
     status: int | None = None
     if kill_after_s is not None:
         deadline = time.monotonic() + kill_after_s
