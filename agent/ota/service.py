@@ -672,7 +672,10 @@ class OTAService:
                 raise
         # The gate runs without the lock (in a child process by default), so status,
         # rollback and a stop answer meanwhile; the journal is checked again after it.
-        # _gating is cleared only once the outcome is journaled: a stop waits for that
+        # _gating is cleared only once the outcome is journaled: a stop waits for that.
+        # The old model's live latency is read before the gate starts: the gate child
+        # competes for the same cores, and frames it slowed would make a lenient baseline.
+        before_gate = self.host.live_latency() if self.host is not None else LiveLatency()
         try:
             outcome = self._run_gate(pkg)
         except GateStopped as exc:
@@ -695,7 +698,7 @@ class OTAService:
             if not outcome.passed:
                 self._refuse(outcome.reason, channel_key, pkg=pkg)
                 raise GateFailedError(f"{pkg.name} {pkg.version}: {outcome.reason}")
-            return self._activate(pkg, outcome, channel_key)
+            return self._activate(pkg, outcome, channel_key, before_gate)
 
     @contextlib.contextmanager
     def _gate_ended(self) -> Iterator[None]:
@@ -855,7 +858,11 @@ class OTAService:
                 log.warning("telemetry event failed: %s", exc)
 
     def _activate(
-        self, pkg: ExtractedPackage, outcome: GateOutcome, channel_key: str
+        self,
+        pkg: ExtractedPackage,
+        outcome: GateOutcome,
+        channel_key: str,
+        before_gate: LiveLatency,
     ) -> JournalEntry:
         dir_name = install.package_dir_name(pkg.name, pkg.version)
         links_before = install.read_links(self.state_dir)
@@ -887,17 +894,19 @@ class OTAService:
             backend.path = final_dir / pkg.model_path.relative_to(pkg.root)
         install.switch_to(self.state_dir, dir_name)
         kill_point("activate.switched")
-        # the old model's latency in this same loop, under this same load, just before
-        # the swap: what probation holds the new one to
-        old_latency = self.host.live_latency() if self.host is not None else LiveLatency()
+        # the old model's latency in this same loop, under this same load: what probation
+        # holds the new one to. Read before the gate when it had enough frames then (no
+        # gate child competing for the cores); else just before the swap.
+        assert self.probation_policy is not None
+        window = self.probation_policy.latency_window_frames
+        old_latency = before_gate
+        if self.host is not None and before_gate.samples < window:
+            old_latency = self.host.live_latency()
         if self.host is not None:
             self.host.swap_in(live)
         else:
             backend.close()
-        assert self.probation_policy is not None
-        baseline = Baseline.from_gate_report(outcome.report).with_live(
-            old_latency, self.probation_policy.latency_window_frames
-        )
+        baseline = Baseline.from_gate_report(outcome.report).with_live(old_latency, window)
         entry = self._enter(
             OTAState.PROBATION,
             reason="watching the new model",

@@ -74,8 +74,15 @@ def log_in(browser: Any, url: str, token: str, path: str = "/") -> None:
 
     browser.get(url + path)
     assert "/login" in browser.current_url, "an unauthenticated visit must go to the login form"
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
     browser.find_element(By.NAME, "token").send_keys(token)
-    browser.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
+    button = browser.find_element(By.CSS_SELECTOR, "form[action='/login'] button")
+    button.click()
+    # click() returns before the POST's answer has replaced the page (seen in CI on a loaded
+    # machine): wait for the login page to go away, then judge where the browser landed.
+    WebDriverWait(browser, 120).until(expected_conditions.staleness_of(button))
     assert "/login" not in browser.current_url, browser.page_source[:500]
 
 

@@ -141,6 +141,53 @@ def test_a_latency_only_failure_is_retried_before_it_is_refused(device: Device) 
     svc.close()
 
 
+class ContendedHost:
+    """A ModelHost whose old model reads 2 ms a frame, and 6 ms while a gate child shares
+    its cores (what the loaded CI machine showed): the gate must not set the bar."""
+
+    def __init__(self, config: Any) -> None:
+        from agent.ota.host import LiveLatency
+
+        self.config = config
+        self.gating = False
+        self.swapped: list[Any] = []
+        self._calm, self._busy = LiveLatency(2.0, 3.0, 400), LiveLatency(6.0, 9.0, 400)
+
+    def live_latency(self) -> Any:
+        return self._busy if self.gating else self._calm
+
+    def swap_in(self, model: Any) -> None:
+        self.swapped.append(model)
+
+    def recent_frame(self) -> Any:
+        return None
+
+
+def test_the_live_baseline_is_read_before_the_gate_competes_for_the_cores(
+    device: Device,
+) -> None:
+    from .conftest import in_process_gate
+
+    host = ContendedHost(device.config)
+    real_gate = in_process_gate(device)
+
+    def contended_gate(baseline: Path, candidate: Path, manifest: Any) -> Any:
+        host.gating = True  # the old model's frames slow down from here on ...
+        return real_gate(baseline, candidate, manifest)  # ... and stay slow (warm-up too)
+
+    svc = device.service(host=host, gate=contended_gate)
+    svc.install_file(device.package("1.0.0", 1))
+    feed_frames(svc, 20)
+    host.gating = False
+    svc.install_file(device.package("1.1.0", 2))
+    assert host.gating, "the gate ran"
+    entry = svc.journal.last()
+    assert entry is not None and entry.state is OTAState.PROBATION
+    base = Baseline.from_gate_report(entry.detail)
+    assert (base.latency_source, base.latency_p50_ms) == ("live", 2.0), base
+    svc.close()
+
+
 # ------------------------------------------------------------------ a loaded machine, for real
 
 BASE_LAYERS = 40
