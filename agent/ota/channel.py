@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -22,6 +21,7 @@ from agent.errors import DowngradeError, FetchError, RepositoryError, StateError
 from agent.ota.download import TargetRef
 from agent.ota.fetch import HttpFetcher, TufFetcher
 from agent.ota.journal import Journal
+from agent.ota.tuf_view import set_reference_time, trusted_roles
 from agent.package.revert import MAX_REVERT_BYTES, RevertAuthorisation, revert_target
 
 log = logging.getLogger(__name__)
@@ -232,9 +232,7 @@ class ChannelClient:
                 bootstrap=None,
             )
             # Expiry is judged against the last-known-good time, not a stale boot clock.
-            updater._trusted_set.reference_time = dt.datetime.fromtimestamp(
-                self.clock.reference_s(reading_s), dt.timezone.utc
-            )
+            set_reference_time(updater, self.clock.reference_s(reading_s))
             updater.refresh()
             versions = self._check_marks(updater)
             channel_path = f"channels/{channel}.json"
@@ -261,7 +259,7 @@ class ChannelClient:
             if not sha:
                 raise RepositoryError(f"{doc.target}: target has no sha256 hash")
             url_path = doc.target
-            if updater._trusted_set.root.consistent_snapshot:
+            if trusted_roles(updater).consistent_snapshot:
                 dirname, sep, base = doc.target.rpartition("/")
                 url_path = f"{dirname}{sep}{sha}.{base}"
             ref = TargetRef(
@@ -316,24 +314,12 @@ class ChannelClient:
     def _confirm_clock(self, updater: Updater, reading_s: float) -> None:
         """Every role this check used verified at ``reading_s``: let the mark move to it,
         but never past the earliest expiry among them."""
-        trusted = updater._trusted_set
-        expires = [
-            signed.expires.timestamp()
-            for signed in (trusted.timestamp, trusted.snapshot, trusted.targets)
-        ]
-        for role in ("rollout", "release"):
-            with contextlib.suppress(KeyError):
-                expires.append(trusted[role].expires.timestamp())
+        roles = trusted_roles(updater, delegated=("rollout", "release"))
+        expires = [s for name, s in roles.expires_s.items() if name != "root"]
         self.clock.confirm(reading_s, expires)
 
     def _check_marks(self, updater: Updater) -> dict[str, int]:
-        trusted = updater._trusted_set
-        versions = {
-            "root": int(trusted.root.version),
-            "timestamp": int(trusted.timestamp.version),
-            "snapshot": int(trusted.snapshot.version),
-            "targets": int(trusted.targets.version),
-        }
+        versions = trusted_roles(updater).versions
         for role, version in versions.items():
             try:
                 self.journal.raise_mark(f"tuf.{role}", version)
