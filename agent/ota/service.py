@@ -50,9 +50,12 @@ from agent.ota.probation import (
     ProbationResult,
     ProbationWatch,
     Verdict,
-    crash_loop_tripped,
 )
 from agent.ota.quarantine import Quarantined, StartCheck, check_state_dir, check_tuf_root
+from agent.ota.recovery import Facts as RecoveryFacts
+from agent.ota.recovery import Plan as RecoveryPlan
+from agent.ota.recovery import Step as RecoveryStep
+from agent.ota.recovery import plan_recovery
 from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
 from agent.package import ReleaseFloor, check_compat
 from agent.pipeline.slot import ActiveModel
@@ -367,60 +370,55 @@ class OTAService:
                 # A kill between the COMMITTED row and the floor raise must not leave the
                 # floor low (a replayed older release would then pass).
                 self._finish_commit(last)
-            if last is None or last.state in AT_REST:
-                return (
-                    "rollback recorded"
-                    if self._record_silent_switch(last)
-                    else ("nothing in flight")
+            switch = None
+            if last is None or last.state in AT_REST or last.state is OTAState.PROBATION:
+                switch = self._silent_switch(last)
+            key = f"attempts:{last.package}-{last.version}" if last is not None else ""
+            plan = plan_recovery(
+                RecoveryFacts(
+                    state=last.state if last is not None else None,
+                    version=last.version if last is not None else "",
+                    restarts=int(last.detail.get("restarts", 0)) if last is not None else 0,
+                    attempts=int(self.journal.get_value(key) or 0) if key else 0,
+                    clean_stop=last is not None
+                    and self.journal.get_value(CLEAN_STOP) == str(last.seq),
+                    silent_switch=switch is not None,
+                    agent_start=agent_start,
+                    crash_loop_limit=self.config.ota.crash_loop_limit,
                 )
-            action = RECOVERY[last.state]
-            key = f"attempts:{last.package}-{last.version}"
-            if action is Recovery.CONTINUE_PROBATION:
-                if self._record_silent_switch(last):
-                    return "rollback recorded"
-                if not agent_start:
-                    return "probation in progress"
-                restarts = int(last.detail.get("restarts", 0)) + 1
-                if crash_loop_tripped(restarts, self.config.ota.crash_loop_limit):
-                    self.rollback(
-                        f"crash loop: {restarts} restarts during probation", automatic=True
-                    )
-                    return "rolled back (crash loop)"
-                self._enter(
-                    OTAState.PROBATION,
-                    reason=f"restart {restarts} during probation",
-                    detail={"restarts": restarts},
-                )
-                return "probation continues"
-            if action is Recovery.ABANDON and self.journal.get_value(CLEAN_STOP) == str(last.seq):
-                # the agent stopped cleanly mid-step (SIGTERM): not a crash, not counted
-                self._enter(
-                    OTAState.IDLE, reason=f"stopped cleanly in {last.state.value}; will retry"
-                )
-                return "abandoned (clean stop)"
-            attempts = int(self.journal.get_value(key) or 0) + 1
-            self.journal.set_value(key, str(attempts))
-            if action is Recovery.UNDO_ACTIVATION:
-                before = last.detail.get("links_before") or {}
-                install.restore_links(
-                    self.state_dir,
-                    install.Links(before.get("current"), before.get("previous")),
-                )
-                reason = f"interrupted during activation (attempt {attempts}); links restored"
-                self._enter(OTAState.ROLLED_BACK, reason=reason)
-                if attempts >= self.config.ota.crash_loop_limit:
-                    self._record_refusal(last, f"activation interrupted {attempts} times")
-                return "activation undone"
-            if attempts >= self.config.ota.crash_loop_limit and last.version:
-                reason = f"interrupted {attempts} times in {last.state.value}; refused"
-                self._enter(OTAState.REJECTED, reason=reason)
-                self._record_refusal(last, reason)
-                return "refused after repeated interruptions"
-            self._enter(
-                OTAState.IDLE,
-                reason=f"interrupted in {last.state.value} (attempt {attempts}); will retry",
             )
-            return "abandoned"
+            self._carry_out(plan, last, switch, key)
+            return plan.step.value
+
+    def _carry_out(
+        self,
+        plan: RecoveryPlan,
+        last: JournalEntry | None,
+        switch: dict[str, str] | None,
+        attempts_key: str,
+    ) -> None:
+        """Do what plan_recovery decided (agent/ota/recovery.py), in the journal and links."""
+        if plan.step is RecoveryStep.RECORD_ROLLBACK:
+            assert switch is not None
+            self._enter(OTAState.ROLLED_BACK, **switch)
+            return
+        if last is None or plan.next_state is None:
+            return  # nothing to write (nothing in flight, or a CLI during probation)
+        if plan.attempts is not None:
+            self.journal.set_value(attempts_key, str(plan.attempts))
+        if plan.step is RecoveryStep.CRASH_LOOP_ROLLBACK:
+            self.rollback(plan.reason, automatic=True)
+            return
+        if plan.step is RecoveryStep.UNDO_ACTIVATION:
+            before = last.detail.get("links_before") or {}
+            install.restore_links(
+                self.state_dir,
+                install.Links(before.get("current"), before.get("previous")),
+            )
+        detail = {"restarts": plan.restarts} if plan.restarts is not None else None
+        self._enter(plan.next_state, reason=plan.reason, detail=detail)
+        if plan.refuse is not None:
+            self._record_refusal(last, plan.refuse)
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -500,31 +498,38 @@ class OTAService:
         The journal's live version (PROBATION's, COMMITTED's, or a ROLLED_BACK's
         from_version) is then ``previous`` and ``current`` names another version.
         """
-        if last is None:
+        switch = self._silent_switch(last)
+        if switch is None:
             return False
+        self._enter(OTAState.ROLLED_BACK, **switch)
+        return True
+
+    def _silent_switch(self, last: JournalEntry | None) -> dict[str, str] | None:
+        """The ROLLED_BACK row's fields when the links show an unjournaled rollback, else None
+        (reads only: see _record_silent_switch)."""
+        if last is None:
+            return None
         made_live = (
             last
             if last.state is OTAState.PROBATION
             else self.journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
         )
         if made_live is None:
-            return False
+            return None
         live = (
             made_live.from_version if made_live.state is OTAState.ROLLED_BACK else made_live.version
         )
         current = self.current_version()
         previous = str((self.current_manifest(install.PREVIOUS) or {}).get("version", ""))
         if not live or not current or live == current or previous != live:
-            return False
-        self._enter(
-            OTAState.ROLLED_BACK,
-            package=made_live.package,
-            version=live,
-            from_version=current,
-            reason=f"links were switched back to {current} without a journal row "
+            return None
+        return {
+            "package": made_live.package,
+            "version": live,
+            "from_version": current,
+            "reason": f"links were switched back to {current} without a journal row "
             "(rollback interrupted); recorded now",
-        )
-        return True
+        }
 
     def _redo_commit_tail(self, entry: JournalEntry) -> None:
         """A COMMITTED whose floor raise failed (disk full) is finished by the next step."""
