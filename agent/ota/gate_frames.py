@@ -175,7 +175,8 @@ def histogram_figures(outputs: npt.NDArray[np.float32]) -> Mapping[str, Any] | N
 def pipeline_detail(cand: ModelPipeline, rows: int) -> str:
     pre = cand.preprocess
     size = "x".join(str(v) for v in pre.resize) or "model size"
+    where = cand.where.rsplit("/", 1)[-1]
     return (
-        f"{rows} frames -> preprocess ({size}, {pre.color_order}, {pre.layout}, from "
-        f"{cand.where}) -> model -> {pre.task} postprocess: every frame fits"
+        f"{rows} frames: preprocess {size} {pre.color_order} {pre.layout} ({where}) "
+        f"-> model -> {pre.task}: all fit"
     )

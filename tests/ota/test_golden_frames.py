@@ -113,6 +113,17 @@ def nan_digits() -> bytes:
     return model.SerializeToString()
 
 
+def eleven_outputs() -> bytes:
+    """The demo digits MLP with an eleventh output class (its manifest still names ten)."""
+    import tempfile
+
+    from demo_models import MLPWeights, mlp_onnx
+
+    weights = MLPWeights.load(DEMO / "digits_mlp_weights.npz")
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlp_onnx(weights, Path(tmp) / "eleven.onnx", num_outputs=11).read_bytes()
+
+
 def install_v1(dev: Device) -> None:
     svc = dev.service()
     assert svc.install_file(package_tar(dev, "1.0.0", 1, digits())).state is OTAState.PROBATION
@@ -158,6 +169,12 @@ FAULTS = [
         digits,
         manifest={"task": "detection"},
         reason="declared task detection, but the golden set is classification",
+    ),
+    PipelineFault(
+        "output size differs from the labels",
+        eleven_outputs,
+        manifest={"outputs": [{"name": "logits", "dtype": "float32", "shape": [None, 11]}]},
+        reason="the output has 11 classes, the manifest names 10 labels",
     ),
     PipelineFault(
         "NaN outputs",
@@ -316,7 +333,7 @@ def test_cli_gate_on_frames_names_the_pipeline(tmp_path: Path) -> None:
         timeout=300,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "pipeline" in ok.stdout and "every frame fits" in ok.stdout
+    assert "pipeline" in ok.stdout and "all fit" in ok.stdout
     assert ok.stdout.rstrip().endswith("gate PASS")
 
 
@@ -345,3 +362,48 @@ def test_build_golden_set_frames_form_matches_the_shipped_set(repo_root: Path) -
     assert frames.dtype == np.uint8 and frames.shape == (480, 8, 8)
     assert np.abs(frames / 255.0 - tensors[:, 0]).max() <= 0.5 / 255 + 1e-6
     assert sum(p.stat().st_size for p in RAW.iterdir()) < 1 << 20
+
+
+def test_the_committed_row_and_its_event_carry_drift_and_gate_margin(tmp_path: Path) -> None:
+    from agent.config import TelemetryConfig
+    from agent.telemetry.recorder import TelemetryRecorder
+
+    dev = frame_device(tmp_path)
+    install_v1(dev)
+    db = tmp_path / "telemetry.db"
+    cfg = TelemetryConfig(sample_rate=0.0, flush_interval_s=0.01)
+    recorder = TelemetryRecorder(cfg, "test-device-1", db, boot_id="b", start_uploader=False)
+    svc = dev.service(recorder=recorder)
+    try:
+        assert svc.install_file(package_tar(dev, "1.1.0", 2, digits())).state is (
+            OTAState.PROBATION
+        )
+        # live results of the new model: every class alike, as on the golden set
+        meta = {"model": "digits", "version": "1.1.0"}
+        for seq in range(300):
+            recorder.observe_inference(seq, 0.001, seq % 10, 0.97, meta)
+        assert recorder.flush()
+        since = recorder.drift_since_live("digits", "1.1.0")
+        assert since is not None and since.frames == 300
+        feed_frames(svc, 20)
+        committed = svc.journal.last()
+        assert committed is not None and committed.state is OTAState.COMMITTED
+        quality = committed.detail["quality"]
+        assert quality["drift_psi"] == round(since.class_psi, 6) and quality["drift_psi"] < 0.1
+        assert quality["gate_margin"] >= 0
+        assert recorder.flush()
+    finally:
+        svc.close()
+        recorder.close()
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        rows = [
+            json.loads(r[0])
+            for r in conn.execute("SELECT attrs FROM records WHERE name = 'ota.state'")
+        ]
+    committed_events = [r for r in rows if r["state"] == "COMMITTED"]
+    assert committed_events[-1]["quality.drift_psi"] == quality["drift_psi"]
+    assert committed_events[-1]["quality.gate_margin"] == quality["gate_margin"]
+    # rows without figures send none
+    assert not any(k.startswith("quality.") for r in rows if r["state"] != "COMMITTED" for k in r)
