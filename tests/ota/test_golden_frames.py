@@ -407,3 +407,42 @@ def test_the_committed_row_and_its_event_carry_drift_and_gate_margin(tmp_path: P
     assert committed_events[-1]["quality.gate_margin"] == quality["gate_margin"]
     # rows without figures send none
     assert not any(k.startswith("quality.") for r in rows if r["state"] != "COMMITTED" for k in r)
+
+
+def test_cli_install_without_a_daemon_runs_probation_on_the_golden_frames(tmp_path: Path) -> None:
+    import yaml
+
+    dev = frame_device(tmp_path)
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "device_id": "test-device-1",
+                "state_dir": str(dev.state_dir),
+                "telemetry": {"enabled": False},
+                "ota": {
+                    "enabled": True,
+                    "golden_dir": str(dev.config.ota.golden_dir),
+                    "probation_frames": 20,
+                    "probation_s": 0.0,
+                    "reserve_free_bytes": 0,
+                },
+            }
+        )
+    )
+    cli = [sys.executable, "-m", "agent.cli"]
+    for version, counter, model in (
+        ("1.0.0", 1, "digits_fp32.onnx"),
+        ("1.1.0", 2, "digits_int8.onnx"),
+    ):
+        tar = package_tar(dev, version, counter, digits(model))
+        done = subprocess.run(
+            [*cli, "install", str(tar), "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        # each package's own preprocessing turned the frames into its probation inputs
+        assert f"installed digits {version}" in done.stdout
+        assert "probation passed: state COMMITTED" in done.stdout
