@@ -1032,6 +1032,8 @@ def smallest_margin(checks: Sequence[GateCheck]) -> tuple[str, float] | None:
         if c.value is None or c.threshold is None:
             continue
         margin = c.value - c.threshold if c.comparison == ">=" else c.threshold - c.value
+        if margin < 0:
+            continue  # passed by its alternative rule (agreement: the softmax MSE)
         relative = margin / max(abs(c.threshold), 1e-9)
         if best is None or relative < best[0]:
             best = (relative, c.name, float(margin))

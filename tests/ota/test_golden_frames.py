@@ -446,3 +446,21 @@ def test_cli_install_without_a_daemon_runs_probation_on_the_golden_frames(tmp_pa
         # each package's own preprocessing turned the frames into its probation inputs
         assert f"installed digits {version}" in done.stdout
         assert "probation passed: state COMMITTED" in done.stdout
+
+
+def test_gate_margin_is_the_check_nearest_to_failing_in_its_own_units() -> None:
+    from agent.ota.golden import GateCheck, smallest_margin
+
+    checks = [
+        GateCheck("pipeline", "pass", 0.0, 0.0, "<=", ""),
+        GateCheck("accuracy", "pass", 0.2, -0.3, ">=", ""),  # 0.5 pp, 167 % of its limit
+        GateCheck("agreement", "pass", 0.99, 0.98, ">=", ""),  # 0.01, 1 % of its limit
+        GateCheck("latency_p95", "pass", 0.4, 0.5, "<=", ""),  # 0.1 ms, 20 %
+        GateCheck("logit_cosine", "skip", 0.5, 0.999, ">=", ""),
+    ]
+    name, margin = smallest_margin(checks) or ("", 0.0)
+    assert name == "agreement" and margin == pytest.approx(0.01)
+    # agreement passed by its softmax-MSE alternative: its own margin is no figure
+    checks[2] = GateCheck("agreement", "pass", 0.97, 0.98, ">=", "")
+    assert smallest_margin(checks) == ("latency_p95", pytest.approx(0.1))
+    assert smallest_margin(checks[:1]) is None
