@@ -18,7 +18,8 @@ if [ -n "${DETECTOR:-}" ]; then
   NAME=shapes PATTERN=shapes GOLDEN="$REPO_ROOT/golden_local/detection"
   FP32="$MODELS/shapes_det_fp32.onnx" INT8="$MODELS/shapes_det_int8.onnx"
 else
-  NAME=digits PATTERN=digits GOLDEN="$REPO_ROOT/golden_local"
+  # raw frames: each package's own preprocessing is gated too (docs/gate.md)
+  NAME=digits PATTERN=digits GOLDEN="$REPO_ROOT/golden_local/raw"
   FP32="$MODELS/digits_fp32.onnx" INT8="$MODELS/digits_int8.onnx"
 fi
 WORK=${DEMO_DIR:-$(mktemp -d /tmp/edge-agent-ota.XXXXXX)}

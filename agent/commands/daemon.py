@@ -141,7 +141,26 @@ def format_status(snap: dict[str, Any], running: bool) -> str:
     elif "power_source" in snap:
         lines.append("power:      not available (no power rails or PMIC on this board)")
     lines += format_ota(snap.get("ota"))
+    lines += format_drift(snap.get("drift"))
     return "\n".join(lines)
+
+
+def format_drift(drift: Any) -> list[str]:
+    """The live model's drift from its golden-set baseline (the last telemetry summary)."""
+    if not isinstance(drift, dict):
+        return []
+    ts = drift.get("unix_ns")
+    when = _ago(ts / 1e9) if isinstance(ts, (int, float)) else "at ?"
+    verdict = "DRIFTED" if drift.get("over") else "ok"
+    if not drift.get("judged") and not drift.get("over"):
+        verdict = "not judged (too few frames)"
+    return [
+        f"drift:      {drift.get('model')} {drift.get('version')} {verdict}: class PSI "
+        f"{_short(drift.get('class_psi'))} (max {_short(drift.get('psi_max'))}), KL "
+        f"{_short(drift.get('class_kl'))}; confidence PSI {_short(drift.get('confidence_psi'))}"
+        f", KL {_short(drift.get('confidence_kl'))}; {drift.get('frames')} frames vs "
+        f"{drift.get('golden_rows')} golden rows, {when}"
+    ]
 
 
 def format_ota(ota: Any) -> list[str]:
@@ -285,6 +304,9 @@ def _read_status(path: Path, state_dir: Path) -> tuple[dict[str, Any], bool]:
     fresh = time.time() - float(snap.get("updated", 0)) <= max(5.0, 5 * interval_s)
     running = snap.get("state") not in ("stopped",) and fresh and _pid_alive(snap.get("pid"))
     snap["ota"] = read_ota_status(state_dir)
+    from agent.telemetry.status import read_drift
+
+    snap["drift"] = read_drift(state_dir / "telemetry.db")
     return snap, running
 
 

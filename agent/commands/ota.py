@@ -266,13 +266,48 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _probe(service: Any, cfg: AgentConfig) -> str:
+    from agent.ota.gate_data import FRAMES_DIR, FRAMES_NAME
+
     golden = cfg.ota.golden_dir
+    if golden is not None and ((golden / FRAMES_NAME).exists() or (golden / FRAMES_DIR).is_dir()):
+        inputs = _golden_frame_inputs(service, golden, cfg.ota.probation_frames)
+        if isinstance(inputs, str):
+            return inputs
+        return str(service.probe_offline(inputs).value)
     if golden is None or not (golden / "inputs.npy").exists():
         return "pending (no golden inputs; the daemon finishes it)"
     from agent.textio import load_npy
 
     inputs = load_npy(golden / "inputs.npy")[: cfg.ota.probation_frames]
     return str(service.probe_offline(inputs).value)
+
+
+def _golden_frame_inputs(service: Any, golden: Path, frames: int) -> Any:
+    """A raw-frame golden set's first ``frames`` rows through the new current package's
+    own preprocessing (its model inputs for the offline probation), or why not (str)."""
+    from agent.ota import install
+    from agent.ota.gate_data import load_golden_set, resolve_model
+    from agent.ota.gate_frames import PipelineRefused, model_pipeline, preprocess_frames
+
+    current = install.resolve(service.state_dir, install.CURRENT)
+    manifest = service.current_manifest()
+    if current is None or manifest is None:
+        return "pending (no current package; the daemon finishes it)"
+    golden_set = load_golden_set(golden)
+    golden_set = dataclasses.replace(
+        golden_set,
+        frames=(golden_set.frames or ())[:frames],
+        inputs=golden_set.inputs[:frames],
+    )
+    backend = service.load_model(current, manifest)
+    try:
+        return preprocess_frames(
+            backend, model_pipeline(resolve_model(current), golden_set), golden_set
+        )
+    except PipelineRefused as exc:
+        return f"pending (the golden frames do not fit: {exc}; the daemon finishes it)"
+    finally:
+        backend.close()
 
 
 # ---------------------------------------------------------------------------- update

@@ -19,7 +19,15 @@ from agent.ota.gate_detection import ImageBoxes
 from agent.runtime.base import file_sha256
 from agent.textio import load_npy, open_regular
 
-GOLDEN_FILES = ("inputs.npy", "labels.npy", "slices.npy", "reference.npy", "annotations.json")
+GOLDEN_FILES = (
+    "inputs.npy",
+    "labels.npy",
+    "slices.npy",
+    "reference.npy",
+    "annotations.json",
+    "frames.npy",
+    "preprocess.yaml",
+)
 GOLDEN_FILE_MAX_BYTES = 1 << 31
 # A detection golden set: boxes in COCO JSON (images in row order) instead of labels.npy,
 # and optionally how to decode a bare model file's outputs (a package's `detection` wins).
@@ -28,6 +36,14 @@ DETECTION_SPEC_NAME = "detection.yaml"
 ANNOTATIONS_MAX_BYTES = 64 << 20
 # Segmentation labels may mark pixels to ignore with this value (the common convention).
 SEGMENTATION_IGNORE = 255
+# A raw-frame golden set: frames as the source delivers them (uint8 HxW or HxWxC), either
+# one array frames.npy [N,H,W(,C)] or a folder frames/ of one file per row (.npy or an
+# image, in name order); each model's own preprocessing turns them into its input.
+FRAMES_NAME = "frames.npy"
+FRAMES_DIR = "frames"
+# how a bare model file (no package manifest) preprocesses the frames; a package's own
+# `preprocess` always wins
+PREPROCESS_NAME = "preprocess.yaml"
 RUNTIME_TO_BACKEND = {
     "onnx": "onnx",
     "tflite": "litert",
@@ -60,10 +76,19 @@ class GoldenSet:
     boxes: tuple[ImageBoxes, ...] | None = None
     class_names: tuple[str, ...] = ()
     detection: dict[str, Any] | None = None
+    # raw-frame sets: one frame per row (``inputs`` is then an empty [N, 0] placeholder:
+    # each model's preprocessing makes its own inputs) and preprocess.yaml's settings
+    frames: tuple[npt.NDArray[Any], ...] | None = None
+    preprocess: dict[str, Any] | None = None
 
     @property
     def rows(self) -> int:
         return len(self.inputs)
+
+    @property
+    def form(self) -> str:
+        """The set's form: frames (raw, preprocessed per model) or tensors (model inputs)."""
+        return "frames" if self.frames is not None else "tensors"
 
     @property
     def task(self) -> str:
@@ -80,27 +105,41 @@ class GoldenSet:
             "slices": self.slices is not None,
             "reference": self.reference is not None,
             "sha256": self.sha256,
+            "form": self.form,
+            **({"frame_shape": self._frame_shape()} if self.frames is not None else {}),
         }
+
+    def _frame_shape(self) -> list[int] | str:
+        assert self.frames is not None
+        shapes = {f.shape for f in self.frames}
+        return list(shapes.pop()) if len(shapes) == 1 else "mixed"
 
 
 def _golden_digest(file_sha256s: dict[str, str]) -> str:
-    """One hash over the golden files that exist (name and sha256), for the baseline cache."""
+    """One hash over the golden files that exist (name and sha256), for the baseline cache;
+    a frames/ folder's files count in name order."""
     digest = hashlib.sha256()
-    for name in GOLDEN_FILES:
-        if name in file_sha256s:
-            digest.update(name.encode() + b"\0" + file_sha256s[name].encode() + b"\n")
+    names = [n for n in GOLDEN_FILES if n in file_sha256s]
+    names += sorted(n for n in file_sha256s if n.startswith(f"{FRAMES_DIR}/"))
+    for name in names:
+        digest.update(name.encode() + b"\0" + file_sha256s[name].encode() + b"\n")
     return digest.hexdigest()
 
 
 def golden_set_sha256(golden_dir: Path) -> str:
     """The golden set's hash (as GoldenSet.sha256) computed from the files on disk."""
-    return _golden_digest(
-        {
-            name: file_sha256(golden_dir / name)
-            for name in GOLDEN_FILES
-            if (golden_dir / name).is_file()
-        }
-    )
+    hashes = {
+        name: file_sha256(golden_dir / name)
+        for name in GOLDEN_FILES
+        if (golden_dir / name).is_file()
+    }
+    if (golden_dir / FRAMES_DIR).is_dir() and not (golden_dir / FRAMES_NAME).exists():
+        folder = golden_dir / FRAMES_DIR
+        hashes.update(
+            (f"{FRAMES_DIR}/{name}", file_sha256(folder / name))
+            for name in frame_file_names(folder)
+        )
+    return _golden_digest(hashes)
 
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -192,6 +231,18 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
     labels_path = golden_dir / "labels.npy"
     annotations_path = golden_dir / ANNOTATIONS_NAME
     detection = annotations_path.is_file()
+    if (golden_dir / FRAMES_NAME).exists() or (golden_dir / FRAMES_DIR).is_dir():
+        if inputs_path.exists():
+            raise GoldenSetError(
+                f"{golden_dir}: holds both inputs.npy (tensors) and raw frames "
+                f"({FRAMES_NAME} or {FRAMES_DIR}/); keep one form per golden set"
+            )
+        if detection:
+            raise GoldenSetError(
+                f"{golden_dir}: raw-frame golden sets are for classifiers; a detection "
+                f"golden set holds inputs.npy tensors with {ANNOTATIONS_NAME}"
+            )
+        return load_frame_set(golden_dir)
     for required in (inputs_path,) if detection else (inputs_path, labels_path):
         # exists(), not is_file(): a FIFO or folder in its place is refused by name below.
         if not required.exists():
@@ -260,6 +311,128 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
         class_names=class_names,
         detection=decode,
     )
+
+
+def _check_frame(frame: npt.NDArray[Any], where: str) -> npt.NDArray[Any]:
+    """One raw frame as the daemon's sources deliver it: HxW or HxWxC (1, 3 or 4 channels),
+    numeric and finite."""
+    if frame.ndim not in (2, 3) or frame.size == 0:
+        raise GoldenSetError(f"{where}: a frame must be HxW or HxWxC, got shape {frame.shape}")
+    if frame.ndim == 3 and frame.shape[2] not in (1, 3, 4):
+        raise GoldenSetError(f"{where}: {frame.shape[2]} channels (a frame has 1, 3 or 4)")
+    if frame.dtype.kind not in "uif":
+        raise GoldenSetError(f"{where}: a frame must be numeric, got dtype {frame.dtype}")
+    if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+        raise GoldenSetError(f"{where}: NaN or infinite pixel")
+    return frame
+
+
+def _read_frames(golden_dir: Path, hashes: dict[str, str]) -> tuple[npt.NDArray[Any], ...]:
+    """frames.npy [N,H,W(,C)] or the files of frames/ in name order, one frame each."""
+    one_array = golden_dir / FRAMES_NAME
+    if one_array.exists():
+        arr, hashes[FRAMES_NAME] = read_npy_hashed(one_array)
+        if arr.ndim not in (3, 4):
+            raise GoldenSetError(
+                f"{one_array}: shape {arr.shape}, expected [N, H, W] or [N, H, W, C] frames"
+            )
+        if len(arr) == 0:
+            raise GoldenSetError(f"{one_array}: the golden set is empty")
+        for i in range(len(arr)):
+            _check_frame(arr[i], f"{one_array}: frame {i}")
+        return tuple(arr[i] for i in range(len(arr)))
+    from agent.errors import EdgeAgentError
+    from agent.pipeline.sources import read_image_file
+
+    folder = golden_dir / FRAMES_DIR
+    names = frame_file_names(folder)
+    if not names:
+        raise GoldenSetError(f"{folder}: no .npy or image files (the golden set is empty)")
+    frames = []
+    for name in names:
+        path = folder / name
+        try:
+            frame = np.asarray(read_image_file(path))
+        except EdgeAgentError as exc:
+            # the daemon's own reader: OpenCV for images, safe .npy loading for arrays
+            raise GoldenSetError(f"{path}: cannot read the frame ({exc})") from None
+        frames.append(_check_frame(frame, str(path)))
+        hashes[f"{FRAMES_DIR}/{name}"] = file_sha256(path)
+    return tuple(frames)
+
+
+def frame_file_names(folder: Path) -> list[str]:
+    """The frame files of a frames/ folder in row order: .npy and images, by name (the
+    suffixes a directory source reads)."""
+    from agent.pipeline.sources import IMAGE_SUFFIXES, NPY_SUFFIXES
+
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.suffix.lower() in NPY_SUFFIXES + IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def load_frame_set(golden_dir: Path) -> GoldenSet:
+    """A raw-frame golden set: frames, integer labels [N], optional slices, reference and
+    preprocess.yaml (for bare model files). Each problem is a GoldenSetError naming it."""
+    hashes: dict[str, str] = {}
+    frames = _read_frames(golden_dir, hashes)
+    labels_path = golden_dir / "labels.npy"
+    if not labels_path.exists():
+        raise GoldenSetError(f"{labels_path}: missing (a raw-frame golden set needs labels)")
+    labels, hashes["labels.npy"] = read_npy_hashed(labels_path)
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise GoldenSetError(
+            f"{labels_path}: dtype {labels.dtype} shape {labels.shape}, expected integer "
+            "class ids [N] (raw frames are for classifiers)"
+        )
+    if len(labels) != len(frames):
+        raise GoldenSetError(
+            f"{labels_path}: {len(labels)} labels for {len(frames)} frames (lengths differ)"
+        )
+    if len(labels) and labels.min() < 0:
+        raise GoldenSetError(f"{labels_path}: negative label {int(labels.min())}")
+    slices = _optional(golden_dir / "slices.npy", len(frames), hashes)
+    if slices is not None and (slices.ndim != 1 or slices.dtype.kind not in "iuU"):
+        raise GoldenSetError(
+            f"{golden_dir / 'slices.npy'}: expected one integer or string id per row, "
+            f"got dtype {slices.dtype} shape {slices.shape}"
+        )
+    reference = _optional(golden_dir / "reference.npy", len(frames), hashes)
+    if reference is not None:
+        if reference.dtype.kind != "f" or not np.isfinite(reference).all():
+            raise GoldenSetError(
+                f"{golden_dir / 'reference.npy'}: expected finite float outputs, one row per frame"
+            )
+        reference = reference.astype(np.float32)
+    preprocess = None
+    pre_path = golden_dir / PREPROCESS_NAME
+    if pre_path.is_file():
+        preprocess = _yaml_mapping(pre_path, "resize, layout, color_order, mean, std, scale")
+        hashes[PREPROCESS_NAME] = file_sha256(pre_path)
+    return GoldenSet(
+        path=golden_dir,
+        inputs=np.zeros((len(frames), 0), dtype=np.float32),
+        labels=labels.astype(np.int64, copy=False),
+        slices=slices,
+        reference=reference,
+        sha256=_golden_digest(hashes),
+        frames=frames,
+        preprocess=preprocess,
+    )
+
+
+def _yaml_mapping(path: Path, keys: str) -> dict[str, Any]:
+    from agent.config import load_yaml_file
+
+    try:
+        data = load_yaml_file(path)
+    except ConfigError as exc:
+        raise GoldenSetError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise GoldenSetError(f"{path}: expected a mapping ({keys})")
+    return dict(data)
 
 
 _SETTINGS_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
@@ -421,6 +594,8 @@ class GateModel:
     manifest: dict[str, Any] | None
     # The model file's sha256 when resolving it already read the file (None: not yet).
     sha256: str | None = None
+    # the installed package folder holding the model (None: a bare model file)
+    package_dir: Path | None = None
 
     @property
     def package_gate(self) -> dict[str, Any] | None:
@@ -461,6 +636,19 @@ def _read_manifest(package_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelError(f"{path}: the manifest is not a JSON object")
     return data
+
+
+def package_beside(model_path: Path, levels: int = 8) -> tuple[dict[str, Any], Path] | None:
+    """(manifest, folder) of the installed package holding ``model_path``, or None."""
+    manifest = manifest_beside(model_path, levels)
+    if manifest is None:
+        return None
+    target = model_path.resolve()
+    model = str(manifest["runtime"]["model"])
+    for folder in list(target.parents)[:levels]:
+        if (folder / model).resolve() == target:
+            return manifest, folder
+    return None
 
 
 def manifest_beside(model_path: Path, levels: int = 8) -> dict[str, Any] | None:
@@ -531,7 +719,7 @@ def resolve_model(source: Path, backend: str = "auto") -> GateModel:
         chosen = backend if backend != "auto" else RUNTIME_TO_BACKEND.get(kind, "auto")
         sha256, scanned = scan_model_file(model_path)
         precision = str(runtime.get("precision") or scanned)
-        return GateModel(model_path, chosen, precision, manifest, sha256)
+        return GateModel(model_path, chosen, precision, manifest, sha256, source)
     if not source.exists():
         raise ModelError(f"{source}: model file or package directory not found")
     # A FIFO, device or socket is refused by name (scan_model_file opens nothing else).

@@ -78,6 +78,7 @@ class PolicyChange:
 
 
 _POLICY_CACHE: dict[tuple[str, int, int], GatePolicy] = {}
+POLICY_SECTIONS = frozenset({"drift", "shadow"})
 
 
 def load_policy(path: Path) -> GatePolicy:
@@ -92,7 +93,12 @@ def load_policy(path: Path) -> GatePolicy:
         key = None
     if key is not None and key in _POLICY_CACHE:
         return _POLICY_CACHE[key]
-    policy = from_mapping(GatePolicy, load_yaml_file(path), source=str(path))
+    data = load_yaml_file(path)
+    if isinstance(data, dict):
+        # sections other parts of the agent read from the same file (drift: the telemetry
+        # summaries; shadow: probation), not gate thresholds
+        data = {k: v for k, v in data.items() if k not in POLICY_SECTIONS}
+    policy = from_mapping(GatePolicy, data, source=str(path))
     if key is not None:
         _POLICY_CACHE[key] = policy
     return policy

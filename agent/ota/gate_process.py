@@ -379,6 +379,10 @@ def run_gate_here(request: GateRequest) -> GateOutcome:
     data = report.to_dict()
     failed = [str(c) for c in data.get("failed", [])]
     reason = "gate passed" if report.passed else f"gate failed: {', '.join(failed) or 'see report'}"
+    pipeline = next((c for c in report.checks if c.name == "pipeline" and c.failed), None)
+    if pipeline is not None:
+        # the candidate cannot process a golden frame: say why, not only which check
+        reason += f" ({pipeline.detail})"
     return GateOutcome(passed=bool(report.passed), report=data, reason=reason)
 
 

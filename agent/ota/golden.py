@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
-from agent.errors import InputDataError, ModelError
+from agent.errors import ConfigError, InputDataError, ModelError
 from agent.ota.gate_cache import BaselineCache, CachedRun
 from agent.ota.gate_data import (
     DETECTION_SPEC_NAME,
@@ -23,7 +23,7 @@ from agent.ota.gate_data import (
     GoldenSet,
     check_labels_fit,
     load_golden_set,
-    manifest_beside,
+    package_beside,
     resolve_model,
     scan_model_file,
 )
@@ -33,6 +33,16 @@ from agent.ota.gate_detection import (
     coco_metrics_flat,
     flatten_boxes,
     mean_iou,
+)
+from agent.ota.gate_frames import (
+    PIPELINE_CHECK,
+    ModelPipeline,
+    PipelineRefused,
+    check_outputs,
+    histogram_figures,
+    model_pipeline,
+    pipeline_detail,
+    preprocess_frames,
 )
 from agent.ota.gate_metrics import (
     agreement_metrics,
@@ -131,7 +141,13 @@ class GateReport:
             "baseline_cache": self.baseline_cache,
             "metrics": self.metrics,
             "elapsed_s": self.elapsed_s,
+            **self._margin(),
         }
+
+    def _margin(self) -> dict[str, Any]:
+        """``margin``: the check nearest to failing and by how much it passed (own units)."""
+        found = smallest_margin(self.checks) if self.passed else None
+        return {"margin": {"check": found[0], "value": found[1]}} if found else {}
 
     def format_table(self) -> str:
         """The readable summary for stdout and the log: one row per check, failures named."""
@@ -243,36 +259,60 @@ def predicted_identity(model: GateModel) -> str | None:
     return None
 
 
-def _load_measured(model: GateModel, golden: GoldenSet) -> tuple[Backend, int]:
-    """Load and warm one model; returns it with the RSS that loading and warm-up added."""
+Prepare = Callable[[Backend], npt.NDArray[np.float32]]
+
+
+def _tensor_inputs(golden: GoldenSet) -> Prepare:
+    """A tensors golden set: every model gets inputs.npy as it is."""
+
+    def prepare(backend: Backend) -> npt.NDArray[np.float32]:
+        try:
+            backend.check_input(golden.inputs)
+        except InputDataError as exc:
+            raise InputDataError(f"golden set does not fit the model: {exc}") from None
+        return golden.inputs
+
+    return prepare
+
+
+def _load_measured(model: GateModel, prepare: Prepare) -> tuple[Backend, int, Any]:
+    """Load and warm one model; returns it with the RSS that loading and warm-up added and
+    its golden inputs (``prepare``; raw frames are preprocessed outside the RSS window)."""
     before = current_rss_bytes()
     backend = load_backend(model.model_path, model.backend)
     try:
-        backend.check_input(golden.inputs)
-    except InputDataError as exc:
-        raise InputDataError(f"golden set does not fit the model: {exc}") from None
-    first = golden.inputs[:1]
-    for _ in range(WARMUP_RUNS):
-        backend.run(first)
-    return backend, max(0, current_rss_bytes() - before)
+        loaded = current_rss_bytes() - before
+        inputs = prepare(backend)
+        before_warmup = current_rss_bytes()
+        first = inputs[:1]
+        for _ in range(WARMUP_RUNS):
+            backend.run(first)
+    except BaseException:
+        backend.close()
+        raise
+    return backend, max(0, loaded + current_rss_bytes() - before_warmup), inputs
 
 
 def _interleaved_pass(
     backends: list[Backend],
-    inputs: npt.NDArray[np.float32],
+    inputs: npt.NDArray[np.float32] | Sequence[npt.NDArray[np.float32]],
     progress: Progress | None,
     runs: list[Callable[[npt.NDArray[np.float32]], list[Any]]] | None = None,
 ) -> tuple[list[npt.NDArray[np.float32]], list[npt.NDArray[np.float64]], int]:
     """Run every row through one or two backends, one row at a time; with two, the order
-    flips every row so a noisy moment hits both models alike. Returns each backend's
-    outputs ``[rows, ...]``, per-row latencies and the RSS growth seen during the pass."""
+    flips every row so a noisy moment hits both models alike. ``inputs`` is one array for
+    all, or one per backend (raw frames preprocessed by each model's own schema). Returns
+    each backend's outputs ``[rows, ...]``, per-row latencies and the RSS growth seen."""
     if len(backends) not in (1, 2):
         raise ValueError(f"the gate times one or two models, not {len(backends)}")
-    rows = len(inputs)
+    per_model: list[npt.NDArray[np.float32]] = (
+        list(inputs) if isinstance(inputs, (list, tuple)) else [np.asarray(inputs)] * len(backends)
+    )
+    rows = len(per_model[0])
     # One untimed probe per model gives the output layout every row must keep.
     if runs is None:
         runs = [b.run for b in backends]
-    firsts = [np.asarray(run(inputs[:1])[0]) for run in runs]
+    firsts = [np.asarray(run(x[:1])[0]) for run, x in zip(runs, per_model)]
     for backend, first in zip(backends, firsts):
         if first.ndim == 0 or first.shape[0] != 1:
             raise ModelError(
@@ -290,9 +330,11 @@ def _interleaved_pass(
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         if len(runs) == 2:
-            _timed_rows_pair(runs[0], runs[1], inputs, start, stop, row_bytes, row_latencies)
+            _timed_rows_pair(
+                runs[0], runs[1], per_model[0], start, stop, row_bytes, row_latencies, per_model[1]
+            )
         else:
-            _timed_rows_single(runs[0], inputs, start, stop, row_bytes[0], row_latencies[0])
+            _timed_rows_single(runs[0], per_model[0], start, stop, row_bytes[0], row_latencies[0])
         if stop // RSS_SAMPLE_EVERY_ROWS != rss_window:
             rss_window = stop // RSS_SAMPLE_EVERY_ROWS
             rss_peak = max(rss_peak, current_rss_bytes())
@@ -315,18 +357,23 @@ def _timed_rows_pair(
     stop: int,
     row_bytes: list[list[bytes]],
     row_latencies: list[list[float]],
+    inputs_b: npt.NDArray[np.float32] | None = None,
 ) -> None:
     """The timed loop for two models, kept as lean as a bare loop of run() calls: the clock
     read between the two runs ends the first one's time and starts the second's, and each
-    output is kept as bytes (cheaper per row than copying into a preallocated array)."""
+    output is kept as bytes (cheaper per row than copying into a preallocated array).
+    ``inputs_b``: the second model's own rows when its preprocessing differs."""
     clock = time.perf_counter
     put_a, put_b = row_bytes[0].append, row_bytes[1].append
     time_a, time_b = row_latencies[0].append, row_latencies[1].append
+    same = inputs_b is None or inputs_b is inputs
+    other = inputs if inputs_b is None else inputs_b
     for row in range(start, stop):
         x = inputs[row : row + 1]
+        x_b = x if same else other[row : row + 1]
         if row & 1:
             t0 = clock()
-            y_b = run_b(x)[0]
+            y_b = run_b(x_b)[0]
             t1 = clock()
             y_a = run_a(x)[0]
             t2 = clock()
@@ -336,7 +383,7 @@ def _timed_rows_pair(
             t0 = clock()
             y_a = run_a(x)[0]
             t1 = clock()
-            y_b = run_b(x)[0]
+            y_b = run_b(x_b)[0]
             t2 = clock()
             time_a(t1 - t0)
             time_b(t2 - t1)
@@ -702,9 +749,11 @@ def flat_ground_truth(golden: GoldenSet) -> FlatBoxes:
 def _as_model(source: ModelSource, backend: str) -> tuple[GateModel, Backend | None]:
     if isinstance(source, Backend):
         sha256, precision = scan_model_file(source.path, onnx=source.name == "onnx")
-        # a loaded package model: its manifest names the output layout (detection)
-        manifest = manifest_beside(Path(source.path))
-        return GateModel(source.path, source.name, precision, manifest, sha256), source
+        # a loaded package model: its manifest names the output layout (detection) and
+        # the preprocessing raw golden frames go through
+        found = package_beside(Path(source.path))
+        manifest, folder = found if found is not None else (None, None)
+        return GateModel(source.path, source.name, precision, manifest, sha256, folder), source
     return resolve_model(Path(source), backend), None
 
 
@@ -762,41 +811,85 @@ def run_gate(
     # Resolving a model read its file once for both its precision and its hash.
     base_sha = base_model.sha256 or file_sha256(base_model.model_path)
     cand_sha = cand_model.sha256 or file_sha256(cand_model.model_path)
+    # Raw frames: each model's own preprocessing makes its inputs, and the same frames
+    # preprocessed another way are other inputs (part of the cache key).
+    pipelines: tuple[ModelPipeline, ModelPipeline] | None = None
+    base_golden_key = cand_golden_key = golden.sha256
+    if golden.form == "frames":
+        try:
+            base_pipe = model_pipeline(base_model, golden)
+        except ConfigError as exc:
+            raise InputDataError(f"the current model's preprocessing: {exc}") from None
+        try:
+            cand_pipe = model_pipeline(cand_model, golden)
+        except ConfigError as exc:
+            return _pipeline_refused(
+                golden, effective, changes, base_model, cand_model, str(exc), golden.rows, started
+            )
+        pipelines = (base_pipe, cand_pipe)
+        base_golden_key = base_pipe.cache_key(golden.sha256)
+        cand_golden_key = cand_pipe.cache_key(golden.sha256)
     cached: CachedRun | None = None
     if cache is not None:
         base_id = backend_identity(base_backend) if base_backend else predicted_identity(base_model)
         if base_id is not None:
-            cached = cache.load(base_sha, golden.sha256, base_id, golden.rows)
+            cached = cache.load(base_sha, base_golden_key, base_id, golden.rows)
         cache_info.update({"path": str(cache.root), "backend": base_id, "used": cached is not None})
+
+    def prepare(role: int) -> Prepare:
+        if pipelines is None:
+            return _tensor_inputs(golden)
+        pipe = pipelines[role]
+
+        def frames_to_inputs(backend: Backend) -> npt.NDArray[np.float32]:
+            try:
+                return preprocess_frames(backend, pipe, golden)
+            except PipelineRefused as exc:
+                if role == 1:
+                    raise
+                raise InputDataError(
+                    f"the golden frames do not fit the current model's preprocessing: {exc}"
+                ) from None
+
+        return frames_to_inputs
 
     # Load (and time the loading RSS of) whatever must run, baseline first.
     to_run: list[Backend] = []
+    inputs: list[npt.NDArray[np.float32]] = []
     rss_added: dict[str, int] = {}
     owned: list[Backend] = []
-    if cached is None:
-        if base_backend is None:
-            base_backend, rss_added["baseline"] = _load_measured(base_model, golden)
-            owned.append(base_backend)
-        else:
-            base_backend.check_input(golden.inputs)
-            rss_added["baseline"] = 0
-        to_run.append(base_backend)
-    if cand_backend is None:
-        cand_backend, rss_added["candidate"] = _load_measured(cand_model, golden)
-        owned.append(cand_backend)
-    else:
-        cand_backend.check_input(golden.inputs)
-        rss_added["candidate"] = 0
-    to_run.append(cand_backend)
     try:
+        if cached is None:
+            if base_backend is None:
+                base_backend, rss_added["baseline"], base_x = _load_measured(base_model, prepare(0))
+                owned.append(base_backend)
+            else:
+                base_x = prepare(0)(base_backend)
+                rss_added["baseline"] = 0
+            to_run.append(base_backend)
+            inputs.append(base_x)
+        if cand_backend is None:
+            cand_backend, rss_added["candidate"], cand_x = _load_measured(cand_model, prepare(1))
+            owned.append(cand_backend)
+        else:
+            cand_x = prepare(1)(cand_backend)
+            rss_added["candidate"] = 0
+        to_run.append(cand_backend)
+        inputs.append(cand_x)
         runs = [
             _packed_run(b) if golden.task == "detection" and len(b.outputs) > 1 else b.run
             for b in to_run
         ]
-        outs, lats, pass_growth = _interleaved_pass(to_run, golden.inputs, progress, runs)
+        outs, lats, pass_growth = _interleaved_pass(to_run, inputs, progress, runs)
         cand_info = cand_backend.describe()
         cand_id = backend_identity(cand_backend)
         base_run_id = backend_identity(to_run[0]) if cached is None else None
+        if pipelines is not None:
+            check_outputs(outs[-1], pipelines[1], golden, cand_backend)
+    except PipelineRefused as exc:
+        return _pipeline_refused(
+            golden, effective, changes, base_model, cand_model, exc.reason, exc.failed_rows, started
+        )
     finally:
         for loaded in owned:
             loaded.close()
@@ -835,10 +928,29 @@ def run_gate(
         else None,
     )
 
+    if pipelines is not None:
+        checks.insert(
+            0,
+            GateCheck(
+                PIPELINE_CHECK,
+                "pass",
+                0.0,
+                0.0,
+                "<=",
+                pipeline_detail(pipelines[1], golden.rows),
+            ),
+        )
+        metrics["pipeline"] = {
+            "baseline": pipelines[0].describe(),
+            "candidate": pipelines[1].describe(),
+        }
+    if golden.task == "classification":
+        # the baseline the live model's drift is measured against once this one is live
+        metrics["drift_baseline"] = histogram_figures(cand.outputs)
     if cache is not None:
         cache_info["stored"] = _store_runs(
             cache,
-            golden.sha256,
+            (base_golden_key, cand_golden_key),
             (base_sha, base_run_id, base, base_precision),
             (cand_sha, cand_id, cand, cand_precision),
         )
@@ -870,6 +982,62 @@ def run_gate(
     )
     log.info("gate %s for %s", "passed" if report.passed else "FAILED", cand_model.label)
     return report
+
+
+def _pipeline_refused(
+    golden: GoldenSet,
+    policy: GatePolicy,
+    changes: list[PolicyChange],
+    base_model: GateModel,
+    cand_model: GateModel,
+    reason: str,
+    failed_rows: int,
+    started: float,
+) -> GateReport:
+    """The report of a candidate whose preprocess, model or postprocess does not work on
+    the golden frames: one failed ``pipeline`` check naming why; nothing else is judged."""
+    check = GateCheck(
+        PIPELINE_CHECK,
+        "fail",
+        float(failed_rows),
+        0.0,
+        "<=",
+        f"{failed_rows} of {golden.rows} golden frames failed: {reason}",
+    )
+    log.info("gate FAILED for %s: %s", cand_model.label, check.detail)
+    return GateReport(
+        passed=False,
+        checks=[check],
+        metrics={"task": golden.task, "pipeline": {"failed_rows": failed_rows, "reason": reason}},
+        policy=policy.to_dict(),
+        policy_changes=changes,
+        models={
+            "baseline": {"model": str(base_model.model_path), "label": base_model.label},
+            "candidate": {"model": str(cand_model.model_path), "label": cand_model.label},
+        },
+        golden=golden.describe(),
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def smallest_margin(checks: Sequence[GateCheck]) -> tuple[str, float] | None:
+    """The check nearest to failing and its margin to the threshold, in that check's own
+    units (positive: passing by that much). Checks are compared by margin relative to the
+    threshold so that milliseconds, MB and pp can be ranked; skipped checks and the
+    pipeline check (a count of failed frames) do not count."""
+    best: tuple[float, str, float] | None = None
+    for c in checks:
+        if c.verdict == "skip" or c.name == PIPELINE_CHECK:
+            continue
+        if c.value is None or c.threshold is None:
+            continue
+        margin = c.value - c.threshold if c.comparison == ">=" else c.threshold - c.value
+        if margin < 0:
+            continue  # passed by its alternative rule (agreement: the softmax MSE)
+        relative = margin / max(abs(c.threshold), 1e-9)
+        if best is None or relative < best[0]:
+            best = (relative, c.name, float(margin))
+    return None if best is None else (best[1], best[2])
 
 
 PERCENTILES = (50.0, 95.0, 99.0)
@@ -988,24 +1156,25 @@ def _judge(
 
 def _store_runs(
     cache: BaselineCache,
-    golden_sha256: str,
+    golden_keys: tuple[str, str],
     baseline: tuple[str, str | None, _Measured, str],
     candidate: tuple[str, str | None, _Measured, str],
 ) -> list[str]:
     """Store this run for next time: the baseline when it ran (its backend id is None when
     it came from the cache), and the candidate, the next gate's baseline once activated.
-    Each run is (model sha256, backend id, measured, precision)."""
+    Each run is (model sha256, backend id, measured, precision); ``golden_keys`` are the
+    golden set's hash for each (with its preprocessing, for raw frames)."""
     stored: list[str] = []
     try:
-        for role, (sha, backend_id, measured, precision) in (
-            ("baseline", baseline),
-            ("candidate", candidate),
+        for role, golden_key, (sha, backend_id, measured, precision) in (
+            ("baseline", golden_keys[0], baseline),
+            ("candidate", golden_keys[1], candidate),
         ):
             if backend_id is None or measured.from_cache:
                 continue
             cache.store(
                 sha,
-                golden_sha256,
+                golden_key,
                 backend_id,
                 measured.outputs,
                 measured.latencies_s,

@@ -65,6 +65,9 @@ from agent.telemetry.identity import resolve_device_id
 
 log = logging.getLogger(__name__)
 
+# journal values "gate_quality:<name>-<version>": the golden histograms and gate margin
+GATE_QUALITY_PREFIX = "gate_quality:"
+
 # journal value: the seq of an in-flight row the agent left on a clean stop (not a crash)
 CLEAN_STOP = "clean_stop_seq"
 # how long a stop waits for the poll thread to bring a download or gate to rest
@@ -312,7 +315,7 @@ class OTAService:
     # ------------------------------------------------------------------ events
 
     def _emit(self, entry: JournalEntry) -> None:
-        attrs = {
+        attrs: dict[str, Any] = {
             "state": entry.state.value,
             "package": entry.package,
             "version": entry.version,
@@ -320,6 +323,12 @@ class OTAService:
             "reason": entry.reason,
             "channel": entry.channel,
         }
+        # model-quality figures (docs/CONTRACTS.md): flat ``quality.<name>`` numbers
+        quality = entry.detail.get("quality")
+        if isinstance(quality, Mapping):
+            for name, value in quality.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    attrs[f"quality.{name}"] = value
         log.info("OTA %s %s %s: %s", entry.state.value, entry.package, entry.version, entry.reason)
         if self.recorder is not None:
             try:
@@ -912,6 +921,8 @@ class OTAService:
         else:
             backend.close()
         baseline = Baseline.from_gate_report(outcome.report).with_live(old_latency, window)
+        self._keep_gate_quality(pkg.name, pkg.version, outcome.report)
+        self.arm_drift()
         entry = self._enter(
             OTAState.PROBATION,
             reason="watching the new model",
@@ -921,6 +932,72 @@ class OTAService:
         self._clean_staging_extracts()
         kill_point("activate.done")
         return entry
+
+    # ------------------------------------------------------------------ drift and quality
+
+    def _keep_gate_quality(self, name: str, version: str, report: Mapping[str, Any]) -> None:
+        """Store what the gate measured that outlives the gate report (the next gate
+        overwrites that): the golden-set histograms drift is measured against once this
+        release is live, and the gate's smallest margin, keyed by release."""
+        metrics = report.get("metrics")
+        baseline = metrics.get("drift_baseline") if isinstance(metrics, Mapping) else None
+        margin = report.get("margin")
+        kept: dict[str, Any] = {}
+        if isinstance(baseline, Mapping):
+            kept["baseline"] = dict(baseline)
+        if isinstance(margin, Mapping) and isinstance(margin.get("value"), (int, float)):
+            kept["gate_margin"] = float(margin["value"])
+            kept["gate_margin_check"] = str(margin.get("check", ""))
+        if kept:
+            self.journal.set_value(f"{GATE_QUALITY_PREFIX}{name}-{version}", json.dumps(kept))
+
+    def gate_quality(self, name: str, version: str) -> dict[str, Any]:
+        """What _keep_gate_quality stored for a release ({} when it was never gated here)."""
+        raw = self.journal.get_value(f"{GATE_QUALITY_PREFIX}{name}-{version}")
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def arm_drift(self) -> None:
+        """Tell telemetry the live model's golden-set baseline and the drift policy, so each
+        summary carries its drift (agent/telemetry/drift.py); never raises."""
+        arm = getattr(self.recorder, "set_drift_baseline", None)
+        manifest = self.current_manifest()
+        if arm is None or manifest is None:
+            return
+        from agent.telemetry.drift import DriftPolicy, GoldenBaseline, load_drift_policy
+
+        name, version = str(manifest.get("name", "")), str(manifest.get("version", ""))
+        stored = self.gate_quality(name, version).get("baseline")
+        baseline = GoldenBaseline.from_dict(stored) if isinstance(stored, Mapping) else None
+        policy = DriftPolicy()
+        golden_dir = self.config.ota.golden_dir
+        try:
+            if golden_dir is not None:
+                policy = load_drift_policy(golden_dir / "policy.yaml")
+            arm(name, version, baseline, policy)
+        except Exception as exc:  # drift is telemetry: it must never stop an update
+            log.warning("drift: not armed for %s %s: %s", name, version, exc)
+
+    def _quality_at_commit(self, name: str, version: str) -> dict[str, float]:
+        """The COMMITTED row's ``quality`` figures this part knows: the gate's margin and
+        the live model's drift from its golden baseline since it went live."""
+        quality: dict[str, float] = {}
+        margin = self.gate_quality(name, version).get("gate_margin")
+        if isinstance(margin, (int, float)):
+            quality["gate_margin"] = float(margin)
+        since_live = getattr(self.recorder, "drift_since_live", None)
+        if since_live is not None:
+            try:
+                figures = since_live(name, version)
+            except Exception as exc:  # telemetry must never stop a commit
+                log.warning("drift: not read at commit: %s", exc)
+                figures = None
+            if figures is not None:
+                quality["drift_psi"] = round(float(figures.class_psi), 6)
+        return quality
 
     # ------------------------------------------------------------------ probation
 
@@ -1027,6 +1104,11 @@ class OTAService:
             detail: dict[str, Any] = {}
             if manifest is not None:
                 detail = {"release_counter": int(manifest.get("release_counter", 0))}
+                quality = self._quality_at_commit(
+                    str(manifest.get("name", "")), str(manifest.get("version", ""))
+                )
+                if quality:
+                    detail["quality"] = quality
             entry = self._enter(OTAState.COMMITTED, reason=reason, detail=detail)
             kill_point("commit.saved")
             self._finish_commit(entry)
@@ -1076,6 +1158,7 @@ class OTAService:
             kill_point("rollback.switched")
             if live is not None and self.host is not None:
                 self.host.swap_in(live)
+            self.arm_drift()
             # Like every ROLLED_BACK row (and as the fleet reads them): ``version`` is the
             # release left behind, ``from_version`` the one the device runs again.
             entry = self._enter(
@@ -1460,6 +1543,7 @@ def attach(daemon: Any) -> AttachedOTA:
     if daemon.config.state_dir.resolve() not in _RECOVERED_AT_START:
         log.info("OTA start-up: %s", service.recover())
     service.resume_probation()
+    service.arm_drift()
 
     def do_install(req: dict[str, Any]) -> dict[str, Any]:
         path = Path(str(req.get("path", "")))

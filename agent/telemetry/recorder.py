@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -14,6 +15,7 @@ from typing import Any
 
 from agent.config import TelemetryConfig
 from agent.telemetry.clock import CheckedClock
+from agent.telemetry.drift import DriftFigures, DriftMonitor, DriftPolicy, GoldenBaseline
 from agent.telemetry.identity import read_boot_id
 from agent.telemetry.ratelimit import warn_every
 from agent.telemetry.sampler import IntervalSummary, is_sampled, mask_pii
@@ -39,6 +41,9 @@ MAX_PENDING_ROWS = 20000
 IDLE_WAIT_MAX_S = 5.0
 # the writer repeats the same warning (locked, failing writes) at most once per this long
 WARN_EVERY_S = 60.0
+# store meta keys: the last summary's drift figures (status) and the model over the limit
+DRIFT_LAST_META = "drift.last"
+DRIFT_OVER_META = "drift.over"
 
 _Observation = tuple[int, float, int, float, Any, int, int]
 _Event = tuple[str, dict[str, Any], int, int, int]
@@ -117,6 +122,8 @@ class TelemetryRecorder:
             max_page_count=max_page_count,
             busy_timeout_s=busy_timeout_s,
         )
+        # the active model's drift from its golden baseline (armed by the OTA service)
+        self._drift = DriftMonitor(over_key=self.store.get_meta(DRIFT_OVER_META) or None)
         last_good = self.store.get_meta("last_good_unix_ns")
         if last_good:
             self._clock.raise_floor(int(last_good))
@@ -174,6 +181,17 @@ class TelemetryRecorder:
         if not self._rows_due:
             self._rows_due = True
             self._wake.set()
+
+    def set_drift_baseline(
+        self, name: str, version: str, baseline: GoldenBaseline | None, policy: DriftPolicy
+    ) -> None:
+        """The golden-set histograms of model ``name`` ``version`` (None: unknown) and the
+        drift policy; each later summary of that model carries its drift."""
+        self._drift.arm(name, version, baseline, policy)
+
+    def drift_since_live(self, name: str, version: str) -> DriftFigures | None:
+        """The drift of ``name`` ``version`` over every frame written since it went live."""
+        return self._drift.since_live(name, version)
 
     def set_gauges(self, temps_c: Mapping[str, float], governor_state: str, fps_cap: float) -> None:
         """Latest temperatures and governor state, reported in the next summary."""
@@ -288,6 +306,7 @@ class TelemetryRecorder:
         while self._observations:
             seq, latency_s, top_class, confidence, meta, wall, mono = self._observations.popleft()
             summary.observe(latency_s, top_class, confidence)
+            self._drift.observe(meta, top_class, confidence)
             if is_sampled(seq, cfg.sample_rate):
                 attrs = {
                     "frame_seq": seq,
@@ -320,11 +339,28 @@ class TelemetryRecorder:
         if due or (final and summary.latencies_s):
             attrs = summary.finish(wall, mono, temps, governor_state, fps_cap)
             attrs["telemetry_counters"] = self._loss_counters()
+            drift, crossed = self._drift.finish_interval()
+            if drift is not None:
+                attrs["drift"] = drift
+                self._keep_drift(drift, wall)
             records.append(
                 self._record("summary", PRIORITY_SUMMARY, "inference.summary", attrs, wall, mono)
             )
+            if crossed is not None:
+                records.append(
+                    self._record(
+                        "event", PRIORITY_NAMES["event"], "model.drift", crossed, wall, mono
+                    )
+                )
             self._summary = IntervalSummary(wall, mono)
         self._write(records)
+
+    def _keep_drift(self, drift: Mapping[str, Any], wall_ns: int) -> None:
+        """The last drift figures for `edge-agent status` (summaries leave on upload) and
+        whether it was over the limit (one model.drift event per crossing, restarts too)."""
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self.store.set_meta(DRIFT_LAST_META, json.dumps({**drift, "unix_ns": wall_ns}))
+            self.store.set_meta(DRIFT_OVER_META, self._drift.over_key or "")
 
     def _loss_counters(self) -> dict[str, int]:
         counters: dict[str, int] = {}

@@ -80,3 +80,25 @@ def telemetry_status(db_path: Path) -> dict[str, Any]:
     finally:
         conn.close()
     return status
+
+
+def read_drift(db_path: Path) -> dict[str, Any] | None:
+    """The last telemetry summary's drift figures for the active model (the store keeps
+    them in its meta table: summaries leave the store once uploaded); None when there are
+    none or the store cannot be read."""
+    import json
+
+    if not Path(db_path).exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=2.0)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'drift.last'").fetchone()
+        value = json.loads(row[0]) if row else None
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
+    finally:
+        conn.close()
+    return value if isinstance(value, dict) else None
