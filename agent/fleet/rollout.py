@@ -605,9 +605,9 @@ class ReportSource(Protocol):
     def known_devices(self) -> Iterable[str]:
         """Every device id the server has heard from."""
 
-    def quality_reports(self, package: str) -> Sequence[QualityRow]:
-        """Every quality figure devices reported on install events of this package (any
-        version), oldest first in the device's own order, with the server's receipt time."""
+    def quality_reports(self, package: str, versions: Sequence[str]) -> Sequence[QualityRow]:
+        """Every quality figure devices reported on install events of these versions of the
+        package, oldest first in the device's own order, with the server's receipt time."""
 
 
 def stage_start_times_s(state: RolloutState) -> list[float]:
@@ -684,15 +684,17 @@ def count_quality(
         return ()
     current: dict[str, dict[str, float]] = {}
     came_from: dict[str, str] = {}
+    for row in source.quality_reports(state.package, [state.version]):
+        if row.version == state.version and counted(row.device_id, row.received_s):
+            current.setdefault(row.device_id, {})[row.name] = row.value
+            if row.from_version:
+                came_from[row.device_id] = row.from_version
     previous: dict[tuple[str, str], dict[str, float]] = {}
-    for row in source.quality_reports(state.package):
-        if row.version == state.version:
-            if counted(row.device_id, row.received_s):
-                current.setdefault(row.device_id, {})[row.name] = row.value
-                if row.from_version:
-                    came_from[row.device_id] = row.from_version
-        elif row.state in SUCCESS_STATES:
-            previous.setdefault((row.device_id, row.version), {})[row.name] = row.value
+    older = sorted(set(came_from.values()) - {state.version})
+    if older and any(rule.compare != "value" for rule, _ in rules):
+        for row in source.quality_reports(state.package, older):
+            if row.state in SUCCESS_STATES:
+                previous.setdefault((row.device_id, row.version), {})[row.name] = row.value
     out = []
     for rule, threshold in rules:
         low, high = rule.valid

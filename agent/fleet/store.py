@@ -475,16 +475,21 @@ class TelemetryStore(ABC):
         )
         return [(str(device), str(state), float(received)) for device, state, received in rows]
 
-    def quality_reports(self, package: str) -> list[QualityRow]:
-        """Every quality figure reported on an install event of ``package`` (any version), in
-        the device's order, with the report's state, from_version and server receipt time."""
+    def quality_reports(self, package: str, versions: Sequence[str]) -> list[QualityRow]:
+        """Every quality figure reported on an install event of these versions of
+        ``package``, in the device's order, with the report's state, from_version and
+        server receipt time."""
+        if not versions:
+            return []
+        marks = ", ".join("?" for _ in versions)
         rows = self._query(
             "SELECT o.device_id, o.version, o.from_version, o.state, l.received_s, q.name, "
             "q.value FROM ota_quality q JOIN ota_states o ON o.device_id = q.device_id "
             "AND o.boot_id = q.boot_id AND o.seq = q.seq JOIN logs l ON l.device_id = "
             "o.device_id AND l.boot_id = o.boot_id AND l.seq = o.seq WHERE o.package = ? "
-            f"AND o.state NOT IN {IDLE_STATES} ORDER BY o.time_ns, o.{self.arrival_column}",
-            (package,),
+            f"AND o.version IN ({marks}) AND o.state NOT IN {IDLE_STATES} "
+            f"ORDER BY o.time_ns, o.{self.arrival_column}",
+            (package, *versions),
         )
         return [
             QualityRow(str(d), v or "", f or "", str(st), float(r), str(n), float(x))
