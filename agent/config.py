@@ -286,10 +286,16 @@ class SourceConfig:
     # stop after this many frames (0: never); the daemon exits 0 when its source ends
     max_frames: int = 0
     poll_interval_s: float = 0.5
+    # synthetic digits: the ink's contrast against the background. 1.0 draws white strokes
+    # on black (like the golden set); lower values lift the background towards the ink, the
+    # washed-out look of an over-exposed field camera (0.5: background at mid grey).
+    contrast: float = 1.0
 
     def check(self) -> str | None:
         if self.kind in ("directory", "video") and self.path is None:
             return f"path: required for a {self.kind} source"
+        if not 0 < self.contrast <= 1:
+            return "contrast: must be in (0, 1]"
         if self.max_frames < 0 or self.width < 0 or self.height < 0 or self.channels < 0:
             return "max_frames, width, height, channels: must not be negative"
         if self.reopen_backoff_max_s <= 0 or self.poll_interval_s <= 0:

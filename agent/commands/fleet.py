@@ -93,20 +93,33 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> Any:
-    from agent.fleet.rollout import RolloutPolicy
+    from agent.fleet.rollout import RolloutPolicy, policy_from_mapping
 
-    try:
-        stages = tuple(float(s) for s in args.stages.split(","))
-    except ValueError:
-        raise UsageError(f"--stages {args.stages!r}: expected numbers like 1,10,100") from None
-    policy = RolloutPolicy(
-        stages_percent=stages,
-        soak_s=args.soak_s,
-        min_devices=args.min_devices,
-        max_failure_rate=args.max_failure_rate,
-        auto_promote=not args.no_auto_promote,
-        auto_abort=not args.no_auto_abort,
-    )
+    data: dict[str, Any] = {}
+    source = "rollout policy"
+    if args.policy is not None:
+        # The channel policy file: RolloutPolicy's keys (docs/fleet.md, "Quality policy");
+        # the flags given on the command line override its values.
+        from agent.config import load_yaml_file
+
+        source = str(args.policy)
+        loaded = load_yaml_file(args.policy)
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{args.policy}: a rollout policy is a mapping of keys")
+        data = dict(loaded)
+    if args.stages is not None:
+        try:
+            data["stages_percent"] = [float(s) for s in args.stages.split(",")]
+        except ValueError:
+            raise UsageError(f"--stages {args.stages!r}: expected numbers like 1,10,100") from None
+    for key in ("soak_s", "min_devices", "max_failure_rate"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.no_auto_promote:
+        data["auto_promote"] = False
+    if args.no_auto_abort:
+        data["auto_abort"] = False
+    policy: RolloutPolicy = policy_from_mapping(data, source=source)
     problem = policy.check()
     if problem:
         raise UsageError(f"rollout policy: {problem}")
@@ -237,11 +250,41 @@ def _rollout_status(args: argparse.Namespace) -> int:
             ],
         )
     )
+    broke = st.get("quality_abort")
+    if broke:
+        print(
+            f"aborted at stage {int(broke['stage']) + 1} ({broke['percent']:g}%) on quality: "
+            f"{broke['figure']} broke on {broke['breaching']} of {broke['reporting']} "
+            "reporting devices"
+        )
+    figures = st.get("quality") or []
+    if figures:
+        print()
+        print(
+            format_table(
+                ["quality", "needs", "reporting", "breaching", "worst"],
+                [_figure_row(f) for f in figures],
+            )
+        )
     rows = [[v["version"], v["state"], v["devices"]] for v in st["devices_by_version_state"]]
     if rows:
         print()
         print(format_table(["version", "state", "devices"], rows))
     return 0
+
+
+def _figure_row(figure: dict[str, Any]) -> list[Any]:
+    """One quality check of `rollout status`: what it needs, and how the stage fares."""
+    what = {"ratio": " x old", "delta": " over old"}.get(figure["compare"], "")
+    side = ">=" if figure["kind"] == "min" else "<="
+    worst = figure["worst"]
+    return [
+        figure["figure"],
+        f"{side} {figure['threshold']:g}{what}",
+        figure["reporting"],
+        figure["breaching"],
+        "-" if worst is None else f"{worst:.4g}",
+    ]
 
 
 # --- serve and tokens ---------------------------------------------------------------------
@@ -438,25 +481,29 @@ def add_commands(sub: SubParsers) -> None:
         _rollout_start,
         "start rolling a published release out",
         "edge-agent rollout start --channel stable --version 1.1.0 --repo ./repo "
-        "--keys ./keys --stages 1,10,100 --soak-s 3600",
+        "--keys ./keys --stages 1,10,100 --soak-s 3600\n  "
+        "edge-agent rollout start --channel stable --version 1.1.0 --repo ./repo "
+        "--keys ./keys --policy channel-policy.yaml",
     )
     _repo_args(p)
     p.add_argument("--version", required=True, help="published package version")
     p.add_argument("--package", help="package name (needed for a new channel with ambiguity)")
-    p.add_argument("--stages", default="1,10,100", help="percent per stage (default 1,10,100)")
     p.add_argument(
-        "--soak-s", type=float, default=3600.0, help="minimum time per stage (default 3600)"
+        "--policy",
+        type=Path,
+        help="channel policy file (YAML): stages_percent, soak_s, min_devices, "
+        "max_failure_rate, quality: {shadow_agreement_min: 0.9, ...}; flags override it",
     )
+    p.add_argument("--stages", help="percent per stage (default 1,10,100)")
+    p.add_argument("--soak-s", type=float, help="minimum time per stage (default 3600)")
     p.add_argument(
         "--min-devices",
         type=int,
-        default=2,
         help="reports needed per stage, capped at the stage's known devices (default 2)",
     )
     p.add_argument(
         "--max-failure-rate",
         type=float,
-        default=0.05,
         help="abort over this share of failed devices (default 0.05)",
     )
     p.add_argument("--no-auto-promote", action="store_true", help="promote only by hand")

@@ -297,6 +297,43 @@ def rollout_state_word(st: Mapping[str, Any]) -> str:
     return "paused" if st["paused"] else "running"
 
 
+NO_QUALITY_CHECKS = '<p class="muted">no quality checks in this rollout\'s policy</p>'
+
+
+def _quality_html(st: Mapping[str, Any]) -> str:
+    """Which quality figure stopped the release, and each quality check of the stage."""
+    out = []
+    broke = st.get("quality_abort")
+    if broke:
+        out.append(
+            f'<p class="quality-abort">aborted at stage {_e(int(broke["stage"]) + 1)} '
+            f"({_e(broke['percent'])}%) on quality: <strong>{_e(broke['figure'])}</strong> "
+            f"broke on {_e(broke['breaching'])} of {_e(broke['reporting'])} reporting "
+            "devices</p>"
+        )
+    rows = []
+    for f in st.get("quality") or []:
+        compare = {"ratio": " × old release", "delta": " over old release"}.get(f["compare"], "")
+        side = "≥" if f["kind"] == "min" else "≤"
+        css = " fail" if f["breaching"] else ""
+        worst = f["worst"]
+        threshold = f"{float(f['threshold']):g}"
+        rows.append(
+            f'<tr class="figure{css}" data-figure="{_e(f["figure"])}"><td>{_e(f["figure"])}</td>'
+            f"<td>{side} {_e(threshold)}{compare}</td>"
+            f'<td class="num reporting">{_e(f["reporting"])}</td>'
+            f'<td class="num breaching">{_e(f["breaching"])}</td>'
+            f'<td class="num">{_num(worst, 4)}</td></tr>'
+        )
+    if rows:
+        out.append(
+            '<table class="quality"><tr><th>quality figure</th><th>needs</th>'
+            "<th>reporting</th><th>breaching</th><th>worst</th></tr>"
+            f"{''.join(rows)}</table>"
+        )
+    return "".join(out)
+
+
 def _rollout_section(st: Mapping[str, Any], chart: str) -> str:
     channel = _e(st["channel"])
     versions = "".join(
@@ -317,6 +354,7 @@ def _rollout_section(st: Mapping[str, Any], chart: str) -> str:
         f"<td>{st['failure_rate']:.1%} (max {st['max_failure_rate']:.1%})</td>"
         f"<td>{_e(st['next_decision'])}: {_e(st['next_reason'])}</td>"
         f"<td>{st['soak_left_s']:.0f} s</td></tr></table>"
+        f"{_quality_html(st)}"
         '<table class="versions"><tr><th>version</th><th>state</th><th>devices</th></tr>'
         f"{versions}</table>{chart}</section>"
     )
@@ -548,6 +586,7 @@ def render_rollout_page(
         "<th>status</th><th>members</th><th>committed</th><th>failed</th><th>in progress</th>"
         f"<th>failure rate</th></tr>{''.join(stages)}</table>"
         f"<h2>Decision</h2>{figures}"
+        f"<h2>Quality</h2>{_quality_html(status) or NO_QUALITY_CHECKS}"
         '<h2>History</h2><table class="history"><tr><th>time</th><th>action</th><th>reason</th>'
         f"<th>percent</th><th>numbers</th></tr>{''.join(history)}</table>"
     )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from agent.errors import ConfigError, RepositoryError, UsageError
 from agent.fleet.keys import OperatorKey
@@ -29,6 +30,9 @@ from agent.fleet.repo import (
 )
 from agent.textio import file_lock, write_atomic
 
+if TYPE_CHECKING:
+    from agent.fleet.store import QualityRow
+
 log = logging.getLogger(__name__)
 
 Action = Literal["wait", "promote", "abort", "complete", "hold", "none"]
@@ -36,6 +40,77 @@ Action = Literal["wait", "promote", "abort", "complete", "hold", "none"]
 # ota.state values (CONTRACTS.md) that count as a failed install of the release.
 FAILED_STATES = frozenset({"REJECTED", "ROLLED_BACK"})
 SUCCESS_STATES = frozenset({"COMMITTED"})
+
+
+@dataclass(frozen=True)
+class FigureRule:
+    """How one quality threshold reads the figure devices report (``quality.<figure>``).
+
+    ``compare`` "ratio" divides by, and "delta" subtracts, the same device's figure on the
+    release it came from (its newest COMMITTED report of that version); ``valid`` is the
+    range a real figure can take: a report outside it is not counted either way.
+    """
+
+    figure: str
+    threshold: str  # the QualityPolicy field
+    kind: Literal["min", "max"]
+    compare: Literal["value", "ratio", "delta"] = "value"
+    valid: tuple[float, float] = (-math.inf, math.inf)
+
+
+# The quality checks, in the order the controller reports them (CONTRACTS.md names).
+FIGURE_RULES = (
+    FigureRule("shadow_agreement", "shadow_agreement_min", "min", valid=(0.0, 1.0)),
+    FigureRule("confidence_delta", "confidence_delta_min", "min", valid=(-1.0, 1.0)),
+    FigureRule("class_hist_distance", "class_hist_distance_max", "max", valid=(0.0, 1.0)),
+    FigureRule("drift_psi", "drift_psi_max", "max", valid=(0.0, math.inf)),
+    FigureRule("gate_margin", "gate_margin_min", "min"),
+    FigureRule("latency_p95_ms", "latency_p95_ratio_max", "max", "ratio", valid=(0.0, math.inf)),
+    FigureRule("fps", "fps_ratio_min", "min", "ratio", valid=(0.0, math.inf)),
+    FigureRule("error_rate", "error_rate_max", "max", "delta", valid=(0.0, 1.0)),
+)
+
+
+@dataclass(frozen=True)
+class QualityPolicy:
+    """The channel's quality thresholds (the rollout policy's ``quality:`` section).
+
+    Each threshold is off (None) until set. A figure counts once ``min_devices`` members of
+    the stage reported it (capped at the stage's known members, like install reports); the
+    stage is aborted when more than ``max_breaching_pct`` percent of the members reporting
+    it breach it, or when more breach it than that share of the whole stage allows.
+    """
+
+    shadow_agreement_min: float | None = None  # top-1 agreement new vs old on live frames
+    confidence_delta_min: float | None = None  # new mean confidence minus old
+    class_hist_distance_max: float | None = None  # total variation of the class histograms
+    drift_psi_max: float | None = None  # live vs golden-set PSI of the class histogram
+    gate_margin_min: float | None = None  # the gate's smallest margin to a failing threshold
+    latency_p95_ratio_max: float | None = None  # p95 over the device's p95 on the old release
+    fps_ratio_min: float | None = None  # FPS over the device's FPS on the old release
+    error_rate_max: float | None = None  # errors per frame added over the old release
+    min_devices: int = 2
+    max_breaching_pct: float = 10.0
+
+    def rules(self) -> list[tuple[FigureRule, float]]:
+        """The checks that are on, with their thresholds."""
+        out = []
+        for rule in FIGURE_RULES:
+            threshold = getattr(self, rule.threshold)
+            if threshold is not None:
+                out.append((rule, float(threshold)))
+        return out
+
+    def check(self) -> str | None:
+        for rule in FIGURE_RULES:
+            value = getattr(self, rule.threshold)
+            if value is not None and not math.isfinite(value):
+                return f"{rule.threshold}: must be a finite number"
+        if self.min_devices < 1:
+            return "min_devices: must be at least 1"
+        if not 0 <= self.max_breaching_pct < 100:
+            return "max_breaching_pct: must be in [0, 100)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -50,6 +125,7 @@ class RolloutPolicy:
     max_failure_rate: float = 0.05
     auto_promote: bool = True
     auto_abort: bool = True
+    quality: QualityPolicy = field(default_factory=QualityPolicy)
 
     def check(self) -> str | None:
         stages = self.stages_percent
@@ -65,7 +141,30 @@ class RolloutPolicy:
             return "min_devices: must be at least 1"
         if not 0 <= self.max_failure_rate < 1:
             return "max_failure_rate: must be in [0, 1)"
-        return None
+        problem = self.quality.check()
+        return f"quality.{problem}" if problem else None
+
+
+@dataclass(frozen=True)
+class FigureCount:
+    """One quality check over a stage: members reporting the figure, and those breaching."""
+
+    figure: str
+    threshold: float
+    kind: Literal["min", "max"]
+    compare: Literal["value", "ratio", "delta"]
+    reporting: int = 0
+    breaching: int = 0
+    # the lowest (min checks) or highest (max checks) compared value among the reports
+    worst: float | None = None
+
+    def describe(self) -> str:
+        what = {"value": "", "ratio": " ratio to the old release", "delta": " rise"}[self.compare]
+        side = "under" if self.kind == "min" else "over"
+        return (
+            f"{self.figure}{what} {side} {self.threshold:g} on {self.breaching} of "
+            f"{self.reporting} reporting devices"
+        )
 
 
 @dataclass(frozen=True)
@@ -76,6 +175,7 @@ class StageCounts:
     failed: int = 0
     in_progress: int = 0
     members_known: int | None = None
+    quality: tuple[FigureCount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +190,8 @@ class Decision:
     required_reports: int
     failure_rate: float
     soak_left_s: float
+    # the quality check that decided an abort (or hold), when one did
+    breached: FigureCount | None = None
 
     def describe(self) -> str:
         return (
@@ -98,6 +200,29 @@ class Decision:
             f"{self.required_reports} failure_rate={self.failure_rate:.3f} "
             f"soak_left_s={self.soak_left_s:.0f})"
         )
+
+
+def quality_breach(policy: QualityPolicy, counts: StageCounts) -> FigureCount | None:
+    """The first quality check the stage's reports break, None when none does.
+
+    Like failures: breaches by more than ``max_breaching_pct`` of the whole stage cannot be
+    outvoted by reports still to come; otherwise a figure is judged once ``min_devices``
+    (capped at the stage's known members) reported it, against the share of its reporters.
+    """
+    share = policy.max_breaching_pct / 100.0
+    required = policy.min_devices
+    if counts.members_known is not None and counts.members_known > 0:
+        required = min(policy.min_devices, counts.members_known)
+    for figure in counts.quality:
+        if not figure.breaching:
+            continue
+        over_whole_stage = counts.members_known is not None and figure.breaching > share * max(
+            counts.members_known, figure.reporting
+        )
+        over_share = figure.reporting >= required and figure.breaching > share * figure.reporting
+        if over_whole_stage or over_share:
+            return figure
+    return None
 
 
 def decide(
@@ -118,7 +243,7 @@ def decide(
     rate = counts.failed / reports if reports else 0.0
     soak_left = max(0.0, policy.soak_s - stage_elapsed_s)
 
-    def make(action: Action, reason: str) -> Decision:
+    def make(action: Action, reason: str, breached: FigureCount | None = None) -> Decision:
         return Decision(
             action,
             reason,
@@ -130,6 +255,7 @@ def decide(
             required,
             rate,
             soak_left,
+            breached,
         )
 
     if aborted:
@@ -145,6 +271,12 @@ def decide(
         if policy.auto_abort and not paused:
             return make("abort", f"failure rate over {policy.max_failure_rate:.3f}")
         return make("hold", f"failure rate over {policy.max_failure_rate:.3f}; abort by hand")
+    breached = quality_breach(policy.quality, counts)
+    if breached is not None:
+        reason = f"quality: {breached.describe()} (max {policy.quality.max_breaching_pct:g}%)"
+        if policy.auto_abort and not paused:
+            return make("abort", reason, breached)
+        return make("hold", f"{reason}; abort by hand", breached)
     if paused:
         return make("hold", "rollout is paused")
     if counts.members_known == 0:
@@ -205,10 +337,10 @@ def state_path(base: Path, channel: str) -> Path:
     return base / "rollouts" / f"{check_channel_name(channel)}.json"
 
 
-def policy_from_mapping(data: Mapping[str, Any]) -> RolloutPolicy:
+def policy_from_mapping(data: Mapping[str, Any], source: str = "rollout policy") -> RolloutPolicy:
     from agent.config import from_mapping
 
-    return from_mapping(RolloutPolicy, dict(data), source="rollout policy")
+    return from_mapping(RolloutPolicy, dict(data), source=source)
 
 
 def load_state(base: Path, channel: str) -> RolloutState:
@@ -473,6 +605,10 @@ class ReportSource(Protocol):
     def known_devices(self) -> Iterable[str]:
         """Every device id the server has heard from."""
 
+    def quality_reports(self, package: str, versions: Sequence[str]) -> Sequence[QualityRow]:
+        """Every quality figure devices reported on install events of these versions of the
+        package, oldest first in the device's own order, with the server's receipt time."""
+
 
 def stage_start_times_s(state: RolloutState) -> list[float]:
     """When each stage up to the current one started, in seconds since the epoch.
@@ -517,15 +653,81 @@ def count_reports(state: RolloutState, source: ReportSource) -> StageCounts:
             )
         return since[device]
 
+    def counted(device: str, received_s: float) -> bool:
+        joined_s = member_since_s(device)
+        return joined_s is not None and received_s >= joined_s
+
     states: dict[str, str] = {}
     for device, ota_state, received_s in source.state_reports(state.package, state.version):
-        joined_s = member_since_s(device)
-        if joined_s is not None and received_s >= joined_s:
+        if counted(device, received_s):
             states[device] = ota_state  # rows come oldest first: the newest one stays
     committed = sum(1 for s in states.values() if s in SUCCESS_STATES)
     failed = sum(1 for s in states.values() if s in FAILED_STATES)
     members = sum(1 for d in source.known_devices() if member_since_s(d) is not None)
-    return StageCounts(committed, failed, len(states) - committed - failed, members)
+    quality = count_quality(state, source, counted)
+    return StageCounts(committed, failed, len(states) - committed - failed, members, quality)
+
+
+def count_quality(
+    state: RolloutState, source: ReportSource, counted: Callable[[str, float], bool]
+) -> tuple[FigureCount, ...]:
+    """Each quality check that is on, over the figures the stage's members reported (the
+    same rule as install reports: ``counted``); nothing is read when every check is off.
+
+    A device's newest value of each figure for this release counts. Ratio and rise checks
+    compare it with the same device's newest figure on the release it came from (its
+    ``from_version``, COMMITTED reports only, from any time: that release ran before the
+    stage); a device without that figure does not report the check.
+    """
+    rules = state.policy.quality.rules()
+    if not rules:
+        return ()
+    current: dict[str, dict[str, float]] = {}
+    came_from: dict[str, str] = {}
+    for row in source.quality_reports(state.package, [state.version]):
+        if row.version == state.version and counted(row.device_id, row.received_s):
+            current.setdefault(row.device_id, {})[row.name] = row.value
+            if row.from_version:
+                came_from[row.device_id] = row.from_version
+    previous: dict[tuple[str, str], dict[str, float]] = {}
+    older = sorted(set(came_from.values()) - {state.version})
+    if older and any(rule.compare != "value" for rule, _ in rules):
+        for row in source.quality_reports(state.package, older):
+            if row.state in SUCCESS_STATES:
+                previous.setdefault((row.device_id, row.version), {})[row.name] = row.value
+    out = []
+    for rule, threshold in rules:
+        low, high = rule.valid
+        reporting = breaching = 0
+        worst: float | None = None
+        for device, figures in current.items():
+            value = figures.get(rule.figure)
+            if value is None or not low <= value <= high:
+                continue  # not reported, or no real device could measure that
+            measured = value
+            if rule.compare != "value":
+                old = previous.get((device, came_from.get(device, "")), {}).get(rule.figure)
+                if old is not None and not low <= old <= high:
+                    old = None
+                if rule.compare == "ratio":
+                    if old is None or old <= 0:
+                        continue
+                    measured = value / old
+                else:
+                    measured = value - (old or 0.0)
+            if not math.isfinite(measured):
+                continue
+            reporting += 1
+            if measured < threshold if rule.kind == "min" else measured > threshold:
+                breaching += 1
+            if worst is None or (measured < worst if rule.kind == "min" else measured > worst):
+                worst = measured
+        out.append(
+            FigureCount(
+                rule.figure, threshold, rule.kind, rule.compare, reporting, breaching, worst
+            )
+        )
+    return tuple(out)
 
 
 def evaluate(state: RolloutState, source: ReportSource, now: datetime) -> Decision:
@@ -554,13 +756,19 @@ def run_controller_once(
     for state in list_states(base):
         decision = evaluate(state, source, now)
         decisions.append(decision)
-        numbers = {
+        numbers: dict[str, Any] = {
             "committed": decision.committed,
             "failed": decision.failed,
             "reports": decision.reports,
             "required": decision.required_reports,
             "failure_rate": round(decision.failure_rate, 4),
         }
+        if decision.breached is not None:
+            numbers.update(
+                figure=decision.breached.figure,
+                breaching=decision.breached.breaching,
+                reporting=decision.breached.reporting,
+            )
         if decision.action in ("wait", "hold", "none"):
             log.debug("rollout %s %s %s", state.channel, state.version, decision.describe())
             continue

@@ -7,13 +7,45 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from agent.fleet.rollout import RolloutState, count_reports, evaluate
+from agent.fleet.rollout import FigureCount, RolloutState, count_reports, evaluate
 from agent.fleet.store import TelemetryStore
+
+
+def _figure(count: FigureCount, policy_pct: float) -> dict[str, Any]:
+    return {
+        "figure": count.figure,
+        "kind": count.kind,
+        "compare": count.compare,
+        "threshold": count.threshold,
+        "reporting": count.reporting,
+        "breaching": count.breaching,
+        "worst": count.worst,
+        "max_breaching_pct": policy_pct,
+    }
+
+
+def quality_abort(state: RolloutState) -> dict[str, Any] | None:
+    """The quality check that aborted this rollout (from its history), None otherwise."""
+    for entry in reversed(state.history):
+        if entry.get("action") == "abort":
+            if "figure" not in entry:
+                return None
+            return {
+                "figure": entry.get("figure"),
+                "breaching": entry.get("breaching"),
+                "reporting": entry.get("reporting"),
+                "stage": entry.get("stage"),
+                "percent": entry.get("percent"),
+                "reason": entry.get("reason"),
+                "time": entry.get("time"),
+            }
+    return None
 
 
 def rollout_status(state: RolloutState, store: TelemetryStore, now: datetime) -> dict[str, Any]:
     decision = evaluate(state, store, now)
     counts = count_reports(state, store)
+    pct = state.policy.quality.max_breaching_pct
     by_version_state = [
         {"version": v, "state": s, "devices": n}
         for (v, s), n in sorted(store.state_counts(state.package).items())
@@ -40,6 +72,10 @@ def rollout_status(state: RolloutState, store: TelemetryStore, now: datetime) ->
         "soak_left_s": decision.soak_left_s,
         "required_reports": decision.required_reports,
         "devices_by_version_state": by_version_state,
+        "quality": [_figure(c, pct) for c in counts.quality],
+        "quality_min_devices": state.policy.quality.min_devices,
+        "quality_breached": _figure(decision.breached, pct) if decision.breached else None,
+        "quality_abort": quality_abort(state),
         "history": state.history[-20:],
     }
 

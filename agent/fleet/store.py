@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sqlite3
 import threading
 import time
@@ -24,6 +26,12 @@ MAX_ATTR_TEXT = 64 << 10
 INT64_MAX = (1 << 63) - 1
 # kvlistValue / arrayValue nesting accepted in one attribute value (parsed recursively).
 MAX_VALUE_DEPTH = 16
+# ota.state events carry model-quality figures as `quality.<name>` attributes (CONTRACTS.md);
+# the store keeps finite numbers under short lower-case names, at most this many per event,
+# so one device cannot fill the table with made-up figures.
+QUALITY_PREFIX = "edge_agent.attr.quality."
+QUALITY_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+MAX_QUALITY_FIGURES = 32
 
 
 class BadPayloadError(InputDataError):
@@ -40,6 +48,19 @@ class LogRow:
     event_name: str
     body: str | None
     attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    """One quality figure of one ota.state report, as the rollout controller reads it."""
+
+    device_id: str
+    version: str
+    from_version: str
+    state: str
+    received_s: float
+    name: str
+    value: float
 
 
 @dataclass(frozen=True)
@@ -263,6 +284,11 @@ CREATE TABLE IF NOT EXISTS ota_states ({arrival_column_ddl}
   PRIMARY KEY (device_id, boot_id, seq)
 );
 CREATE INDEX IF NOT EXISTS ota_states_by_version ON ota_states (package, version, time_ns);
+CREATE TABLE IF NOT EXISTS ota_quality (
+  device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq {int64} NOT NULL,
+  name TEXT NOT NULL, value {float64} NOT NULL,
+  PRIMARY KEY (device_id, boot_id, seq, name)
+);
 CREATE TABLE IF NOT EXISTS metrics (
   device_id TEXT NOT NULL, name TEXT NOT NULL, time_ns {int64} NOT NULL,
   value {float64}, attrs TEXT NOT NULL{metrics_key_ddl}
@@ -296,11 +322,15 @@ INSERT_METRIC_SQL = (
     "INSERT INTO metrics (device_id, name, time_ns, value, attrs) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT DO NOTHING"
 )
+INSERT_OTA_QUALITY_SQL = (
+    "INSERT INTO ota_quality (device_id, boot_id, seq, name, value) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
 TOUCH_DEVICE_SQL = (
     "INSERT INTO devices (device_id, first_seen_s, last_seen_s) VALUES (?, ?, ?) "
     "ON CONFLICT (device_id) DO UPDATE SET last_seen_s = excluded.last_seen_s"
 )
-TABLES = ("logs", "metrics", "ota_states", "devices")
+TABLES = ("logs", "metrics", "ota_states", "ota_quality", "devices")
 
 
 class StatementRunner(Protocol):
@@ -377,13 +407,21 @@ class TelemetryStore(ABC):
             )
             for row in ordered
         ]
-        ota_values = [v for v in map(_ota_state_values, ordered) if v is not None]
+        ota_values: list[tuple[Any, ...]] = []
+        quality_values: list[tuple[Any, ...]] = []
+        for row in ordered:
+            state_values = _ota_state_values(row)
+            if state_values is not None:
+                ota_values.append(state_values)
+                quality_values += _quality(row)
 
         def work(db: StatementRunner) -> int:
             # One batched statement per table (a round trip per row would dominate on
-            # PostgreSQL). ota_states shares the logs key, so a resent row is skipped there too.
+            # PostgreSQL). ota_states and ota_quality share the logs key, so a resent row is
+            # skipped there too.
             accepted = db.run_many(INSERT_LOG_SQL, log_values)
             db.run_many(INSERT_OTA_STATE_SQL, ota_values)
+            db.run_many(INSERT_OTA_QUALITY_SQL, quality_values)
             _touch_devices(db, (r.device_id for r in rows), now_s)
             return accepted
 
@@ -436,6 +474,27 @@ class TelemetryStore(ABC):
             (package, version),
         )
         return [(str(device), str(state), float(received)) for device, state, received in rows]
+
+    def quality_reports(self, package: str, versions: Sequence[str]) -> list[QualityRow]:
+        """Every quality figure reported on an install event of these versions of
+        ``package``, in the device's order, with the report's state, from_version and
+        server receipt time."""
+        if not versions:
+            return []
+        marks = ", ".join("?" for _ in versions)
+        rows = self._query(
+            "SELECT o.device_id, o.version, o.from_version, o.state, l.received_s, q.name, "
+            "q.value FROM ota_quality q JOIN ota_states o ON o.device_id = q.device_id "
+            "AND o.boot_id = q.boot_id AND o.seq = q.seq JOIN logs l ON l.device_id = "
+            "o.device_id AND l.boot_id = o.boot_id AND l.seq = o.seq WHERE o.package = ? "
+            f"AND o.version IN ({marks}) AND o.state NOT IN {IDLE_STATES} "
+            f"ORDER BY o.time_ns, o.{self.arrival_column}",
+            (package, *versions),
+        )
+        return [
+            QualityRow(str(d), v or "", f or "", str(st), float(r), str(n), float(x))
+            for d, v, f, st, r, n, x in rows
+        ]
 
     def count_rows(self, table: str) -> int:
         if table not in TABLES:
@@ -576,6 +635,27 @@ def _ota_state_values(row: LogRow) -> tuple[Any, ...] | None:
         attr("reason"),
         attr("channel"),
     )
+
+
+def _quality(row: LogRow) -> list[tuple[Any, ...]]:
+    """(device, boot, seq, name, value) of the event's quality figures that are finite numbers
+    under a well-formed name; anything else a device sends there is not a figure (a liar or
+    a bug must not turn into NaN, a string or a 400-digit integer in the controller's sums)."""
+    figures: dict[str, float] = {}
+    for key, raw in row.attrs.items():
+        if not key.startswith(QUALITY_PREFIX) or isinstance(raw, bool):
+            continue
+        name = key[len(QUALITY_PREFIX) :]
+        if not isinstance(raw, (int, float)) or not QUALITY_NAME_RE.fullmatch(name):
+            continue
+        try:
+            value = float(raw)
+        except OverflowError:  # an intValue past a double's range
+            continue
+        if math.isfinite(value):
+            figures[name] = value
+    names = sorted(figures)[:MAX_QUALITY_FIGURES]
+    return [(row.device_id, row.boot_id, row.seq, n, figures[n]) for n in names]
 
 
 def _touch_devices(db: StatementRunner, device_ids: Iterable[str], now_s: float) -> None:

@@ -224,6 +224,7 @@ class SyntheticSource:
         seed: int = 0,
         max_frames: int = 0,
         pool: int = SYNTHETIC_POOL,
+        contrast: float = 1.0,
     ) -> None:
         self.name = f"synthetic:{pattern}"
         self.skips = SkipCounter(self.name)
@@ -254,6 +255,9 @@ class SyntheticSource:
                 digit = i % 10
                 h, w = self.shape[0], self.shape[1]
                 img = digit_glyph(digit, h, w)
+                if contrast != 1.0:
+                    # the background lifted towards the ink (SourceConfig.contrast)
+                    img = (1.0 - contrast) + contrast * img
                 img = np.clip(img + rng.normal(0.0, 0.08, img.shape), 0.0, 1.0)
                 pixels = (img * 255).astype(np.uint8)
                 if len(self.shape) == 3:
@@ -579,7 +583,9 @@ def open_source(
     """Build the configured source; errors name the source and say what is wrong."""
     if config.kind == "synthetic":
         shape = synthetic_shape(config, input_shape, layout)
-        return SyntheticSource(shape, config.pattern, config.seed, config.max_frames)
+        return SyntheticSource(
+            shape, config.pattern, config.seed, config.max_frames, contrast=config.contrast
+        )
     if config.kind == "directory":
         if config.path is None:
             raise ConfigError("source.path: required for a directory source")
