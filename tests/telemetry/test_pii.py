@@ -217,3 +217,33 @@ def test_every_frame_sampled_and_uploaded(seen: Seen) -> None:
     """The checks above are not vacuous: both good frames were stored and sent."""
     assert sorted(s["frame_seq"] for s in seen.samples) == [1, 2]
     assert seen.body.count('"inference.sample"') >= 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SidecarRow:
+    """What the source's writer put beside a frame, and the metadata the frame gets."""
+
+    id: str
+    sidecar: bytes | None
+    meta: dict[str, Any] | None
+
+
+SIDECAR_ROWS = [
+    SidecarRow("object", b'{"plate": "AB-123", "lane": 2}', {"plate": "AB-123", "lane": 2}),
+    SidecarRow("none", None, None),
+    SidecarRow("not-json", b'{"plate": ', None),
+    SidecarRow("a-list-not-an-object", b'[{"plate": "AB-123"}]', None),
+    SidecarRow("over-64-KiB", b'{"x": "' + b"a" * (64 << 10) + b'"}', None),
+]
+
+
+@pytest.mark.parametrize("row", SIDECAR_ROWS, ids=[r.id for r in SIDECAR_ROWS])
+def test_a_bad_sidecar_leaves_the_frame_without_metadata(tmp_path: Path, row: SidecarRow) -> None:
+    from agent.pipeline.sources import DirectorySource
+
+    np.save(tmp_path / "0001.npy", np.zeros((8, 8), np.uint8))
+    if row.sidecar is not None:
+        (tmp_path / "0001.json").write_bytes(row.sidecar)
+    frame = DirectorySource(tmp_path).read(1.0)
+    assert frame is not None and frame.data.shape == (8, 8)  # the frame itself is good
+    assert frame.meta == row.meta
