@@ -329,8 +329,6 @@ class TelemetryRecorder:
             summary.observe_boxes(self._box_scores.popleft())
         while self._events:
             name, attrs, level, wall, mono = self._events.popleft()
-            if cfg.pii_fields:
-                attrs = mask_pii(attrs, cfg.pii_fields)
             records.append(self._record("event", level, name, attrs, wall, mono))
         for jump in self._clock.take_jumps():
             attrs = {
@@ -373,6 +371,9 @@ class TelemetryRecorder:
         self, row_type: Any, priority: int, name: str, attrs: dict[str, Any], wall: int, mono: int
     ) -> NewRecord:
         stamp = self._clock.check(wall, mono)
+        if row_type == "event" and self.config.pii_fields:
+            # every event, the daemon's and the recorder's own, on its way to the store
+            attrs = mask_pii(attrs, self.config.pii_fields)
         return NewRecord(
             row_type,
             priority,
