@@ -289,6 +289,16 @@ SKIP_COMMANDS = {
 }
 
 
+# `edge-agent gate` also judges latency (candidate p95 against the baseline's, measured in
+# the same run): on a loaded machine one spike fails it. Such a command gets one more run
+# before it counts; a doc that is wrong fails both.
+TIMING_RETRIES = 1
+
+
+def _timed(command: str) -> bool:
+    return command.strip().startswith("edge-agent gate ")
+
+
 def _lookup(table: dict[tuple[str, str], str], doc: str, command: str) -> str | None:
     for (where, start), why in table.items():
         if where == doc and command.startswith(start):
@@ -334,15 +344,18 @@ def test_doc_blocks_run_as_shown(doc: str, blocks: list[Block], tmp_path: Path) 
             if why:
                 skipped.append(f"{where} `{step.command}` ({why})")
                 continue
-            done = run_shell(step.command, workdir, env)
-            ran += 1
-            output = (done.stdout + done.stderr).splitlines()
             shows_error = any(e.startswith("Error:") for e in step.expected)
             want_code = step.exit_code if step.exit_code is not None else None
-            if want_code is not None:
-                ok_code = done.returncode == want_code
-            else:
-                ok_code = (done.returncode != 0) if shows_error else done.returncode == 0
+            for _attempt in range(1 + TIMING_RETRIES if _timed(step.command) else 1):
+                done = run_shell(step.command, workdir, env)
+                output = (done.stdout + done.stderr).splitlines()
+                if want_code is not None:
+                    ok_code = done.returncode == want_code
+                else:
+                    ok_code = (done.returncode != 0) if shows_error else done.returncode == 0
+                if ok_code:
+                    break
+            ran += 1
             if not ok_code:
                 failures.append(
                     f"{where}: `{step.command}` exited {done.returncode}\n"
