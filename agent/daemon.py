@@ -765,14 +765,29 @@ class Daemon:
                     sink.put(result)
             if telemetry is not None:
                 try:
+                    sample = None
+                    if telemetry.wants_sample(frame.seq):
+                        # built for sampled frames only (1 % by default), like the sink dict
+                        sample = self._sample_fields(frame, key, value)
                     telemetry.observe_inference(
-                        frame.seq, latency_s, top_class, confidence, meta[1]
+                        frame.seq, latency_s, top_class, confidence, meta[1], sample
                     )
                     if box_scores is not None:
                         telemetry.observe_boxes(box_scores)
                 except Exception as exc:
                     self._warn_once("telemetry", f"telemetry observe failed: {exc}")
         return confidence
+
+    def _sample_fields(self, frame: Frame, key: str, value: Any) -> dict[str, Any]:
+        """A sampled telemetry record's source, result and frame metadata (docs/telemetry.md)."""
+        name = self.source.name if self.source is not None else frame.source
+        source: dict[str, Any] = {"name": name}
+        if frame.source != name:
+            source["path"] = frame.source  # a file source's frame: the file it came from
+        fields: dict[str, Any] = {"source": source, key: value}
+        if frame.meta:
+            fields["source_meta"] = frame.meta
+        return fields
 
     def _close_retired(self) -> None:
         # the loop is between frames, so no retired model is in use any more

@@ -17,19 +17,24 @@ operator rollback, 1.3.0 from a file) with one fault:
   corrupt_db   state.db overwritten (not a database, or pages that fail quick_check)
                before the start: quarantined and rebuilt from the links
   clock_jump   the process's wall clock (time.time) jumps by -3 y .. +3 y
-  crash_cand   the bad candidate kills the process while it loads (today's gate runs
-               in-process, so a candidate that crashes the runtime crashes the agent)
-  hang_cand    HOOK, not run: needs the gate in a child process with a timeout (issue
-               15 item 1); --hang-hook enables the row once that is on this branch
+  crash_cand   the bad candidate crashes the runtime while the gate child loads it
+               (SIGSEGV, SIGABRT or SIGKILL at its model.load): REJECTED "gate process
+               killed by SIG...", the agent goes on
+  kill_gate    the bad candidate's gate child is SIGKILLed from outside (as the kernel's
+               OOM killer or an operator would) while it runs
+  hang_cand    the bad candidate's model never returns (a Loop of 2**62 trips): the gate
+               child is killed at gate_timeout_s, REJECTED "gate timed out after N s"
 
 After each round a fresh process checks: recovery works; the journal follows the
 transition table, is at rest or on probation, and agrees with the links; `current` and
 `previous` verify against the keyring; the current model gives finite logits; and one
-poll (right clock, disk free) ends at rest or on probation: OTA is not wedged. A life
+poll (right clock, disk free) ends at rest or on probation: OTA is not wedged; no gate
+child outlives its round and staging holds no extract or gate files. A life
 ends with one clean cycle that must reach 1.3.0 COMMITTED. Prints counts per fault and
 `ota_fault_bad_states=<n>` last (target 0).
 
   python benchmarks/bench_ota_faults.py [--rounds 1000] [--rounds-per-life 6] [--seed 1]
+      [--gate-timeout-s 20]
 """
 
 from __future__ import annotations
@@ -70,18 +75,37 @@ def _load(name: str, path: Path) -> Any:
 
 K = _load("bench_ota_kill", REPO_ROOT / "benchmarks" / "bench_ota_kill.py")
 H = K.H
+# real misbehaving ONNX candidates (the hanging one), shared with tests/ota
+F = _load("ota_fault_models", REPO_ROOT / "tests" / "ota" / "fault_models.py")
 
 from agent.config import AgentConfig  # noqa: E402
 from agent.ota import install  # noqa: E402
-from agent.ota.killpoint import KILL_AT_ENV, KILL_TRACE_ENV, reset_kill_counts  # noqa: E402
+from agent.ota.gate_process import GATE_KILL_AT_ENV  # noqa: E402
+from agent.ota.killpoint import (  # noqa: E402
+    KILL_SIGNAL_ENV,
+    KILL_TRACE_ENV,
+    reset_kill_counts,
+)
 from agent.ota.service import OTAService, recover_at_start  # noqa: E402
 from agent.ota.states import AT_REST, OTAState  # noqa: E402
 
-FAULTS = ("kill_point", "kill_time", "enospc", "corrupt_db", "clock_jump", "crash_cand")
-# relative weights of the faults in a round (crash_cand is also forced on some lives' first
-# round: only a device below the bad release's counter still gates it)
-WEIGHTS = (3, 2, 3, 1, 1, 1)
-HANG_HOOK = "hang_cand"
+FAULTS = (
+    "kill_point",
+    "kill_time",
+    "enospc",
+    "corrupt_db",
+    "clock_jump",
+    "crash_cand",
+    "kill_gate",
+    "hang_cand",
+)
+# relative weights of the faults in a round (the gate faults are also forced on some
+# lives' first round: only a device below the bad release's counter still gates it)
+WEIGHTS = (3, 2, 3, 1, 1, 1, 1, 1)
+GATE_FAULTS = ("crash_cand", "kill_gate", "hang_cand")
+CRASH_SIGNALS = ("SIGSEGV", "SIGABRT", "SIGKILL")
+BAD_VERSION = "1.2.0"
+GATE_CHILD = "agent.ota.gate_process"
 # Latency on 2 busy shared cores is noise; the golden set is cut for speed (the gate is
 # benchmarked on its own in bench_gate.py): the checks still run on real models.
 GOLDEN_ROWS = 160
@@ -92,7 +116,7 @@ YEAR_S = 365 * 86400.0
 # ------------------------------------------------------------------ the agent's life
 
 
-def cycle(dev: Any, packages: dict[str, Path]) -> OTAService:
+def cycle(dev: Any, packages: dict[str, Path], bad: str = "bad") -> OTAService:
     """Start as the daemon does, then do what is left of the update cycle; every step is
     an OTA operation of its own (a failed one is cleared by the next, as in the daemon)."""
     recover_at_start(dev.config)
@@ -112,7 +136,7 @@ def cycle(dev: Any, packages: dict[str, Path]) -> OTAService:
     if svc.release_floor("digits") < 2:
         step(svc.update_now)  # over HTTP: check, download, verify, gate, activate 1.1.0
         step(probation)
-    step(lambda: svc.install_file(packages["bad"]))
+    step(lambda: svc.install_file(packages[bad]))
     if install.read_links(dev.state_dir).current == "digits-1.1.0":
         step(svc.rollback)
     if svc.release_floor("digits") < 4:
@@ -181,12 +205,25 @@ def disk_full_at_nth_point(nth: int, fd: int) -> None:
     at_nth_point(nth, ask)
 
 
+def gate_rejected(svc: OTAService, since_s: float, prefix: str) -> bool:
+    """The bad release was REJECTED in this run with a reason starting with ``prefix``."""
+    return any(
+        e.state is OTAState.REJECTED
+        and e.version == BAD_VERSION
+        and e.ts >= since_s
+        and e.reason.startswith(prefix)
+        for e in svc.journal.history(limit=200)
+    )
+
+
 def child_main(
     dev: Any, packages: dict[str, Path], fault: str, env: dict[str, str], jump_s: float, fd: int
 ) -> None:
     """The forked agent process of one round (never returns)."""
     code = 0
     problems: list[str] = []
+    landed = False
+    started_s = time.time()
     try:
         reset_kill_counts()
         os.environ.update(env)
@@ -197,7 +234,9 @@ def child_main(
         if fault == "clock_jump":
             real = time.time
             time.time = lambda: real() + jump_s  # the whole process sees a wrong clock
-        svc = cycle(dev, packages)
+        svc = cycle(dev, packages, "hang" if fault == "hang_cand" else "bad")
+        if fault in GATE_FAULTS:
+            landed = gate_rejected(svc, started_s, env.pop(EXPECT_ENV))
         if fault == "enospc":
             os.write(fd, b"cycle-done\n")
             # wait for the parent to free the disk, then poll again in this process
@@ -211,7 +250,8 @@ def child_main(
 
     passed = getattr(killpoint._hits, "passed", 0)
     with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps({"problems": problems, "points": passed}) + "\n").encode())
+        report = {"problems": problems, "points": passed, "landed": landed}
+        os.write(fd, (json.dumps(report) + "\n").encode())
     os._exit(code)
 
 
@@ -237,7 +277,17 @@ def run_round(
         kill_after_s = rng.uniform(0.05, 0.9 * cycle_s)
         detail = f"after {kill_after_s:.2f} s"
     elif fault == "crash_cand":
-        env[KILL_AT_ENV] = detail = "model.load:digits-1.2.0#1"
+        # the gate child, not the agent, hits the fault (GATE_KILL_AT_ENV reaches only it)
+        env[GATE_KILL_AT_ENV] = f"model.load:digits-{BAD_VERSION}"
+        env[KILL_SIGNAL_ENV] = rng.choice(CRASH_SIGNALS)
+        env[EXPECT_ENV] = f"gate process killed by {env[KILL_SIGNAL_ENV]}"
+        detail = f"{env[KILL_SIGNAL_ENV]} at model.load"
+    elif fault == "kill_gate":
+        env[EXPECT_ENV] = "gate process killed by SIGKILL"
+        detail = "SIGKILL from outside"
+    elif fault == "hang_cand":
+        env[EXPECT_ENV] = "gate timed out after"
+        detail = "a model that never returns"
     elif fault == "clock_jump":
         jump_s = rng.choice((-3, -1, -1 / 365, 1 / 365, 1, 3)) * YEAR_S
         detail = f"{jump_s / YEAR_S:+.3f} y"
@@ -249,6 +299,10 @@ def run_round(
         os.close(parent_fd)
         child_main(dev, packages, fault, env, jump_s, child_fd)
     os.close(child_fd)
+    killer = None
+    if fault == "kill_gate":
+        killer = GateKiller(pid)
+        killer.start()
     landed = fault in ("corrupt_db", "clock_jump", "none")
     if fault == "enospc":
         if wait_line(parent_fd, None) == b"fill\n":
@@ -280,18 +334,89 @@ def run_round(
     os.close(parent_fd)
     if status is None:
         _, status = os.waitpid(pid, 0)
+    if killer is not None:
+        killer.stop.set()
+        killer.join()
     killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    if fault.startswith("kill") or fault == "crash_cand":
+    if fault in ("kill_point", "kill_time"):
         landed = killed
     problems: list[str] = []
     passed = 0
+    if fault in GATE_FAULTS and killed:
+        problems.append("the agent itself was killed by its candidate's gate")
     if not killed:
         lines = [x for x in report.splitlines() if x.startswith("{")]
         reported = json.loads(lines[-1]) if lines else {"problems": ["agent died silently"]}
         problems, passed = list(reported["problems"]), int(reported.get("points", 0))
+        if fault in GATE_FAULTS:
+            # landed: the bad release was refused with this fault's reason in this run
+            landed = bool(reported.get("landed"))
+            if killer is not None and killer.killed and not landed:
+                problems.append("its gate child was killed but the release was not refused for it")
+    problems += gate_leftovers(dev.root)
     if not landed and passed:
         detail = f"{detail}; the run passed {passed} points"
     return landed, problems, detail
+
+
+EXPECT_ENV = "BENCH_EXPECT_REASON"
+
+
+class GateKiller(threading.Thread):
+    """SIGKILLs the bad release's gate child of ``agent_pid`` from outside, once it runs."""
+
+    def __init__(self, agent_pid: int) -> None:
+        super().__init__(name="gate-killer", daemon=True)
+        self.agent_pid = agent_pid
+        self.stop = threading.Event()
+        self.killed = False
+
+    def run(self) -> None:
+        import psutil
+
+        try:
+            agent = psutil.Process(self.agent_pid)
+        except psutil.Error:
+            return
+        while not self.stop.is_set() and not self.killed:
+            with contextlib.suppress(psutil.Error):
+                for child in agent.children():
+                    if self._gates_bad_release(child):
+                        # let it get into the runtime first: the kill lands mid-gate
+                        self.stop.wait(random.uniform(0.0, 1.0))
+                        with contextlib.suppress(psutil.Error):
+                            child.send_signal(signal.SIGKILL)
+                            self.killed = True
+                        break
+            self.stop.wait(0.02)
+
+    @staticmethod
+    def _gates_bad_release(child: Any) -> bool:
+        line = child.cmdline()
+        if GATE_CHILD not in " ".join(line):
+            return False
+        try:  # the request file names the candidate's manifest
+            request = json.loads(Path(line[-2]).read_bytes())
+        except (OSError, ValueError, IndexError):
+            return False
+        return bool(request["manifest"].get("version") == BAD_VERSION)
+
+
+def gate_leftovers(root: Path, grace_s: float = 10.0) -> list[str]:
+    """A gate child still alive ``grace_s`` after its agent ended (it must die with its
+    parent: PR_SET_PDEATHSIG; the kernel needs a moment to deliver it on a busy machine)."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info.get("cmdline") or ())
+        if GATE_CHILD in line and str(root) in line:
+            procs.append(proc)
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [f"gate child {proc.pid} outlived its agent" for proc in alive]
 
 
 def socket_pair() -> tuple[int, int]:
@@ -369,6 +494,7 @@ def check_and_poll(dev: Any, final: bool = False) -> list[str]:
             svc = OTAService(dev.config)
             problems += next_poll(svc)
             problems += links_agree(svc, dev.state_dir)
+            problems += staging_leftovers(dev.state_dir)
             if final:
                 links = install.read_links(dev.state_dir)
                 floor = svc.release_floor("digits")
@@ -385,6 +511,15 @@ def check_and_poll(dev: Any, final: bool = False) -> list[str]:
     os.waitpid(pid, 0)
     result: list[str] = json.loads(data or '["check child died"]')
     return result
+
+
+def staging_leftovers(state_dir: Path) -> list[str]:
+    """After a poll at rest, staging holds no extracted package and no gate file."""
+    staging = state_dir / "staging"
+    if not staging.is_dir():
+        return []
+    left = [p.name for p in staging.iterdir() if p.name.startswith(("extract-", "gate-"))]
+    return [f"staging left: {sorted(left)}"] if left else []
 
 
 def links_agree(svc: OTAService, state_dir: Path) -> list[str]:
@@ -412,6 +547,11 @@ def mount_tmpfs(where: Path) -> bool:
     if done.returncode != 0:
         print(f"enospc rounds skipped: cannot mount a tmpfs ({done.stderr.strip()})")
     return done.returncode == 0
+
+
+def set_gate_timeout(golden: Path, timeout_s: float) -> None:
+    policy = golden / "policy.yaml"
+    policy.write_text(policy.read_text() + f"gate_timeout_s: {timeout_s:g}\n")
 
 
 def cut_golden(golden: Path) -> None:
@@ -443,21 +583,14 @@ def main() -> int:
     parser.add_argument("--rounds-per-life", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--hang-hook",
-        action="store_true",
-        help="also run hanging-candidate rounds (needs the gate in a child process)",
+        "--gate-timeout-s",
+        type=float,
+        default=20.0,
+        help="the golden set's gate_timeout_s (a hang_cand round waits this long)",
     )
     args = parser.parse_args()
     # the agent logs each quarantine and refusal; the bench reports its own counts
     logging.getLogger("agent").setLevel(logging.CRITICAL)
-    if args.hang_hook:
-        # HOOK (issue 15 item 1): a candidate whose load or run never returns must be
-        # REJECTED by the gate's timeout while the agent goes on. Add the row here once
-        # the gate runs in a child process on this branch: publish a package whose model
-        # hangs (e.g. a kill point that sleeps), run a round, expect REJECTED with
-        # "gate timed out" and the old model still current.
-        print(f"{HANG_HOOK}: not available on this branch (the gate runs in-process)")
-        return 2
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-ota-faults-") as tmp_name:
         tmp = Path(tmp_name)
@@ -477,6 +610,7 @@ def main() -> int:
             url = f"http://127.0.0.1:{server.server_address[1]}"
             template = H.repo_device(tmp / "template", url, www)
             cut_golden(template.config.ota.golden_dir)
+            set_gate_timeout(template.config.ota.golden_dir, args.gate_timeout_s)
             svc = template.service()
             svc.install_file(template.package("1.0.0", 1))
             H.feed_frames(svc, 20)
@@ -485,6 +619,7 @@ def main() -> int:
             packages = {
                 "bad": template.package("1.2.0", 3, H.broken_digits_model()),
                 "good2": template.package("1.3.0", 4),
+                "hang": template.package(BAD_VERSION, 3, F.hanging_model()),
             }
             trace = tmp / "trace.txt"
             traced = copy_device(template, tmp / "traced")
@@ -515,9 +650,9 @@ def main() -> int:
                 points_left, life_run_s = len(points), cycle_s
                 while in_life < args.rounds_per_life and sum(rounds.values()) < args.rounds:
                     fault = rng.choices(faults, weights)[0]
-                    if in_life == 0 and rng.random() < 0.25:
-                        fault = "crash_cand"  # a fresh device still gates the bad 1.2.0
-                    if fault == "crash_cand" and past_bad_release(dev):
+                    if in_life == 0 and rng.random() < 0.4:
+                        fault = rng.choice(GATE_FAULTS)  # a fresh device still gates 1.2.0
+                    if fault in GATE_FAULTS and past_bad_release(dev):
                         continue  # 1.2.0 is below the floor now: it never reaches the gate
                     run_started = time.monotonic()
                     landed, problems, detail = run_round(
@@ -569,7 +704,7 @@ def main() -> int:
     print(
         f"rounds: {rounds.total()} in {lives} device lives, {elapsed:.0f} s; "
         + ", ".join(f"{f}={rounds[f]}" for f in faults)
-        + f"; runs that ended before their fault: {dict(missed)}; {HANG_HOOK}: hook only"
+        + f"; runs that ended before their fault: {dict(missed)}"
     )
     print("bad per fault: " + ", ".join(f"{f}={bad[f]}" for f in (*faults, "clean")))
     print(f"ota_fault_bad_states={bad.total()}")

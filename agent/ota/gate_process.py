@@ -34,6 +34,8 @@ EXIT_OUT_OF_MEMORY = 4  # an allocation failed under the memory limit
 # how often the parent looks at the child, the deadline and the stop event
 POLL_S = 0.1
 STDERR_TAIL_BYTES = 2000
+# the request, report and stderr files of one gate: gate-<pid of the agent>-<ns>.<ext>
+GATE_FILE_PREFIX = "gate-"
 # the pid of the agent that started the child, so the child sees whether it is orphaned
 PARENT_PID_ENV = "EDGE_AGENT_GATE_PARENT_PID"
 # prctl(2): the signal this process gets when the thread that started it ends
@@ -152,7 +154,7 @@ def run_gate_child(
     refused); ``stop`` being set kills the child and raises GateStopped.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"gate-{os.getpid()}-{time.time_ns()}"
+    tag = f"{GATE_FILE_PREFIX}{os.getpid()}-{time.time_ns()}"
     req_path, out_path, err_path = (work_dir / f"{tag}.{ext}" for ext in ("req", "json", "err"))
     write_atomic(req_path, request.to_json())
     try:
@@ -177,6 +179,20 @@ def run_gate_child(
     finally:
         for path in (req_path, out_path, err_path):
             path.unlink(missing_ok=True)
+
+
+def remove_stale_gate_files(work_dir: Path) -> None:
+    """Delete the gate files an earlier agent process left (it was killed mid-gate, so its
+    ``finally`` never ran); this process's own gate, which may be running, is kept."""
+    own = f"{GATE_FILE_PREFIX}{os.getpid()}-"
+    try:
+        entries = list(work_dir.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(GATE_FILE_PREFIX) and not entry.name.startswith(own):
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def _child_env() -> dict[str, str]:

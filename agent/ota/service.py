@@ -39,7 +39,14 @@ from agent.ota.channel import (
 )
 from agent.ota.download import TargetRef, download_target
 from agent.ota.fetch import FetchLimits, HttpFetcher
-from agent.ota.gate_process import GateLimits, GateOutcome, GateRequest, GateStopped, run_gate_child
+from agent.ota.gate_process import (
+    GateLimits,
+    GateOutcome,
+    GateRequest,
+    GateStopped,
+    remove_stale_gate_files,
+    run_gate_child,
+)
 from agent.ota.host import LiveLatency, ModelHost, SlotHost
 from agent.ota.journal import LAST_CHECK, LAST_GATE_REPORT, LAST_POLL, Journal, JournalEntry
 from agent.ota.killpoint import kill_point
@@ -614,6 +621,8 @@ class OTAService:
         for entry in self.staging_dir.iterdir():
             if entry.name.startswith(STAGING_EXTRACT_PREFIX):
                 install.remove_tree(entry)
+        # a kill mid-gate left the gate's request and stderr files; one per kill, for ever
+        remove_stale_gate_files(self.staging_dir)
 
     # ------------------------------------------------------------------ install
 

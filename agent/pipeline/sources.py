@@ -26,6 +26,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tif
 # a frame costs nothing at run time
 SYNTHETIC_POOL = 64
 MAX_FRAME_BYTES = 64 << 20
+# a frame file's sidecar metadata (frame_0001.npy + frame_0001.json): a small JSON object
+SIDECAR_SUFFIX = ".json"
+MAX_SIDECAR_BYTES = 64 << 10
 # a source repeats the same warning (bad files, a dead camera) at most once per this long
 WARN_EVERY_S = 30.0
 
@@ -40,6 +43,9 @@ class Frame:
     captured_s: float = field(default_factory=time.time)
     ready: bool = False
     label: int | None = None
+    # what the source knows about the frame besides its pixels (a directory source's
+    # sidecar JSON); sampled telemetry records carry it, masked by telemetry.pii_fields
+    meta: dict[str, Any] | None = None
 
 
 class Source(Protocol):
@@ -328,12 +334,46 @@ def read_image_file(path: Path) -> npt.NDArray[Any]:
     return out
 
 
+def read_sidecar(frame_path: Path) -> dict[str, Any] | None:
+    """The frame's sidecar metadata (``<stem>.json`` beside it), None when there is none.
+
+    A sidecar that is too big, not JSON or not an object is left out with a warning: the
+    frame itself is still good.
+    """
+    import json
+
+    path = frame_path.with_suffix(SIDECAR_SUFFIX)
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_SIDECAR_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        why = f"cannot read ({exc.strerror})"
+    else:
+        why = f"over {MAX_SIDECAR_BYTES} bytes"
+        if len(raw) <= MAX_SIDECAR_BYTES:
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                data, why = None, f"not JSON ({exc})"
+            if isinstance(data, dict):
+                return data
+            if data is not None:
+                why = "not a JSON object"
+    warn_every(
+        log, f"sidecar:{path.parent}", WARN_EVERY_S, "source: %s: sidecar left out: %s", path, why
+    )
+    return None
+
+
 class DirectorySource:
     """Frames from the .npy and image files of a folder, in name order.
 
     Watch mode keeps polling for new files (by name, so a file replaced under the same
     name is not read twice); loop mode starts over at the end. A file that cannot be read
-    is skipped with a warning: one bad frame must not stop the agent.
+    is skipped with a warning: one bad frame must not stop the agent. A frame file may
+    have a sidecar ``<stem>.json`` object: the frame's metadata (``Frame.meta``).
     """
 
     def __init__(
@@ -401,7 +441,7 @@ class DirectorySource:
                     self.skips.skip(str(exc))
                     continue
                 self._seq += 1
-                return Frame(seq=self._seq, data=data, source=str(p))
+                return Frame(seq=self._seq, data=data, source=str(p), meta=read_sidecar(p))
             if self.loop and self._seen:
                 self._seen.clear()
             elif not self.watch:

@@ -45,7 +45,8 @@ WARN_EVERY_S = 60.0
 DRIFT_LAST_META = "drift.last"
 DRIFT_OVER_META = "drift.over"
 
-_Observation = tuple[int, float, int, float, Any, int, int]
+# seq, latency_s, top_class, confidence, meta, sample (the record's other fields), wall, mono
+_Observation = tuple[int, float, int, float, Any, Any, int, int]
 _Event = tuple[str, dict[str, Any], int, int, int]
 
 
@@ -160,16 +161,35 @@ class TelemetryRecorder:
         top_class: int,
         confidence: float,
         meta: Mapping[str, Any],
+        sample: Mapping[str, Any] | None = None,
     ) -> None:
-        """One inference result: counted in the interval summary, kept if sampled."""
+        """One inference result: counted in the interval summary, kept if sampled.
+
+        ``sample``: the sampled record's other fields (the daemon's source, result and the
+        source's frame metadata), built by the caller only when ``wants_sample(seq)``;
+        masked with ``pii_fields`` like the rest of the record.
+        """
         if len(self._observations) >= self._queue_max:
             self._dropped_observations += 1
             return
         self._observations.append(
-            (seq, latency_s, top_class, confidence, meta, self._wall_ns(), self._monotonic_ns())
+            (
+                seq,
+                latency_s,
+                top_class,
+                confidence,
+                meta,
+                sample,
+                self._wall_ns(),
+                self._monotonic_ns(),
+            )
         )
         if not self._rows_due and is_sampled(seq, self.config.sample_rate):
             self._signal_row_due()
+
+    def wants_sample(self, seq: int) -> bool:
+        """True when frame ``seq`` becomes a sampled record (so its details are worth building)."""
+        return is_sampled(seq, self.config.sample_rate)
 
     def observe_boxes(self, scores: Sequence[float]) -> None:
         """A detector frame's box scores (after NMS): counted in the interval summary."""
@@ -304,17 +324,23 @@ class TelemetryRecorder:
         if elapsed_s > 0:
             self._observed_per_s = len(self._observations) / elapsed_s
         while self._observations:
-            seq, latency_s, top_class, confidence, meta, wall, mono = self._observations.popleft()
+            obs = self._observations.popleft()
+            seq, latency_s, top_class, confidence, meta, sample, wall, mono = obs
             summary.observe(latency_s, top_class, confidence)
             self._drift.observe(meta, top_class, confidence)
             if is_sampled(seq, cfg.sample_rate):
-                attrs = {
+                attrs: dict[str, Any] = {
                     "frame_seq": seq,
                     "latency_ms": round(latency_s * 1000.0, 4),
                     "top_class": top_class,
                     "confidence": round(float(confidence), 6),
-                    "meta": mask_pii(meta, cfg.pii_fields) if cfg.pii_fields else dict(meta),
+                    "meta": dict(meta),
+                    **(sample or {}),
                 }
+                if cfg.pii_fields:
+                    # the whole record: a field can hide in the source, the result or the
+                    # metadata the source attached, at any depth
+                    attrs = mask_pii(attrs, cfg.pii_fields)
                 records.append(
                     self._record("sample", PRIORITY_SAMPLE, "inference.sample", attrs, wall, mono)
                 )
@@ -381,6 +407,9 @@ class TelemetryRecorder:
         self, row_type: Any, priority: int, name: str, attrs: dict[str, Any], wall: int, mono: int
     ) -> NewRecord:
         stamp = self._clock.check(wall, mono)
+        if row_type == "event" and self.config.pii_fields:
+            # every event, the daemon's and the recorder's own, on its way to the store
+            attrs = mask_pii(attrs, self.config.pii_fields)
         return NewRecord(
             row_type,
             priority,

@@ -32,15 +32,21 @@ def is_sampled(seq: int, sample_rate: float) -> bool:
 
 
 def mask_pii(data: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-    """A copy with the configured fields replaced by "<masked>".
+    """A copy with the configured fields' values replaced by "<masked>".
 
-    A plain name ("plate") matches that key at any depth; a dotted path ("camera.owner")
-    matches only there. Names match case-insensitively.
+    A plain name ("plate") matches that key at any depth, inside mappings and lists of
+    mappings; a dotted path ("camera.owner") matches that chain of keys wherever it starts
+    ("meta.camera.owner", "source_meta.camera.owner", not a lone "owner"). Names match
+    case-insensitively; a matched value is replaced whole (a mapping or list included).
     """
     names = {f.lower() for f in fields if "." not in f}
     paths = {f.lower() for f in fields if "." in f}
     masked: dict[str, Any] = _mask(data, names, paths, "")
     return masked
+
+
+def _path_matches(path: str, paths: set[str]) -> bool:
+    return any(path == p or path.endswith("." + p) for p in paths)
 
 
 def _mask(value: Any, names: set[str], paths: set[str], prefix: str) -> Any:
@@ -49,7 +55,7 @@ def _mask(value: Any, names: set[str], paths: set[str], prefix: str) -> Any:
         for key, item in value.items():
             key_s = str(key)
             path = f"{prefix}.{key_s}".lower() if prefix else key_s.lower()
-            if key_s.lower() in names or path in paths:
+            if key_s.lower() in names or (paths and _path_matches(path, paths)):
                 out[key_s] = MASKED
             else:
                 out[key_s] = _mask(item, names, paths, path)

@@ -1,5 +1,5 @@
-"""Docs as tests: the ```bash / ```console blocks of README.md and docs/fleet.md, run in a
-temp dir in document order, their shown output compared with placeholders."""
+"""Docs as tests: the ```bash / ```console / ```sh blocks of README.md and docs/*.md, run in
+a temp dir in document order, their shown output compared with placeholders."""
 
 from __future__ import annotations
 
@@ -19,7 +19,19 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 MARKER = re.compile(r"<!--\s*(hardware-only|doc-test:\s*skip)\s*:?\s*(.*?)\s*-->")
 # Covered files. Others change docs/*.md right now; each file joins this list once its
 # blocks pass (or carry a marker saying why they cannot run here).
-COVERED = ("README.md", "docs/fleet.md")
+COVERED = (
+    "README.md",
+    "docs/fleet.md",
+    "docs/packages.md",
+    "docs/ota.md",
+    "docs/telemetry.md",
+    "docs/gate.md",
+    "docs/daemon.md",
+    "docs/install.md",
+    "docs/jetson.md",
+    "docs/raspberry-pi.md",
+    "docs/x86.md",
+)
 COMMAND_TIMEOUT_S = 180
 # <!-- doc-test: setup COMMANDS --> above a block runs COMMANDS first: what the text around
 # the block tells the reader to do ("and release-2, release-3").
@@ -58,7 +70,7 @@ def extract_blocks(doc: str) -> list[Block]:
             body.append(lines[i])
             i += 1
         i += 1
-        if lang not in ("bash", "console"):
+        if lang not in ("bash", "console", "sh"):
             continue
         marker = setup = None
         for back in range(start - 1, max(-1, start - 4), -1):
@@ -219,6 +231,34 @@ CANNOT_RUN = {
     ): "sudo apt install on the target (tests/shipping builds the .deb)",
     ("README.md", "bash tools/setup.sh"): "creates the .venv the tests run in",
     (
+        "docs/ota.md",
+        "edge-agent status --config agent.yaml",
+    ): "the running daemon of the OTA demo (tools/demo_ota.sh)",
+    (
+        "docs/ota.md",
+        "edge-agent rollback --config agent.yaml",
+    ): "a daemon that holds the state dir's lock and does not answer yet",
+    (
+        "docs/daemon.md",
+        "edge-agent run --config docs/examples/agent.yaml &",
+    ): "a daemon in the reader's shell until `kill %1` (tests/daemon runs it)",
+    (
+        "docs/daemon.md",
+        "edge-agent status --config agent.yaml",
+    ): "the running daemon of the OTA demo (tools/demo_ota.sh)",
+    ("docs/install.md", "packaging/deb/build.sh --out dist"): "sudo apt install on the target",
+    (
+        "docs/install.md",
+        "sudo edge-agent provision --state-dir /var/lib/edge-agent",
+    ): "a device's /var/lib, its repository and the edge-agent user",
+    ("docs/install.md", "sudo packaging/deb/test_in_chroot.sh"): "root and a chroot",
+    ("docs/install.md", "sudo apt-get install systemd-container"): "root, apt and systemd-nspawn",
+    ("docs/install.md", "sudo packaging/install.sh"): "installs into /opt and /etc",
+    ("docs/install.md", "python3 -m venv ~/ea"): "pip install into a new venv (network)",
+    ("docs/jetson.md", "packaging/deb/build.sh --out dist --jetson"): "a Jetson with JetPack",
+    ("docs/raspberry-pi.md", "sudo apt install -y python3-venv git"): "a Raspberry Pi (sudo apt)",
+    ("docs/x86.md", "packaging/deb/build.sh --out dist"): "sudo apt install on the target",
+    (
         "docs/fleet.md",
         "edge-agent serve --repo ./repo --db fleet.db",
     ): "a server that runs until killed",
@@ -247,6 +287,16 @@ SKIP_COMMANDS = {
         "edge-agent rollout status --channel stable --server",
     ): "needs a running server",
 }
+
+
+# `edge-agent gate` also judges latency (candidate p95 against the baseline's, measured in
+# the same run): on a loaded machine one spike fails it. Such a command gets one more run
+# before it counts; a doc that is wrong fails both.
+TIMING_RETRIES = 1
+
+
+def _timed(command: str) -> bool:
+    return command.strip().startswith("edge-agent gate ")
 
 
 def _lookup(table: dict[tuple[str, str], str], doc: str, command: str) -> str | None:
@@ -288,21 +338,24 @@ def test_doc_blocks_run_as_shown(doc: str, blocks: list[Block], tmp_path: Path) 
             if prep.returncode != 0:
                 failures.append(f"{where}: setup `{block.setup}` failed: {prep.stderr[-500:]}")
                 continue
-        steps = [Step(block.text)] if block.lang == "bash" else console_steps(block.text)
+        steps = [Step(block.text)] if block.lang != "console" else console_steps(block.text)
         for step in steps:
             why = _lookup(SKIP_COMMANDS, doc, step.command.strip())
             if why:
                 skipped.append(f"{where} `{step.command}` ({why})")
                 continue
-            done = run_shell(step.command, workdir, env)
-            ran += 1
-            output = (done.stdout + done.stderr).splitlines()
             shows_error = any(e.startswith("Error:") for e in step.expected)
             want_code = step.exit_code if step.exit_code is not None else None
-            if want_code is not None:
-                ok_code = done.returncode == want_code
-            else:
-                ok_code = (done.returncode != 0) if shows_error else done.returncode == 0
+            for _attempt in range(1 + TIMING_RETRIES if _timed(step.command) else 1):
+                done = run_shell(step.command, workdir, env)
+                output = (done.stdout + done.stderr).splitlines()
+                if want_code is not None:
+                    ok_code = done.returncode == want_code
+                else:
+                    ok_code = (done.returncode != 0) if shows_error else done.returncode == 0
+                if ok_code:
+                    break
+            ran += 1
             if not ok_code:
                 failures.append(
                     f"{where}: `{step.command}` exited {done.returncode}\n"
@@ -318,7 +371,8 @@ def test_doc_blocks_run_as_shown(doc: str, blocks: list[Block], tmp_path: Path) 
                 )
     print(f"{doc}: {ran} commands run; skipped: " + "; ".join(skipped))
     assert not failures, "\n\n".join(failures)
-    assert ran > 0
+    # a doc whose every block needs hardware or a running daemon says why for each one
+    assert ran > 0 or len(skipped) == len(blocks) > 0
 
 
 def test_skip_tables_have_no_stale_entries() -> None:

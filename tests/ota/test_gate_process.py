@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -49,14 +51,17 @@ def install_v1(dev: Device) -> None:
 @dataclasses.dataclass(frozen=True)
 class BadCandidate:
     """What the candidate's author controls: its model bytes (and, for a native crash,
-    the fault the runtime hits while loading it)."""
+    the fault the runtime hits while loading it); ``killed_from_outside``: the kernel's OOM
+    killer or an operator SIGKILLs the gate child while it runs."""
 
     id: str
     model: bytes
     env: dict[str, str]
     reason: str
+    killed_from_outside: bool = False
 
 
+DIGITS_BYTES = (Path(__file__).parents[2] / "agent/demo/models/digits_fp32.onnx").read_bytes()
 BAD_CANDIDATES = [
     BadCandidate("hangs", hanging_model(), {}, f"gate timed out after {GATE_TIMEOUT_S} s"),
     BadCandidate(
@@ -64,6 +69,26 @@ BAD_CANDIDATES = [
         (Path(__file__).parents[2] / "agent/demo/models/digits_fp32.onnx").read_bytes(),
         {GATE_KILL_AT_ENV: "model.load:digits-1.1.0", KILL_SIGNAL_ENV: "SIGSEGV"},
         "gate process killed by SIGSEGV",
+    ),
+    # the rows bench_ota_faults.py's crash_cand and kill_gate rounds draw from
+    BadCandidate(
+        "aborts-the-runtime",
+        DIGITS_BYTES,
+        {GATE_KILL_AT_ENV: "model.load:digits-1.1.0", KILL_SIGNAL_ENV: "SIGABRT"},
+        "gate process killed by SIGABRT",
+    ),
+    BadCandidate(
+        "sigkilled-while-loading",
+        DIGITS_BYTES,
+        {GATE_KILL_AT_ENV: "model.load:digits-1.1.0"},
+        "gate process killed by SIGKILL",
+    ),
+    BadCandidate(
+        "sigkilled-from-outside-while-hanging",
+        hanging_model(),
+        {},
+        "gate process killed by SIGKILL",
+        killed_from_outside=True,
     ),
     BadCandidate(
         "exhausts-memory",
@@ -96,8 +121,13 @@ def test_a_bad_candidate_is_rejected_by_the_gate_child(
     for key, value in row.env.items():
         monkeypatch.setenv(key, value)
     svc = device.service()
+    killer = threading.Thread(target=kill_the_first_gate_child, daemon=True)
+    if row.killed_from_outside:
+        killer.start()
     with pytest.raises(GateFailedError, match=re.escape(row.reason)):
         svc.install_file(device.package("1.1.0", 2, row.model))
+    if row.killed_from_outside:
+        killer.join(60)
     last = svc.journal.last()
     assert last is not None and last.state is OTAState.REJECTED, last
     assert last.reason.startswith(row.reason), last.reason
@@ -109,7 +139,27 @@ def test_a_bad_candidate_is_rejected_by_the_gate_child(
     assert gate_children() == []
     report = json.loads(svc.journal.get_value("last_gate_report") or "{}")
     assert report["passed"] is False and report["reason"] == last.reason
+    # OTA is not stuck: the next release goes through the same service and commits
+    for key in row.env:
+        monkeypatch.delenv(key)
+    svc.install_file(device.package("1.2.0", 3))
+    feed_frames(svc, 20)
+    assert svc.journal.state() is OTAState.COMMITTED
+    assert install.read_links(device.state_dir).current == "digits-1.2.0"
+    assert not list((device.state_dir / "staging").iterdir())
     svc.close()
+
+
+def kill_the_first_gate_child(timeout_s: float = 60.0) -> None:
+    """SIGKILL the gate child of this process once it is running (from outside it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        children = gate_children()
+        if children:
+            time.sleep(0.5)  # in the runtime by now: the hanging model's first inference
+            children[0].send_signal(signal.SIGKILL)
+            return
+        time.sleep(0.02)
 
 
 def test_gate_limits_come_from_the_policy_and_a_package_may_only_tighten(
@@ -231,3 +281,11 @@ def test_a_gate_child_dies_with_the_agent_that_started_it(device: Device) -> Non
         agent.wait(10)
     child.wait(60)  # psutil.TimeoutExpired if it outlived its parent
     assert not child.is_running()
+    # the killed agent's finally never ran: its gate files stay until the next start
+    staging = device.state_dir / "staging"
+    assert any(p.name.startswith("gate-") for p in staging.iterdir())
+    svc = device.service()
+    svc.recover()
+    assert [p.name for p in staging.iterdir() if p.name.startswith("gate-")] == []
+    assert install.read_links(device.state_dir).current == "digits-1.0.0"
+    svc.close()
