@@ -388,14 +388,18 @@ def _confirm_latency(
     run_base: Callable[[npt.NDArray[np.float32]], list[Any]],
     run_cand: Callable[[npt.NDArray[np.float32]], list[Any]],
     inputs: npt.NDArray[np.float32],
-    first_s: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+    first_s: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Each row's median latency over the first pass and LATENCY_CONFIRM_PASSES more
     interleaved passes (the order of the two models flips every row and every pass), per
-    model; the outputs of these passes are not kept (the first pass's are judged)."""
+    model; the outputs of these passes are not kept (the first pass's are judged). Without
+    a first pass of both side by side (``first_s`` None: the baseline's came from the
+    cache), one more pass stands in for it."""
     rows = len(inputs)
-    runs: list[list[npt.NDArray[np.float64]]] = [[first_s[0]], [first_s[1]]]
-    for n in range(LATENCY_CONFIRM_PASSES):
+    runs: list[list[npt.NDArray[np.float64]]] = [[], []]
+    if first_s is not None:
+        runs = [[first_s[0]], [first_s[1]]]
+    for n in range(LATENCY_CONFIRM_PASSES + (1 if first_s is None else 0)):
         lats: list[list[float]] = [[], []]
         # odd passes start with the candidate, so each row sees both orders
         pair = (run_base, run_cand) if n % 2 else (run_cand, run_base)
@@ -857,7 +861,9 @@ def run_gate(
                     base_backend, _ = _load_measured(base_model, golden)
                     owned.append(base_backend)
                 runs.insert(0, run_of(base_backend))
-            confirmed = _confirm_latency(runs[0], runs[-1], golden.inputs, first_lats)
+            confirmed = _confirm_latency(
+                runs[0], runs[-1], golden.inputs, first_lats if cached is None else None
+            )
         cand_info = cand_backend.describe()
         cand_id = backend_identity(cand_backend)
         base_run_id = backend_identity(to_run[0]) if cached is None else None

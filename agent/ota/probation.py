@@ -278,7 +278,7 @@ class ProbationWatch:
             boxes = f"{per_frame:.2f} boxes a frame"
             if score is not None:
                 boxes += f", mean box score {score:.3f}"
-            return result(Verdict.PASSED, f"{frames} frames healthy ({boxes})")
+            return result(Verdict.PASSED, f"{frames} frames healthy, {boxes}")
         return result(Verdict.PASSED, f"{frames} frames healthy")
 
 
