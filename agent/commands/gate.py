@@ -85,11 +85,22 @@ def cmd_gate(args: argparse.Namespace) -> int:
         package_gate=package_gate,
     )
     show = progress_printer("gate") if sys.stderr.isatty() and not args.json else None
+    shown = [0.0]
+
+    def progress(fraction: float) -> None:
+        assert show is not None
+        shown[0] = fraction
+        show(fraction)
+
     work = Path(tempfile.mkdtemp(prefix="edge-agent-gate-"))
     try:
-        outcome = run_gate_child(request, work, limits.timeout_s, progress=show)
+        outcome = run_gate_child(
+            request, work, limits.timeout_s, progress=progress if show is not None else None
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if show is not None and 0.0 < shown[0] < 1.0:
+            sys.stderr.write("\n")  # a child that ended mid-pass left the bar open
     data = dict(outcome.report)
     if args.report:
         try:

@@ -236,6 +236,10 @@ def _wait(
                 progress(done)
         rc = proc.poll()
         if rc is not None:
+            if progress is not None and progress_path is not None:
+                done = _read_progress(progress_path)  # the last step, written as it ended
+                if done is not None and done != shown:
+                    progress(done)
             return rc
         if stop is not None and stop.is_set():
             raise GateStopped("gate interrupted: the agent is stopping")
