@@ -252,6 +252,8 @@ class Daemon:
         self._state_lock = StateDirLock(config.state_dir)
         self._ota: Any = None
         self._ota_observe: Callable[..., Any] | None = None
+        # the last emitted frame's box scores (detectors), for probation
+        self._last_box_scores: tuple[float, ...] | None = None
         self._warnings = WarnEvery()
         self.last_reload: dict[str, Any] | None = None
         self.exit_reason = ""
@@ -685,7 +687,9 @@ class Daemon:
             stats.frames += n_frames
             confidence = self._emit(model, frames, outputs, latency_s, telemetry)
             if self._ota_observe is not None:
-                self._observe_probation(latency_s, confidence, error=False)
+                self._observe_probation(
+                    latency_s, confidence, error=False, box_scores=self._last_box_scores
+                )
 
     def _frame_failed(self, exc: InputDataError | RuntimeFaultError, n_frames: int) -> None:
         stats = self.stats
@@ -699,12 +703,21 @@ class Daemon:
         self.event("error", {"where": "frame", "message": str(exc)})
         self._observe_probation(0.0, None, error=True)
 
-    def _observe_probation(self, latency_s: float, confidence: float | None, error: bool) -> None:
+    def _observe_probation(
+        self,
+        latency_s: float,
+        confidence: float | None,
+        error: bool,
+        box_scores: tuple[float, ...] | None = None,
+    ) -> None:
         observe = self._ota_observe
         if observe is None:
             return
         try:
-            observe(latency_s, confidence, error)
+            if box_scores is None:
+                observe(latency_s, confidence, error)
+            else:  # a detector's frame: probation checks its boxes too
+                observe(latency_s, confidence, error, box_scores=box_scores)
         except Exception as exc:  # OTA trouble must not stop inference
             self._warn_once("ota-observe", f"ota: probation check failed: {exc}")
 
@@ -720,6 +733,7 @@ class Daemon:
         pre = model.preprocess
         sinks = self.sinks
         confidence = 0.0
+        self._last_box_scores = None
         if not sinks and telemetry is None and self._ota_observe is None:
             return confidence  # nobody reads the result: skip the post-processing
         meta = self._telemetry_meta
@@ -746,6 +760,7 @@ class Daemon:
                 )
                 key, value, box_scores = res.key, res.value, res.box_scores
                 top_class, confidence = res.top_class, res.confidence
+                self._last_box_scores = box_scores
             else:
                 best = tops[row]
                 top_class, confidence = int(best[0]["class"]), float(best[0]["score"])

@@ -39,21 +39,69 @@ def _package_gate(text: str | None) -> dict[str, Any] | None:
     return data
 
 
-def cmd_gate(args: argparse.Namespace) -> int:
-    from agent.ota.golden import run_gate
+def _candidate_gate(candidate: Path) -> dict[str, Any] | None:
+    """The candidate package's own ``gate`` (it may lower the child's limits too)."""
+    from agent.errors import EdgeAgentError
+    from agent.pipeline.model import read_manifest
 
-    show = progress_printer("gate") if sys.stderr.isatty() and not args.json else None
-    report = run_gate(
-        Path(args.baseline),
-        Path(args.candidate),
-        Path(args.golden),
-        policy=Path(args.policy) if args.policy else None,
-        package_gate=_package_gate(args.package_gate),
-        progress=show,
-        baseline_cache=Path(args.cache) if args.cache else None,
-        backend=args.backend,
+    if not candidate.is_dir():
+        return None
+    try:
+        gate = read_manifest(candidate).get("gate")
+    except EdgeAgentError:
+        return None  # the child names what is wrong with the package
+    return dict(gate) if isinstance(gate, dict) else None
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from agent.config import ModelConfig
+    from agent.errors import ModelError
+    from agent.ota.gate_process import GateLimits, GateRequest, run_gate_child
+
+    baseline, candidate, golden = Path(args.baseline), Path(args.candidate), Path(args.golden)
+    for source in (baseline, candidate):
+        if not source.exists():
+            raise ModelError(f"{source}: model file or package directory not found")
+    policy = Path(args.policy) if args.policy else None
+    package_gate = _package_gate(args.package_gate)
+    # The same seam and limits as the OTA gate: a child process with gate_timeout_s and
+    # gate_memory_max_mb, so a candidate that hangs or eats memory cannot take the
+    # operator's shell (or the machine) with it.
+    limits = GateLimits.from_policy(
+        golden, package_gate if package_gate is not None else _candidate_gate(candidate), policy
     )
-    data = report.to_dict()
+    request = GateRequest(
+        baseline=baseline.resolve(),
+        candidate=candidate.resolve(),
+        manifest={},
+        golden_dir=golden.resolve(),
+        baseline_cache=Path(args.cache).resolve() if args.cache else None,
+        model=ModelConfig(backend=args.backend),
+        memory_max_mb=limits.memory_max_mb,
+        policy=policy.resolve() if policy else None,
+        package_gate=package_gate,
+    )
+    show = progress_printer("gate") if sys.stderr.isatty() and not args.json else None
+    shown = [0.0]
+
+    def progress(fraction: float) -> None:
+        assert show is not None
+        shown[0] = fraction
+        show(fraction)
+
+    work = Path(tempfile.mkdtemp(prefix="edge-agent-gate-"))
+    try:
+        outcome = run_gate_child(
+            request, work, limits.timeout_s, progress=progress if show is not None else None
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if show is not None and 0.0 < shown[0] < 1.0:
+            sys.stderr.write("\n")  # a child that ended mid-pass left the bar open
+    data = dict(outcome.report)
     if args.report:
         try:
             write_atomic(Path(args.report), (json.dumps(data, indent=2) + "\n").encode())
@@ -62,8 +110,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        print(report.format_table())
-    return EXIT_OK if report.passed else EXIT_REFUSED
+        # a child that timed out, crashed or ran out of memory left no table: say why
+        print(outcome.table or f"gate FAIL: {outcome.reason}")
+    return EXIT_OK if outcome.passed else EXIT_REFUSED
 
 
 def add_commands(sub: SubParsers) -> None:

@@ -189,6 +189,17 @@ def _ranks(groups: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     return out
 
 
+def _slots(
+    sorted_keys: npt.NDArray[np.int64], keys: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Which ``keys`` occur in ``sorted_keys`` (unique, ascending), and the index of each
+    one that does (np.isin's answer without its hashing, plus the positions)."""
+    at = np.searchsorted(sorted_keys, keys)
+    found = sorted_keys[np.minimum(at, len(sorted_keys) - 1)] == keys
+    slots: npt.NDArray[np.int64] = at[found].astype(np.int64)
+    return found, slots
+
+
 def _batched_iou(a: FloatArray, b: FloatArray) -> FloatArray:
     """IoU of each group's boxes: a [P, D, 4] x b [P, G, 4] -> [P, D, G]."""
     ix1 = np.maximum(a[:, :, None, 0], b[:, None, :, 0])
@@ -266,11 +277,9 @@ def coco_metrics_flat(
     hits = np.zeros((num_t, len(d_pair)), dtype=bool)
     both = np.intersect1d(d_pair, g_pair)
     if len(both):
-        slot_of = {int(p): i for i, p in enumerate(both.tolist())}
-        d_in = np.isin(d_pair, both)
-        g_in = np.isin(g_pair, both)
-        d_slot = np.array([slot_of[int(p)] for p in d_pair[d_in].tolist()], dtype=np.int64)
-        g_slot = np.array([slot_of[int(p)] for p in g_pair[g_in].tolist()], dtype=np.int64)
+        # each pair's slot: its index in the sorted ``both`` (no per-box Python)
+        d_in, d_slot = _slots(both, d_pair)
+        g_in, g_slot = _slots(both, g_pair)
         width_d, width_g = int(d_rank[d_in].max()) + 1, int(g_rank[g_in].max()) + 1
         db = np.zeros((len(both), width_d, 4))
         dv = np.zeros((len(both), width_d), dtype=bool)
@@ -298,22 +307,12 @@ def coco_metrics_flat(
     num_gt = np.bincount(g_cls, minlength=num_classes)
     per50: dict[str, float] = {}
     per5095: dict[str, float] = {}
+    aps = _coco_class_aps(hits, d_cls, d_score, num_gt, num_classes)
     for cls in range(num_classes):
         if num_gt[cls] == 0:
             continue
-        mine = np.flatnonzero(d_cls == cls)  # image order, then score order: as pycocotools
-        if len(mine) == 0:
-            per50[str(cls)], per5095[str(cls)] = 0.0, 0.0
-            continue
-        order = mine[np.argsort(-d_score[mine], kind="mergesort")]
-        tp = hits[:, order].astype(np.float64)
-        tp_cum = np.cumsum(tp, axis=1)
-        fp_cum = np.cumsum(1.0 - tp, axis=1)
-        recall = tp_cum / num_gt[cls]
-        precision = tp_cum / (tp_cum + fp_cum + np.spacing(1))
-        aps = [average_precision(recall[t], precision[t], "coco101") for t in range(num_t)]
-        per50[str(cls)] = aps[0]
-        per5095[str(cls)] = float(np.mean(aps))
+        per50[str(cls)] = float(aps[cls, 0])
+        per5095[str(cls)] = float(np.mean(aps[cls].tolist()))
     return {
         "map50": float(np.mean(list(per50.values()))) if per50 else 0.0,
         "map50_95": float(np.mean(list(per5095.values()))) if per5095 else 0.0,
@@ -322,3 +321,46 @@ def coco_metrics_flat(
         "gt_boxes": len(g_cls),
         "det_boxes": len(d_cls),
     }
+
+
+def _coco_class_aps(
+    hits: npt.NDArray[np.bool_],
+    d_cls: npt.NDArray[np.int64],
+    d_score: FloatArray,
+    num_gt: npt.NDArray[np.int64],
+    num_classes: int,
+) -> FloatArray:
+    """AP [classes, thresholds] from the matched detections (``hits`` [T, D]), pycocotools'
+    accumulate() for every class and IoU threshold at once: each class's detections by
+    score (ties in image order), cumulative true and false positives, precision made
+    monotone from the right, sampled at the 101 recall points (0 past the last recall).
+    Classes are padded into one [C, T, width] block, so no step loops over classes."""
+    num_t = hits.shape[0]
+    aps = np.zeros((num_classes, num_t))
+    if len(d_cls) == 0:
+        return aps
+    # by class, then best score first; ties keep image order (lexsort is stable), as
+    # pycocotools' mergesort over the image-ordered list
+    order = np.lexsort((-d_score, d_cls))
+    cls_sorted = d_cls[order]
+    rank = _ranks(cls_sorted)
+    width = int(rank.max()) + 1
+    tp = np.zeros((num_classes, num_t, width))
+    valid = np.zeros((num_classes, width), dtype=bool)
+    tp[cls_sorted, :, rank] = hits[:, order].T.astype(np.float64)
+    valid[cls_sorted, rank] = True
+    # cumulative sums of 0/1 values are exact, whatever the grouping
+    tp_cum = np.cumsum(tp, axis=2)
+    fp_cum = np.cumsum(valid[:, None, :] & (tp == 0.0), axis=2, dtype=np.float64)
+    gt = np.maximum(num_gt, 1).astype(np.float64)[:, None, None]
+    recall = np.where(valid[:, None, :], tp_cum / gt, np.inf)
+    precision = np.where(valid[:, None, :], tp_cum / (tp_cum + fp_cum + np.spacing(1)), 0.0)
+    # one zero column past the end: where no recall reaches a point, it samples 0
+    precision = np.concatenate([precision, np.zeros((num_classes, num_t, 1))], axis=2)
+    monotone = np.maximum.accumulate(precision[:, :, ::-1], axis=2)[:, :, ::-1]
+    # the first position whose recall reaches each point (searchsorted "left" per row;
+    # recall only grows along a row, and padding is +inf)
+    idx = (recall[:, :, None, :] < COCO_RECALL_THRESHOLDS[None, None, :, None]).sum(axis=3)
+    sampled = np.take_along_axis(monotone, idx, axis=2)
+    aps[:] = sampled.mean(axis=2)
+    return aps

@@ -62,6 +62,8 @@ class GateOutcome:
     passed: bool
     report: Mapping[str, Any]
     reason: str = ""
+    # the report's readable table (GateReport.format_table), for the CLI; "" without one
+    table: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,14 @@ class GateLimits:
     memory_max_mb: float
 
     @classmethod
-    def from_policy(cls, golden_dir: Path, package_gate: Mapping[str, Any] | None) -> GateLimits:
-        path = golden_dir / "policy.yaml"
-        policy = load_policy(path) if path.is_file() else GatePolicy()
+    def from_policy(
+        cls,
+        golden_dir: Path,
+        package_gate: Mapping[str, Any] | None,
+        policy_path: Path | None = None,
+    ) -> GateLimits:
+        path = policy_path or golden_dir / "policy.yaml"
+        policy = load_policy(path) if policy_path or path.is_file() else GatePolicy()
         effective, _changes = apply_package_gate(policy, package_gate)
         return cls(effective.gate_timeout_s, effective.gate_memory_max_mb)
 
@@ -90,6 +97,12 @@ class GateRequest:
     baseline_cache: Path | None
     model: ModelConfig
     memory_max_mb: float
+    # `edge-agent gate --policy FILE` (None: golden_dir/policy.yaml) and --package-gate
+    # (None: the manifest's `gate`, else the candidate package's own)
+    policy: Path | None = None
+    package_gate: Mapping[str, Any] | None = None
+    # where the child writes how far its pass is (0..1), for the CLI's progress line
+    progress_path: Path | None = None
 
     def to_json(self) -> bytes:
         m = self.model
@@ -107,6 +120,9 @@ class GateRequest:
                 "engine_cache_dir": str(m.engine_cache_dir) if m.engine_cache_dir else None,
             },
             "memory_max_mb": self.memory_max_mb,
+            "policy": str(self.policy) if self.policy else None,
+            "package_gate": dict(self.package_gate) if self.package_gate is not None else None,
+            "progress_path": str(self.progress_path) if self.progress_path else None,
         }
         return json.dumps(data).encode()
 
@@ -130,6 +146,9 @@ class GateRequest:
             baseline_cache=Path(data["baseline_cache"]) if data["baseline_cache"] else None,
             model=model,
             memory_max_mb=float(data["memory_max_mb"]),
+            policy=Path(data["policy"]) if data.get("policy") else None,
+            package_gate=data.get("package_gate"),
+            progress_path=Path(data["progress_path"]) if data.get("progress_path") else None,
         )
 
 
@@ -145,17 +164,23 @@ def run_gate_child(
     work_dir: Path,
     timeout_s: float,
     stop: threading.Event | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> GateOutcome:
     """Run the gate in ``python -m agent.ota.gate_process`` and wait for its JSON report.
 
     A fresh interpreter (fork + exec), never a fork of this process: the daemon holds
     onnxruntime's threads, which a forked child would inherit locked. A child that outlives
     ``timeout_s``, dies of a signal or runs out of memory is a failed gate (the candidate is
-    refused); ``stop`` being set kills the child and raises GateStopped.
+    refused); ``stop`` being set kills the child and raises GateStopped. ``progress`` is
+    called with the child's progress (0..1) while it runs.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{GATE_FILE_PREFIX}{os.getpid()}-{time.time_ns()}"
-    req_path, out_path, err_path = (work_dir / f"{tag}.{ext}" for ext in ("req", "json", "err"))
+    req_path, out_path, err_path, progress_path = (
+        work_dir / f"{tag}.{ext}" for ext in ("req", "json", "err", "progress")
+    )
+    if progress is not None:
+        request = dataclasses.replace(request, progress_path=progress_path)
     write_atomic(req_path, request.to_json())
     try:
         with err_path.open("wb") as err:
@@ -170,14 +195,14 @@ def run_gate_child(
                 start_new_session=True,
             )
             try:
-                rc = _wait(proc, timeout_s, stop)
+                rc = _wait(proc, timeout_s, stop, progress, progress_path)
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
         return _outcome(rc, timeout_s, request.memory_max_mb, out_path, err_path)
     finally:
-        for path in (req_path, out_path, err_path):
+        for path in (req_path, out_path, err_path, progress_path):
             path.unlink(missing_ok=True)
 
 
@@ -209,12 +234,28 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout_s: float, stop: threading.Event | None) -> int:
+def _wait(
+    proc: subprocess.Popen[bytes],
+    timeout_s: float,
+    stop: threading.Event | None,
+    progress: Callable[[float], None] | None = None,
+    progress_path: Path | None = None,
+) -> int:
     """The child's return code, or TIMED_OUT once ``timeout_s`` has passed (the caller kills it)."""
     deadline = time.monotonic() + timeout_s
+    shown = -1.0
     while True:
+        if progress is not None and progress_path is not None:
+            done = _read_progress(progress_path)
+            if done is not None and done != shown:
+                shown = done
+                progress(done)
         rc = proc.poll()
         if rc is not None:
+            if progress is not None and progress_path is not None:
+                done = _read_progress(progress_path)  # the last step, written as it ended
+                if done is not None and done != shown:
+                    progress(done)
             return rc
         if stop is not None and stop.is_set():
             raise GateStopped("gate interrupted: the agent is stopping")
@@ -224,6 +265,14 @@ def _wait(proc: subprocess.Popen[bytes], timeout_s: float, stop: threading.Event
             stop.wait(POLL_S)
         else:
             time.sleep(POLL_S)
+
+
+def _read_progress(path: Path) -> float | None:
+    try:
+        value = float(path.read_bytes()[:32])
+    except (OSError, ValueError):
+        return None  # not written yet, or caught mid-write: the next poll reads it
+    return min(1.0, max(0.0, value))
 
 
 def _outcome(
@@ -248,7 +297,10 @@ def _outcome(
     if rc != 0 or data is None or "passed" not in data:
         return _failed(f"gate process failed (exit status {rc})", tail)
     return GateOutcome(
-        passed=bool(data["passed"]), report=data.get("report") or {}, reason=str(data["reason"])
+        passed=bool(data["passed"]),
+        report=data.get("report") or {},
+        reason=str(data["reason"]),
+        table=str(data.get("table") or ""),
     )
 
 
@@ -286,6 +338,9 @@ def run_gate_loaded(
     golden_dir: Path,
     baseline_cache: Path | None,
     load_model: Callable[[Path], Backend],
+    policy: Path | None = None,
+    package_gate: Mapping[str, Any] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> Any:
     """run_gate on backends loaded by ``load_model`` (the model seam); returns the GateReport.
 
@@ -307,8 +362,10 @@ def run_gate_loaded(
                 base_backend,
                 cand_backend,
                 golden_dir,
-                package_gate=manifest.get("gate"),
+                policy=policy,
+                package_gate=package_gate if package_gate is not None else manifest.get("gate"),
                 baseline_cache=baseline_cache,
+                progress=progress,
             )
             options = {
                 "baseline": _options_of(base_backend),
@@ -391,6 +448,9 @@ def run_gate_here(request: GateRequest) -> GateOutcome:
         request.golden_dir,
         request.baseline_cache,
         lambda source: load_source_backend(config, source),
+        policy=request.policy,
+        package_gate=request.package_gate,
+        progress=_progress_writer(request.progress_path) if request.progress_path else None,
     )
     data = report.to_dict()
     failed = [str(c) for c in data.get("failed", [])]
@@ -399,7 +459,20 @@ def run_gate_here(request: GateRequest) -> GateOutcome:
     if pipeline is not None:
         # the candidate cannot process a golden frame: say why, not only which check
         reason += f" ({pipeline.detail})"
-    return GateOutcome(passed=bool(report.passed), report=data, reason=reason)
+    return GateOutcome(
+        passed=bool(report.passed), report=data, reason=reason, table=report.format_table()
+    )
+
+
+def _progress_writer(path: Path) -> Callable[[float], None]:
+    """A run_gate progress callback that overwrites ``path`` with the fraction done (the
+    parent polls it; a torn read is skipped, so no rename is needed)."""
+
+    def write(done: float) -> None:
+        with contextlib.suppress(OSError):
+            path.write_bytes(f"{done:.4f}".encode())
+
+    return write
 
 
 def _exit_with_parent() -> None:
@@ -456,6 +529,7 @@ def child_main(argv: Sequence[str]) -> int:
             "passed": outcome.passed,
             "reason": outcome.reason,
             "report": dict(outcome.report),
+            "table": outcome.table,
         }
         code = 0
     except BaseException as exc:  # everything goes back to the parent as JSON

@@ -81,6 +81,17 @@ ModelSource = Backend | Path | str
 Progress = Callable[[float], None]
 
 WARMUP_RUNS = 3
+# The latency check compares p95s of single runs: on a loaded board that tail is the
+# scheduler's (a run preempted for a few ms), and with 128 rows a handful of preempted runs
+# decide it, for either model at random (measured with both cores busy: ~4 % of runs
+# preempted, and 5 of 12 first passes of the same two detectors failed). So a first pass
+# that fails on latency is measured again before it counts: the rows that can move either
+# p95 run this many more times, interleaved, and such a row's latency is the median of its
+# runs (a row counts as slow only when most of its runs were; preemption adds time to a
+# run, never removes it). With 3 runs a row, 4 % preempted runs leave ~0.5 % of rows slow
+# (0 of those 12 failed). A truly slower model is slow in every run and still fails; a
+# first pass that passes costs nothing extra.
+LATENCY_CONFIRM_PASSES = 2
 # RSS is read every this many rows of the timed pass: often enough to catch growth,
 # rarely enough that psutil's cost stays out of the latencies.
 RSS_SAMPLE_EVERY_ROWS = 128
@@ -411,6 +422,72 @@ def _timed_rows_single(
         put(y.tobytes())
 
 
+def _latency_fails(
+    policy: GatePolicy, base_s: npt.NDArray[np.float64], cand_s: npt.NDArray[np.float64]
+) -> bool:
+    """Whether these per-row latencies fail the latency_p95 check."""
+    base, cand = latency_summaries_ms(base_s, cand_s)
+    limit = policy.latency_p95_ratio_max * base["p95_ms"] + policy.latency_p95_slack_ms
+    return bool(cand["p95_ms"] > limit)
+
+
+@dataclass(frozen=True)
+class _ConfirmedLatency:
+    """Per-row latencies judged after a failing first pass, and how many rows ran again."""
+
+    baseline_s: npt.NDArray[np.float64]
+    candidate_s: npt.NDArray[np.float64]
+    rows_timed_again: int
+
+
+def _confirm_latency(
+    run_base: Callable[[npt.NDArray[np.float32]], list[Any]],
+    run_cand: Callable[[npt.NDArray[np.float32]], list[Any]],
+    inputs: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]],
+    first_s: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None,
+) -> _ConfirmedLatency:
+    """Time the rows in question LATENCY_CONFIRM_PASSES more times, interleaved (the order
+    of the two models flips every row and every pass), and give each its median run.
+
+    The rows in question are those where either model's first run was above the lower of
+    the two p95s: only they can move either p95 (every other row is under both already),
+    so a noisy pass costs a few rows, and a truly slower candidate (every row above the
+    baseline's p95) is timed again in full. Without a first pass of both side by side
+    (``first_s`` None: the baseline's came from the cache) every row runs one more time
+    instead. The outputs of these runs are not kept (the first pass's are judged).
+    ``inputs``: the baseline's and the candidate's golden rows (raw frames may be
+    preprocessed differently for each)."""
+    base_x, cand_x = inputs
+    if first_s is None:
+        rows = np.arange(len(cand_x))
+        runs: list[list[npt.NDArray[np.float64]]] = [[], []]
+        passes = LATENCY_CONFIRM_PASSES + 1
+    else:
+        line = min(float(np.percentile(first_s[0], 95)), float(np.percentile(first_s[1], 95)))
+        rows = np.flatnonzero(np.maximum(first_s[0], first_s[1]) > line)
+        runs = [[first_s[0][rows]], [first_s[1][rows]]]
+        passes = LATENCY_CONFIRM_PASSES
+    subset = np.ascontiguousarray(base_x[rows])
+    subset_c = subset if cand_x is base_x else np.ascontiguousarray(cand_x[rows])
+    for n in range(passes if len(rows) else 0):
+        lats: list[list[float]] = [[], []]
+        # odd passes start with the candidate, so each row sees both orders
+        if n % 2:
+            _timed_rows_pair(run_base, run_cand, subset, 0, len(rows), [[], []], lats, subset_c)
+        else:
+            _timed_rows_pair(run_cand, run_base, subset_c, 0, len(rows), [[], []], lats, subset)
+        mine = (lats[0], lats[1]) if n % 2 else (lats[1], lats[0])
+        for role in (0, 1):
+            runs[role].append(np.asarray(mine[role], dtype=np.float64))
+    judged = []
+    for role in (0, 1):
+        out = np.zeros(len(cand_x)) if first_s is None else first_s[role].copy()
+        if len(rows):
+            out[rows] = np.median(np.stack(runs[role]), axis=0)
+        judged.append(out)
+    return _ConfirmedLatency(judged[0], judged[1], len(rows))
+
+
 def _packed_run(backend: Backend) -> Callable[[npt.NDArray[np.float32]], list[Any]]:
     """A multi-output detector's run (SSD: boxes, classes, scores, count) with every output
     of the row flattened into one float32 row, so the pass keeps them all in one array;
@@ -570,13 +647,22 @@ def latency_memory_checks(
     base_p95 = latency["baseline"]["p95_ms"]
     cand_p95 = latency["candidate"]["p95_ms"]
     limit = policy.latency_p95_ratio_max * base_p95 + policy.latency_p95_slack_ms
+    how = ""
+    runs = int(latency.get("runs_per_row") or 1)
+    first = latency.get("first_pass")
+    if runs > 1 and isinstance(first, Mapping):
+        how = (
+            f"; median of {runs} runs for {latency.get('rows_timed_again', 0)} rows timed "
+            f"again, the first pass's p95 {first['baseline']['p95_ms']:.3f} ms -> "
+            f"{first['candidate']['p95_ms']:.3f} ms"
+        )
     return [
         _check(
             "latency_p95",
             cand_p95,
             limit,
             "<=",
-            f"p95 {base_p95:.3f} ms -> {cand_p95:.3f} ms (limit {limit:.3f} ms)",
+            f"p95 {base_p95:.3f} ms -> {cand_p95:.3f} ms (limit {limit:.3f} ms{how})",
         ),
         _check(
             "memory",
@@ -725,6 +811,8 @@ def detection_metrics(
     best = np.zeros(golden.rows)
     np.maximum.at(best, flat[0], flat[3])
     result["top_score_mean"] = float(best.mean())
+    # what probation holds a detector's live boxes to (agent.ota.probation.box_collapse)
+    result["box_score_mean"] = float(flat[3].mean()) if len(flat[3]) else 0.0
     return result
 
 
@@ -876,11 +964,29 @@ def run_gate(
             rss_added["candidate"] = 0
         to_run.append(cand_backend)
         inputs.append(cand_x)
-        runs = [
-            _packed_run(b) if golden.task == "detection" and len(b.outputs) > 1 else b.run
-            for b in to_run
-        ]
+
+        def run_of(b: Backend) -> Callable[[npt.NDArray[np.float32]], list[Any]]:
+            return _packed_run(b) if golden.task == "detection" and len(b.outputs) > 1 else b.run
+
+        runs = [run_of(b) for b in to_run]
         outs, lats, pass_growth = _interleaved_pass(to_run, inputs, progress, runs)
+        first_lats = (cached.latencies_s if cached is not None else lats[0], lats[-1])
+        confirmed: _ConfirmedLatency | None = None
+        if _latency_fails(effective, *first_lats):
+            if cached is None:
+                pair_x = (inputs[0], cand_x)
+            else:
+                # the cached latencies are from another minute: time both side by side now
+                if base_backend is None:
+                    base_backend, _, base_x = _load_measured(base_model, prepare(0))
+                    owned.append(base_backend)
+                else:
+                    base_x = prepare(0)(base_backend)
+                runs.insert(0, run_of(base_backend))
+                pair_x = (base_x, cand_x)
+            confirmed = _confirm_latency(
+                runs[0], runs[-1], pair_x, first_lats if cached is None else None
+            )
         cand_info = cand_backend.describe()
         cand_id = backend_identity(cand_backend)
         base_run_id = backend_identity(to_run[0]) if cached is None else None
@@ -926,6 +1032,7 @@ def run_gate(
         )
         if golden.task == "detection"
         else None,
+        confirmed,
     )
 
     if pipelines is not None:
@@ -1089,6 +1196,7 @@ def _judge(
     cand_precision: str,
     class_names: list[str] | None,
     detection_specs: tuple[DetectionSpec, DetectionSpec] | None = None,
+    confirmed: _ConfirmedLatency | None = None,
 ) -> tuple[dict[str, Any], list[GateCheck]]:
     known = "unknown" not in (base_precision, cand_precision)
     same_precision = (base_precision == cand_precision) if known else None
@@ -1097,7 +1205,17 @@ def _judge(
         "baseline": base_ms,
         "candidate": cand_ms,
         "baseline_from_cache": base.from_cache,
+        "runs_per_row": 1,
     }
+    if confirmed is not None:
+        # judged on the confirming passes; the first pass stays in the report
+        latency["first_pass"] = {"baseline": base_ms, "candidate": cand_ms}
+        latency["baseline"], latency["candidate"] = latency_summaries_ms(
+            confirmed.baseline_s, confirmed.candidate_s
+        )
+        latency["runs_per_row"] = LATENCY_CONFIRM_PASSES + 1
+        latency["rows_timed_again"] = confirmed.rows_timed_again
+        latency["baseline_from_cache"] = False
     memory = {
         "baseline_rss_added_mb": base.rss_added_bytes / MB,
         "candidate_rss_added_mb": cand.rss_added_bytes / MB,

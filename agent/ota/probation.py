@@ -1,11 +1,11 @@
-"""Probation after activation: errors, latency vs the old model, confidence; crash loops."""
+"""Probation after activation: errors, latency vs the old model, confidence, boxes; crash loops."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,12 @@ class ProbationPolicy:
     # this many of them for one release are.
     latency_failures_max: int = 3
     confidence_mean_drop_max: float = 0.15
+    # Detectors (docs/ota.md, "Probation of a detector"): live boxes per frame and mean box
+    # score against what the gate saw the new model do on the golden set. Only a collapse
+    # fails (live frames need not look like the golden set): fewer than this share of the
+    # gate's boxes per frame, or a mean score under this share of the gate's.
+    boxes_per_frame_ratio_min: float = 0.25
+    box_score_ratio_min: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class Baseline:
     # model, a fallback without a daemon) or "" (no latency check)
     latency_source: str = ""
     confidence_mean: float | None = None
+    # a detector's boxes per golden frame and mean box score in the gate (the new model)
+    boxes_per_frame: float | None = None
+    box_score_mean: float | None = None
 
     @classmethod
     def from_gate_report(cls, report: Mapping[str, Any] | None) -> Baseline:
@@ -78,6 +87,8 @@ class Baseline:
                 latency_samples=int(_num(saved.get("latency_samples")) or 0),
                 latency_source=str(saved.get("latency_source") or ("gate" if p50 else "")),
                 confidence_mean=_num(saved.get("confidence_mean")),
+                boxes_per_frame=_num(saved.get("boxes_per_frame")),
+                box_score_mean=_num(saved.get("box_score_mean")),
             )
         metrics = report.get("metrics") or {}
         latency = metrics.get("latency") if isinstance(metrics, Mapping) else None
@@ -88,11 +99,17 @@ class Baseline:
         cand = report.get("candidate")
         if isinstance(cand, Mapping):
             conf = _num(cand.get("confidence_mean"))
+        # a detection gate's figures for the new model on the golden set
+        det = metrics.get("candidate") if isinstance(metrics, Mapping) else None
+        if not isinstance(det, Mapping) or metrics.get("task") != "detection":
+            det = {}
         return cls(
             latency_p50_ms=p50,
             latency_p95_ms=p95,
             latency_source="gate" if p50 is not None else "",
             confidence_mean=conf,
+            boxes_per_frame=_num(det.get("boxes_per_image")),
+            box_score_mean=_num(det.get("box_score_mean")),
         )
 
     def with_live(self, live: LiveLatency, min_samples: int) -> Baseline:
@@ -128,6 +145,9 @@ class ProbationResult:
     latency_p50_ms: float | None = None
     # FAILED on latency alone: a verdict that may rest on a noisy machine (no refusal)
     latency_only: bool = False
+    # a detector's live figures (None: no frame reported boxes)
+    boxes_per_frame: float | None = None
+    box_score_mean: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +159,8 @@ class ProbationResult:
             "latency_p95_ms": self.latency_p95_ms,
             "confidence_mean": self.confidence_mean,
             "latency_only": self.latency_only,
+            "boxes_per_frame": self.boxes_per_frame,
+            "box_score_mean": self.box_score_mean,
         }
 
 
@@ -157,6 +179,7 @@ class ProbationWatch:
         self._window: list[float] = []
         self.window_medians_ms: list[float] = []
         self._breaches = 0
+        self.boxes = BoxTally()
 
     @property
     def frames(self) -> int:
@@ -169,7 +192,12 @@ class ProbationWatch:
             return None
         return self.policy.latency_ratio_max * base + self.policy.latency_slack_ms
 
-    def observe(self, latency_s: float, confidence: float) -> None:
+    def observe(
+        self, latency_s: float, confidence: float, box_scores: Sequence[float] | None = None
+    ) -> None:
+        """One frame: its latency, confidence and, for a detector, its boxes' scores."""
+        if box_scores is not None:
+            self.boxes.add(box_scores)
         ms = latency_s * 1000.0
         self._latencies_ms.append(ms)
         self._confidences.append(confidence)
@@ -197,7 +225,16 @@ class ProbationWatch:
 
         def result(verdict: Verdict, reason: str, latency_only: bool = False) -> ProbationResult:
             return ProbationResult(
-                verdict, reason, frames, self._errors, p95, conf, p50, latency_only
+                verdict,
+                reason,
+                frames,
+                self._errors,
+                p95,
+                conf,
+                p50,
+                latency_only,
+                self.boxes.per_frame(),
+                self.boxes.score_mean(),
             )
 
         if self._consecutive_errors >= p.max_consecutive_errors:
@@ -233,7 +270,63 @@ class ProbationWatch:
                     f"mean confidence {conf:.3f} under {floor:.3f} (gate saw "
                     f"{self.baseline.confidence_mean:.3f})",
                 )
+        collapse = box_collapse(p, self.baseline, self.boxes)
+        if collapse:
+            return result(Verdict.FAILED, collapse)
+        per_frame, score = self.boxes.per_frame(), self.boxes.score_mean()
+        if per_frame is not None:
+            boxes = f"{per_frame:.2f} boxes a frame"
+            if score is not None:
+                boxes += f", mean box score {score:.3f}"
+            return result(Verdict.PASSED, f"{frames} frames healthy, {boxes}")
         return result(Verdict.PASSED, f"{frames} frames healthy")
+
+
+class BoxTally:
+    """A detector's boxes over the frames of probation: count and score sum."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.count = 0
+        self.score_sum = 0.0
+
+    def add(self, scores: Sequence[float]) -> None:
+        self.frames += 1
+        self.count += len(scores)
+        self.score_sum += float(sum(scores))
+
+    def per_frame(self) -> float | None:
+        return self.count / self.frames if self.frames else None
+
+    def score_mean(self) -> float | None:
+        return self.score_sum / self.count if self.count else None
+
+
+def box_collapse(policy: ProbationPolicy, baseline: Baseline, boxes: BoxTally) -> str | None:
+    """Why a detector's live boxes collapsed against the gate's golden-set figures (None
+    when they did not, or when there is nothing to compare): no or far fewer boxes per
+    frame, or scores sunk towards the threshold."""
+    per_frame = boxes.per_frame()
+    if per_frame is None:
+        return None
+    gate_boxes = baseline.boxes_per_frame
+    if gate_boxes is not None and gate_boxes > 0:
+        floor = policy.boxes_per_frame_ratio_min * gate_boxes
+        if per_frame < floor:
+            return (
+                f"boxes per frame {per_frame:.2f} under {floor:.2f} over {boxes.frames} frames "
+                f"({policy.boxes_per_frame_ratio_min:g} x the gate's {gate_boxes:.2f} on the "
+                "golden set)"
+            )
+    score, gate_score = boxes.score_mean(), baseline.box_score_mean
+    if score is not None and gate_score is not None and gate_score > 0:
+        floor = policy.box_score_ratio_min * gate_score
+        if score < floor:
+            return (
+                f"mean box score {score:.3f} under {floor:.3f} over {boxes.count} boxes "
+                f"({policy.box_score_ratio_min:g} x the gate's {gate_score:.3f} on the golden set)"
+            )
+    return None
 
 
 def crash_loop_tripped(restarts_in_probation: int, limit: int) -> bool:

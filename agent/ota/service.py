@@ -10,7 +10,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -1020,9 +1020,14 @@ class OTAService:
         )
 
     def observe_frame(
-        self, latency_s: float, confidence: float | None, error: bool = False
+        self,
+        latency_s: float,
+        confidence: float | None,
+        error: bool = False,
+        box_scores: Sequence[float] | None = None,
     ) -> Verdict:
-        """Feed one frame of the live model; ends probation (commit or rollback) when due."""
+        """Feed one frame of the live model (a detector's: with its boxes' scores); ends
+        probation (commit or rollback) when due."""
         watch = self._watch
         if watch is None:
             return Verdict.PASSED
@@ -1030,7 +1035,7 @@ class OTAService:
         if error or confidence is None:
             watch.observe_error()
         else:
-            watch.observe(latency_s, confidence)
+            watch.observe(latency_s, confidence, box_scores)
         result = watch.judge(self.monotonic_clock())
         if result.verdict is not Verdict.PENDING:
             self._finish_probation(result)
@@ -1059,18 +1064,30 @@ class OTAService:
             self.rollback("probation: current model missing", automatic=True)
             return Verdict.FAILED
         backend = self._load_backend(pkg_dir, manifest)
+        # a detector (or segmenter) is judged on its decoded result, as the daemon does
+        from agent.pipeline.detection import input_image_size, row_result
+        from agent.pipeline.model import package_model_parts
+
+        pre, labels = package_model_parts(pkg_dir, manifest)
+        image_size = input_image_size(backend.inputs[0].shape, pre.layout)
         verdict = Verdict.PENDING
         for row in np.asarray(inputs, dtype=np.float32):
             started = time.perf_counter()
             try:
-                logits = np.asarray(backend.run(row[None])[0][0], dtype=np.float64)
+                outputs = backend.run(row[None])
             except EdgeAgentError:
                 verdict = self.observe_frame(0.0, None, error=True)
             else:
-                p = np.exp(logits - logits.max())
-                verdict = self.observe_frame(
-                    time.perf_counter() - started, float(p.max() / p.sum())
-                )
+                latency_s = time.perf_counter() - started
+                if pre.task in ("detection", "segmentation"):
+                    res = row_result(outputs, pre, labels, 0, image_size)
+                    verdict = self.observe_frame(
+                        latency_s, res.confidence, box_scores=res.box_scores
+                    )
+                else:
+                    logits = np.asarray(outputs[0][0], dtype=np.float64)
+                    p = np.exp(logits - logits.max())
+                    verdict = self.observe_frame(latency_s, float(p.max() / p.sum()))
             if verdict is not Verdict.PENDING:
                 break
         backend.close()

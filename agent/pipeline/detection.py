@@ -127,6 +127,21 @@ def candidates(outputs: Sequence[npt.NDArray[Any]], layout: str) -> Candidates:
     """Every box of every image before thresholding: xyxy boxes [R, B, 4] in the model's
     units, classes [R, B], scores [R, B] and which entries are real [R, B] (SSD's ``count``
     cuts the rest)."""
+    boxes, centred, classes, scores, valid = _raw_candidates(outputs, layout)
+    return (_cxcywh_to_xyxy(boxes) if centred else boxes), classes, scores, valid
+
+
+def _raw_candidates(
+    outputs: Sequence[npt.NDArray[Any]], layout: str
+) -> tuple[
+    npt.NDArray[np.float32],
+    bool,
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.bool_],
+]:
+    """candidates() with the boxes as the model wrote them and whether they are centred
+    (cx, cy, w, h: YOLO) rather than xyxy: the decoder converts only the boxes it keeps."""
     if layout in ("yolo", "yolo_transposed"):
         if not outputs:
             raise ModelError(f"{layout} layout: the model has no output")
@@ -150,9 +165,9 @@ def candidates(outputs: Sequence[npt.NDArray[Any]], layout: str) -> Candidates:
             rows = out
             cls_scores = rows[:, :, 5:] * rows[:, :, 4:5]
         classes = cls_scores.argmax(axis=2)
-        scores = np.take_along_axis(cls_scores, classes[:, :, None], axis=2)[:, :, 0]
+        scores = cls_scores.max(axis=2)  # the argmax class's score
         valid = np.ones(scores.shape, dtype=bool)
-        return _cxcywh_to_xyxy(rows[:, :, :4]), classes.astype(np.int64), scores, valid
+        return rows[:, :, :4], True, classes.astype(np.int64), scores, valid
     if layout == "ssd":
         if len(outputs) < 3:
             raise ModelError(
@@ -173,7 +188,7 @@ def candidates(outputs: Sequence[npt.NDArray[Any]], layout: str) -> Candidates:
             count = np.asarray(outputs[3]).reshape(n, -1)[:, 0].astype(np.int64)
             valid = np.arange(scores.shape[1])[None, :] < count[:, None]
         xyxy = boxes[:, :, [1, 0, 3, 2]]
-        return xyxy.astype(np.float32), np.rint(cls_raw).astype(np.int64), scores, valid
+        return xyxy.astype(np.float32), False, np.rint(cls_raw).astype(np.int64), scores, valid
     raise ModelError(f"unknown detection layout {layout!r} (known: {', '.join(DETECTION_LAYOUTS)})")
 
 
@@ -214,11 +229,7 @@ def _decode_padded(
 ) -> tuple[int, Any, Any, Any, npt.NDArray[np.bool_] | None]:
     """(rows, boxes, classes, scores, kept) padded to the widest image, best first; kept is
     None when no image has a box over the threshold."""
-    boxes, classes, scores, valid = candidates(outputs, spec.layout)
-    if spec.normalized and image_size is not None:
-        # 0..1 shares of the input -> input pixels (what sinks and the golden boxes use)
-        h, w = image_size
-        boxes = boxes * np.array([w, h, w, h], dtype=np.float32)
+    boxes, centred, classes, scores, valid = _raw_candidates(outputs, spec.layout)
     rows = scores.shape[0]
     passed = valid & (scores >= spec.score_threshold)
     width = int(passed.sum(axis=1).max()) if rows and passed.size else 0
@@ -227,7 +238,14 @@ def _decode_padded(
     # Each image's passing boxes, best score first, padded to the widest image.
     key = np.where(passed, scores, -np.inf)
     order = np.argsort(-key, axis=1, kind="stable")[:, :width]
+    # only the kept boxes are converted and scaled (the same float32 steps per box)
     b = np.take_along_axis(boxes, order[:, :, None], axis=1)
+    if centred:
+        b = _cxcywh_to_xyxy(b)
+    if spec.normalized and image_size is not None:
+        # 0..1 shares of the input -> input pixels (what sinks and the golden boxes use)
+        h, w = image_size
+        b = b * np.array([w, h, w, h], dtype=np.float32)
     c = np.take_along_axis(classes, order, axis=1)
     s = np.take_along_axis(scores, order, axis=1)
     alive = np.take_along_axis(passed, order, axis=1)

@@ -164,8 +164,15 @@ status: {{interval_s: 0.5}}
     journal = Journal(state / "state.db")
     try:
         stored = json.loads(journal.get_value(LAST_GATE_REPORT) or "{}")
+        history = journal.history(200)
     finally:
         journal.close()
+    # probation held 1.1.0's live boxes to the gate's golden-set figures, and said so
+    watched = [e for e in history if e.version == "1.1.0" and e.state.value == "PROBATION"]
+    held_to = watched[0].detail["probation_baseline"]
+    assert held_to["boxes_per_frame"] > 1.0 and held_to["box_score_mean"] > 0.5, held_to
+    committed = [e for e in history if e.version == "1.1.0" and e.state.value == "COMMITTED"]
+    assert "boxes a frame, mean box score" in committed[0].reason, committed[0].reason
     checks = {c["name"]: c for c in stored["report"]["checks"]}
     assert stored["version"] == "1.2.0" and checks["class_ap"]["verdict"] == "fail"
     assert "class 2 (triangle)" in checks["class_ap"]["detail"]
