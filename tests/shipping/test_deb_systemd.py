@@ -123,7 +123,9 @@ USAGE_ROWS = [
         "Error: /nonexistent.deb: .deb not found",
     ),
     Usage("test_arm64.sh", ("--frobnicate",), "Error: unknown option --frobnicate"),
-    Usage("test_arm64.sh", ("--deb", "/nonexistent.deb"), "Error: /nonexistent.deb: .deb not found"),
+    Usage(
+        "test_arm64.sh", ("--deb", "/nonexistent.deb"), "Error: /nonexistent.deb: .deb not found"
+    ),
     Usage("test_arm64.sh", ("--time-limit", "soon"), "Error: --time-limit soon: expected whole"),
     Usage("test_python313.sh", ("--frobnicate",), "Error: unknown option --frobnicate"),
 ]
