@@ -188,8 +188,8 @@ else
     LIMIT_T0=$(date +%s)
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-# pip inside reaches PyPI the way this machine does: through the same CA bundle (a
-# TLS-inspecting proxy's CA is in it where there is one)
+# apt (and pip, should anything inside reach PyPI) goes out the way this machine does:
+# through the same CA bundle (a TLS-inspecting proxy's CA is in it where there is one)
 cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOT/etc/ssl/host-ca.pem" \
     || die "cannot copy this machine's CA bundle into the root"
 # /proc only: with the x86 host's /sys visible, onnxruntime's cpuinfo crashes the
@@ -235,7 +235,7 @@ else
         sh -c "ls '$WHEELS'/onnxruntime-*aarch64.whl '$WHEELS'/numpy-*aarch64.whl '$WHEELS'/ai_edge_litert-*aarch64.whl"
     log "building the arm64 .deb inside the root (venv, pip --no-index from the wheelhouse, compileall, dpkg-deb)"
     # DEB_COMPRESSION=none: gzip of the 246 MB venv under emulation took 5 of the build's
-    # 12 minutes, and apt's unpacking of it as long again
+    # 12 minutes in a run here
     timed build_deb in_root sh -c "cd /root/src && DEB_COMPRESSION=none sh packaging/deb/build.sh --out /root/dist \
         --wheel /root/wheels/$(basename "$WHEEL") --wheelhouse /root/wheels" >"$WORK/build.log" 2>&1
     DEB=$(tail -n 1 "$WORK/build.log")
