@@ -188,7 +188,8 @@ else
     LIMIT_T0=$(date +%s)
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-# apt (and pip, should anything inside reach PyPI) goes out the way this machine does:
+# pip, should anything inside reach PyPI (the wheelhouse build does not), goes out the way
+# this machine does:
 # through the same CA bundle (a TLS-inspecting proxy's CA is in it where there is one)
 cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOT/etc/ssl/host-ca.pem" \
     || die "cannot copy this machine's CA bundle into the root"
