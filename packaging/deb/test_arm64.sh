@@ -189,8 +189,7 @@ else
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # pip, should anything inside reach PyPI (the wheelhouse build does not), goes out the way
-# this machine does:
-# through the same CA bundle (a TLS-inspecting proxy's CA is in it where there is one)
+# this machine does: through the same CA bundle (a TLS-inspecting proxy's CA is in it)
 cp "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOT/etc/ssl/host-ca.pem" \
     || die "cannot copy this machine's CA bundle into the root"
 # /proc only: with the x86 host's /sys visible, onnxruntime's cpuinfo crashes the
