@@ -188,7 +188,7 @@ def prepare(workdir: Path) -> None:
             shutil.copytree(item, dest)
         else:
             shutil.copy(item, dest)
-    for name in ("agent", "golden_local", "docs"):
+    for name in ("agent", "golden_local", "docs", "tools"):
         (workdir / name).symlink_to(ROOT / name)
 
 
