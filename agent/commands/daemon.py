@@ -223,14 +223,14 @@ def format_ota(ota: Any) -> list[str]:
         from agent.ota.shadow import summarize
 
         figures = quality["quality"]
-        shadow = summarize(figures) if "shadow_frames" in figures else "no shadow"
+        shadow = f"shadow {summarize(figures)}" if "shadow_frames" in figures else "no shadow"
         extra = ", ".join(
             f"{name} {figures[name]:.4g}"
             for name in ("error_rate", "latency_p95_ms", "confidence_mean")
             if isinstance(figures.get(name), (int, float))
         )
         lines.append(
-            f"quality:    {quality.get('state')} {quality.get('version')}: shadow {shadow}"
+            f"quality:    {quality.get('state')} {quality.get('version')}: {shadow}"
             + (f"; {extra}" if extra else "")
         )
     refusal = ota.get("last_refusal")
