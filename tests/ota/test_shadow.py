@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
+from agent.commands.daemon import format_probation
 from agent.config import (
     AgentConfig,
     GovernorConfig,
@@ -46,8 +48,6 @@ from agent.ota.shadow import (
 from agent.ota.shadow_run import ShadowRun
 from agent.ota.states import OTAState
 from agent.pipeline.model import configured_model
-from agent.pipeline.preprocess import Preprocessor
-from agent.pipeline.sources import SyntheticSource
 
 from .conftest import DEMO, GOLDEN, Device, feed_frames, in_process_gate, make_device
 from .fault_models import hanging_model
@@ -642,36 +642,147 @@ def digits_config(model: Path) -> AgentConfig:
     return AgentConfig(model=ModelConfig(path=model, warmup_runs=1), preprocess=pre)
 
 
-def test_a_busy_shadow_drops_frames_and_the_loop_serves_them_all(tmp_path: Path) -> None:
-    # A shadow model 2**16 loop trips slower than the digits model it shadows: the loop
-    # serves every frame of a finite source, and the shadow takes only what it can.
+@pytest.mark.parametrize("shadow_on", [False, True], ids=["shadow-off", "shadow-on"])
+def test_the_daemon_serves_every_frame_and_a_busy_shadow_drops_what_it_cannot_take(
+    tmp_path: Path, shadow_on: bool
+) -> None:
+    # The daemon's own frame loop on a finite source, uncapped: with a shadow model 2**16
+    # loop trips slower than the digits model it shadows beside it, the loop serves
+    # exactly as many frames as without, and the shadow takes only what it can.
+    frames = 300
     slow = tmp_path / "slow.onnx"
     slow.write_bytes(hanging_model(trips=1 << 16))
-    frames = 300
-    served = configured_model(digits_config(DEMO / "digits_fp32.onnx"))
+    config = dataclasses.replace(
+        digits_config(DEMO / "digits_fp32.onnx"),
+        state_dir=tmp_path / "state",
+        source=SourceConfig(kind="synthetic", pattern="digits", max_frames=frames),
+        scheduler=SchedulerConfig(fps_cap=0.0),
+        governor=GovernorConfig(enabled=False),
+        telemetry=TelemetryConfig(enabled=False),
+        status=StatusConfig(interval_s=60.0),
+        sinks=(),
+    )
+    daemon = Daemon(config)
+    daemon.start()
     policy = ShadowPolicy(sample_rate=1.0, cpu_budget_pct=100, min_frames=10)
     shadow = ShadowRun(policy, lambda: configured_model(digits_config(slow)), shadow_is_new=True)
-    shadow.start()
-    wait_until(lambda: shadow._ready)
-    source = SyntheticSource((8, 8), max_frames=frames)
-    to_batch = Preprocessor(served.preprocess, served.backend.inputs[0]).batch
-    taken = 0
-    n = 0
-    while (frame := source.read(0.1)) is not None:
-        outputs = served.backend.run(to_batch([frame]))
-        taken += shadow.offer(served, [frame], outputs, 0.0001)
-        n += 1
-    wait_until(lambda: shadow._busy_since is None and shadow._queue.empty())
-    shadow.close(5.0)
-    assert n == frames
-    assert shadow.offered == frames
-    # each frame either went to the worker or was dropped: none waited for it
-    assert taken + shadow.tally.dropped == frames
-    assert shadow.tally.dropped > 0
-    assert shadow.tally.frames == taken
-    # on what it compared the two models agree (the slow one is the digits model plus a
-    # side branch), and it timed the slow one as slower
-    figures = shadow.judge().quality
-    assert figures["shadow_agreement"] == 1.0
-    assert figures["shadow_new_latency_p50_ms"] > figures["shadow_old_latency_p50_ms"]
-    served.backend.close()
+    try:
+        if shadow_on:
+            shadow.start()
+            wait_until(lambda: shadow._ready)
+            assert daemon.set_shadow(shadow.offer)
+        daemon.loop()  # returns when the source is exhausted
+        assert daemon.stats.frames == frames
+        assert daemon.stats.errors == 0
+        if not shadow_on:
+            assert shadow.offered == 0
+            return
+        wait_until(lambda: shadow._busy_since is None and shadow._queue.empty())
+        assert shadow.offered == frames
+        tally = shadow.tally
+        # each frame went to the worker or was dropped there and then: none was waited for
+        assert tally.frames + tally.dropped == frames
+        assert tally.dropped > 0
+        # on what it compared the two models agree (the slow one is the digits model plus
+        # a side branch), and it timed the slow one as the slower
+        figures = shadow.judge().quality
+        assert figures["shadow_agreement"] == 1.0
+        assert figures["shadow_new_latency_p50_ms"] > figures["shadow_old_latency_p50_ms"]
+        lines = format_probation(
+            {"frames": 12, "confidence_floor": 0.75, **{"shadow": shadow.status()}}
+        )
+        assert lines[0] == "probation:  12 frames, confidence floor 0.750"
+        assert lines[1].startswith(f"shadow:     candidate on {tally.frames}/10 frames: ")
+    finally:
+        shadow.close(5.0)
+        daemon.shutdown()
+
+
+# ---------------------------------------------------------------------- where the thresholds live
+
+
+def manifest_of(tar_path: Path) -> dict[str, Any]:
+    with tarfile.open(tar_path) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        data: dict[str, Any] = json.loads(member.read())
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class SectionRow:
+    """What the device's policy.yaml (``shadow:``) or the package's manifest (``shadow``)
+    controls, and the shadow policy the service then uses (or the error it names)."""
+
+    id: str
+    device: dict[str, Any]
+    package: dict[str, Any] | None
+    expect: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+
+SECTION_ROWS = [
+    SectionRow("shipped-defaults", {}, None, {"agreement_min": 0.9, "sample_rate": 0.25}),
+    SectionRow(
+        "package-tightens",
+        {},
+        {"agreement_min": 0.99, "before_activation_frames": 100},
+        {"agreement_min": 0.99, "before_activation_frames": 100},
+    ),
+    SectionRow("package-cannot-loosen", {}, {"agreement_min": 0.5}, {"agreement_min": 0.9}),
+    SectionRow(
+        "device-sets-its-own",
+        {"sample_rate": 0.1, "agreement_min": 0.95},
+        None,
+        {"sample_rate": 0.1, "agreement_min": 0.95},
+    ),
+    SectionRow("device-unknown-key", {"agrement_min": 0.95}, None, error="agrement_min"),
+    SectionRow(
+        "device-out-of-range",
+        {"sample_rate": 2.0},
+        None,
+        error="shadow: sample_rate: must be at most 1",
+    ),
+]
+
+
+@pytest.mark.parametrize("row", SECTION_ROWS, ids=[r.id for r in SECTION_ROWS])
+def test_shadow_thresholds_come_from_policy_yaml_and_the_manifest(
+    row: SectionRow, device: Device
+) -> None:
+    from agent.errors import ConfigError
+    from agent.package.manifest import validate_manifest
+
+    path = device.config.ota.golden_dir / "policy.yaml"
+    policy = yaml.safe_load(path.read_text())
+    policy["shadow"].update(row.device)
+    path.write_text(yaml.safe_dump(policy))
+    manifest = manifest_of(device.package("1.0.0", 1))
+    if row.package is not None:
+        manifest["shadow"] = row.package
+    # the package format accepts the section (signatures cover it like the rest)
+    assert dict(validate_manifest(manifest).shadow) == (row.package or {})
+    svc = device.service()
+    try:
+        if row.error:
+            with pytest.raises(ConfigError, match=row.error):
+                svc.shadow_policy(manifest)
+            return
+        got = svc.shadow_policy(manifest)
+        assert {k: getattr(got, k) for k in row.expect} == row.expect
+        # the gate reads the same file and ignores the section
+        from agent.ota.gate_policy import load_policy
+
+        assert load_policy(path).agreement_min == policy["agreement_min"]
+    finally:
+        svc.close()
+
+
+def test_a_manifest_shadow_key_outside_the_list_is_refused(device: Device) -> None:
+    from agent.errors import PackageError
+    from agent.package.manifest import validate_manifest
+
+    manifest = manifest_of(device.package("1.0.0", 1))
+    manifest["shadow"] = {"sample_rate": 1.0}  # a device resource, not the package's
+    with pytest.raises(PackageError, match="sample_rate"):
+        validate_manifest(manifest)
