@@ -49,7 +49,7 @@ class ShadowPolicy:
     # loading and warming the shadow model may take this long (a big model on a Pi)
     load_timeout_s: float = 120.0
     # how long a shadow period (or probation) waits for its frames before it gives up
-    wait_max_s: float = 600.0
+    wait_max_s: float = 120.0
     agreement_min: float = 0.9
     confidence_drop_max: float = 0.1
     class_hist_distance_max: float = 0.2
