@@ -29,7 +29,7 @@ from agent.errors import (
     StateError,
 )
 from agent.health.governor import PAUSED, GovernorThread
-from agent.ota.host import LiveLatency
+from agent.ota.host import LiveLatency, ShadowFeed
 from agent.pipeline.detection import input_image_size, row_result
 from agent.pipeline.latency import LatencyWindow, sorted_percentile
 from agent.pipeline.model import (
@@ -254,6 +254,8 @@ class Daemon:
         self._ota_observe: Callable[..., Any] | None = None
         # the last emitted frame's box scores (detectors), for probation
         self._last_box_scores: tuple[float, ...] | None = None
+        # the OTA shadow evaluation's feed (agent/ota/shadow_run.py), None when none runs
+        self._shadow_feed: ShadowFeed | None = None
         self._warnings = WarnEvery()
         self.last_reload: dict[str, Any] | None = None
         self.exit_reason = ""
@@ -329,6 +331,24 @@ class Daemon:
     def recent_frame(self) -> Frame | None:
         """ModelHost: the last frame the loop read (the probe's witness)."""
         return self._recent_frame
+
+    def set_shadow(self, feed: ShadowFeed | None) -> bool:
+        """ModelHost: hand each served batch to ``feed`` as well (it never blocks)."""
+        self._shadow_feed = feed
+        return True
+
+    def _offer_shadow(
+        self,
+        feed: ShadowFeed,
+        model: ActiveModel,
+        frames: Sequence[Frame],
+        outputs: Sequence[Any],
+        latency_s: float,
+    ) -> None:
+        try:
+            feed(model, frames, outputs, latency_s, self.scheduler.fps_cap)
+        except Exception as exc:  # a shadow's trouble must not stop inference
+            self._warn_once("ota-shadow", f"ota: shadow feed failed: {exc}")
 
     def _parts_for(self, model: ActiveModel) -> ModelParts:
         """What the frame loop needs per model, built once per model rather than per frame."""
@@ -690,6 +710,10 @@ class Daemon:
                 self._observe_probation(
                     latency_s, confidence, error=False, box_scores=self._last_box_scores
                 )
+            shadow = self._shadow_feed
+            if shadow is not None:
+                # after the served result went out: a sampled frame is queued, never waited on
+                self._offer_shadow(shadow, model, frames, outputs, latency_s)
 
     def _frame_failed(self, exc: InputDataError | RuntimeFaultError, n_frames: int) -> None:
         stats = self.stats
@@ -965,7 +989,20 @@ class Daemon:
             "config": str(self.config_path) if self.config_path else None,
             "control_socket": str(self.control.sock_path),
             "telemetry": self._telemetry_status(),
+            "probation": self._probation_status(),
         }
+
+    def _probation_status(self) -> dict[str, Any] | None:
+        """The OTA service's live probation / shadow figures (None when none runs)."""
+        service = getattr(self._ota, "service", None)
+        status = getattr(service, "probation_status", None)
+        if status is None:
+            return None
+        try:
+            result: dict[str, Any] | None = status()
+            return result
+        except Exception as exc:  # status must always be written
+            return {"error": str(exc)}
 
     def _skipped_status(self) -> dict[str, Any]:
         """Frames never inferred: the source could not deliver them, or they did not fit."""

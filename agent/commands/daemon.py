@@ -140,6 +140,7 @@ def format_status(snap: dict[str, Any], running: bool) -> str:
         )
     elif "power_source" in snap:
         lines.append("power:      not available (no power rails or PMIC on this board)")
+    lines += format_probation(snap.get("probation"))
     lines += format_ota(snap.get("ota"))
     lines += format_drift(snap.get("drift"))
     return "\n".join(lines)
@@ -161,6 +162,29 @@ def format_drift(drift: Any) -> list[str]:
         f", KL {_short(drift.get('confidence_kl'))}; {drift.get('frames')} frames vs "
         f"{drift.get('golden_rows')} golden rows, {when}"
     ]
+
+
+def format_probation(probation: Any) -> list[str]:
+    """The live probation / shadow lines (the daemon's status file, while one runs)."""
+    if not isinstance(probation, dict):
+        return []
+    if probation.get("error"):
+        return [f"probation:  {probation['error']}"]
+    lines = []
+    if "frames" in probation:
+        floor = probation.get("confidence_floor")
+        lines.append(
+            f"probation:  {probation['frames']} frames"
+            + (f", confidence floor {floor:.3f}" if isinstance(floor, float) else "")
+        )
+    shadow = probation.get("shadow")
+    if isinstance(shadow, dict):
+        lines.append(
+            f"shadow:     {shadow.get('runs')} on {shadow.get('frames')}/"
+            f"{shadow.get('need_frames')} frames: {shadow.get('summary')}"
+            + (f" (FAILED: {shadow['failure']})" if shadow.get("failure") else "")
+        )
+    return lines
 
 
 def format_ota(ota: Any) -> list[str]:
@@ -208,8 +232,25 @@ def format_ota(ota: Any) -> list[str]:
             for c in gate.get("failed") or []
         )
         verdict = "passed" if gate.get("passed") else "FAILED"
+        if not failed and not gate.get("passed") and gate.get("reason"):
+            failed = str(gate["reason"])  # a shadow period's refusal has no gate check
         lines.append(
             f"last gate:  {gate.get('version')} {verdict}" + (f": {failed}" if failed else "")
+        )
+    quality = ota.get("last_quality")
+    if isinstance(quality, dict) and isinstance(quality.get("quality"), dict):
+        from agent.ota.shadow import summarize
+
+        figures = quality["quality"]
+        shadow = f"shadow {summarize(figures)}" if "shadow_frames" in figures else "no shadow"
+        extra = ", ".join(
+            f"{name} {figures[name]:.4g}"
+            for name in ("error_rate", "latency_p95_ms", "confidence_mean")
+            if isinstance(figures.get(name), (int, float))
+        )
+        lines.append(
+            f"quality:    {quality.get('state')} {quality.get('version')}: {shadow}"
+            + (f"; {extra}" if extra else "")
         )
     refusal = ota.get("last_refusal")
     if isinstance(refusal, dict):

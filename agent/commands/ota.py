@@ -390,6 +390,7 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
         "last_change": None,
         "last_gate_report": None,
         "last_refusal": None,
+        "last_quality": None,
         "release_floor": None,
     }
     if not (state_dir / "state.db").exists():
@@ -418,6 +419,14 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
             if live == active_version:
                 out["active"] = {**(row(made_live) or {}), "live_version": live}
         out["last_outcome"] = row(journal.last_in(END_STATES))
+        # probation's and the shadow's figures on the last COMMITTED / ROLLED_BACK row
+        judged = journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
+        quality = judged.detail.get("quality") if judged is not None else None
+        out["last_quality"] = (
+            {"state": judged.state.value, "version": judged.version, "quality": quality}
+            if judged is not None and isinstance(quality, dict)
+            else None
+        )
         check = journal.get_value(LAST_CHECK)
         out["last_check"] = json.loads(check) if check else None
         package = last.package if last is not None and last.package else None

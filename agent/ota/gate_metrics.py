@@ -230,6 +230,7 @@ def classification_metrics_of_each(
     support_l, precision_l = support.tolist(), precision.tolist()
     recall_l, f1_l, cm_l = recall.tolist(), f1.tolist(), cm.tolist()
     accuracy_l, ece_l = accuracy_of.tolist(), ece.tolist()
+    confidence_mean = confidence.mean(axis=1).tolist() if rows else [0.0] * models
     out: list[dict[str, Any]] = []
     for m in range(models):
         macro = float(f1[m][present[m]].mean()) if present[m].any() else 0.0
@@ -238,6 +239,8 @@ def classification_metrics_of_each(
             "accuracy": float(accuracy_l[m]),
             "macro_f1": macro,
             "ece": float(ece_l[m]),
+            # probation holds the candidate's live confidence to this (agent/ota/probation.py)
+            "confidence_mean": float(confidence_mean[m]),
             "per_class": [
                 {"class": name, "support": sup, "precision": pr, "recall": rc, "f1": f}
                 for name, sup, pr, rc, f in zip(

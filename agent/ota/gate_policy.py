@@ -78,7 +78,24 @@ class PolicyChange:
 
 
 _POLICY_CACHE: dict[tuple[str, int, int], GatePolicy] = {}
+# policy.yaml sections that other parts of the agent read (not gate thresholds): drift
+# (the telemetry summaries, agent/telemetry/drift.py) and shadow (probation,
+# agent/ota/shadow.py)
 POLICY_SECTIONS = frozenset({"drift", "shadow"})
+
+
+def _thresholds_only(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if k not in POLICY_SECTIONS}
+    return data
+
+
+def load_policy_section(path: Path, name: str) -> Any:
+    """One section of a policy.yaml (None when the file or the section is absent)."""
+    if not path.is_file():
+        return None
+    data = load_yaml_file(path)
+    return data.get(name) if isinstance(data, dict) else None
 
 
 def load_policy(path: Path) -> GatePolicy:
@@ -93,19 +110,15 @@ def load_policy(path: Path) -> GatePolicy:
         key = None
     if key is not None and key in _POLICY_CACHE:
         return _POLICY_CACHE[key]
-    data = load_yaml_file(path)
-    if isinstance(data, dict):
-        # sections other parts of the agent read from the same file (drift: the telemetry
-        # summaries; shadow: probation), not gate thresholds
-        data = {k: v for k, v in data.items() if k not in POLICY_SECTIONS}
-    policy = from_mapping(GatePolicy, data, source=str(path))
+    policy = from_mapping(GatePolicy, _thresholds_only(load_yaml_file(path)), source=str(path))
     if key is not None:
         _POLICY_CACHE[key] = policy
     return policy
 
 
 def policy_from_mapping(data: Mapping[str, Any] | None, source: str = "<policy>") -> GatePolicy:
-    return from_mapping(GatePolicy, dict(data) if data is not None else None, source=source)
+    plain = _thresholds_only(dict(data)) if data is not None else None
+    return from_mapping(GatePolicy, plain, source=source)
 
 
 def is_tighter_or_equal(key: str, device_value: float, requested: float) -> bool:

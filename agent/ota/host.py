@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.config import AgentConfig
 from agent.pipeline.slot import ActiveModel, ModelSlot
 from agent.pipeline.sources import Frame
+
+# Called by the host's frame loop after each served batch: (the served model, its frames,
+# its outputs, its latency in s, the FPS cap now); must never block (agent/ota/shadow_run.py)
+ShadowFeed = Callable[[ActiveModel, Sequence[Frame], Sequence[Any], float, float], bool]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class ModelHost(Protocol):
     def recent_frame(self) -> Frame | None:
         """The last frame the host's loop read (the probe's witness), None before any."""
 
+    def set_shadow(self, feed: ShadowFeed | None) -> bool:
+        """Give each served batch to ``feed`` too (None: stop); False when the host runs no
+        frame loop of its own (then there is nothing to shadow)."""
+
 
 @dataclass
 class SlotHost:
@@ -57,3 +66,6 @@ class SlotHost:
 
     def recent_frame(self) -> Frame | None:
         return None
+
+    def set_shadow(self, feed: ShadowFeed | None) -> bool:
+        return False  # no frame loop here: nothing to shadow

@@ -44,6 +44,10 @@ class ProbationPolicy:
     # A latency-only failure is not a permanent refusal (it may rest on a noisy machine);
     # this many of them for one release are.
     latency_failures_max: int = 3
+    # The new model's mean confidence on live frames may sit at most this far under the
+    # old model's (live in the same loop before the swap, else the gate's golden-set
+    # figure; without either, the candidate's own golden-set figure): a collapsed
+    # softmax fails.
     confidence_mean_drop_max: float = 0.15
     # Detectors (docs/ota.md, "Probation of a detector"): live boxes per frame and mean box
     # score against what the gate saw the new model do on the golden set. Only a collapse
@@ -51,12 +55,15 @@ class ProbationPolicy:
     # gate's boxes per frame, or a mean score under this share of the gate's.
     boxes_per_frame_ratio_min: float = 0.25
     box_score_ratio_min: float = 0.5
+    # the old model's live confidence counts only over at least this many frames
+    confidence_min_samples: int = 50
 
 
 @dataclass(frozen=True)
 class Baseline:
     """What the new model is held to: the old model's latency (measured live in the same
-    loop just before the swap, else by the gate) and the gate's candidate confidence."""
+    loop just before the swap, else by the gate), the gate's candidate confidence and the
+    old model's confidence (live, else the gate's)."""
 
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
@@ -64,10 +71,14 @@ class Baseline:
     # "live" (the old model in the daemon's own loop), "gate" (the gate's run of the old
     # model, a fallback without a daemon) or "" (no latency check)
     latency_source: str = ""
+    # the candidate's mean top-1 confidence on the golden set (the gate's run)
     confidence_mean: float | None = None
     # a detector's boxes per golden frame and mean box score in the gate (the new model)
     boxes_per_frame: float | None = None
     box_score_mean: float | None = None
+    # the old model's mean confidence: "live" (this loop, before the swap) or "gate"
+    old_confidence_mean: float | None = None
+    old_confidence_source: str = ""
 
     @classmethod
     def from_gate_report(cls, report: Mapping[str, Any] | None) -> Baseline:
@@ -89,16 +100,17 @@ class Baseline:
                 confidence_mean=_num(saved.get("confidence_mean")),
                 boxes_per_frame=_num(saved.get("boxes_per_frame")),
                 box_score_mean=_num(saved.get("box_score_mean")),
+                old_confidence_mean=_num(saved.get("old_confidence_mean")),
+                old_confidence_source=str(saved.get("old_confidence_source") or ""),
             )
         metrics = report.get("metrics") or {}
         latency = metrics.get("latency") if isinstance(metrics, Mapping) else None
         old = latency.get("baseline") if isinstance(latency, Mapping) else None
         p50 = _num(old.get("p50_ms")) if isinstance(old, Mapping) else None
         p95 = _num(old.get("p95_ms")) if isinstance(old, Mapping) else None
-        conf = None
-        cand = report.get("candidate")
-        if isinstance(cand, Mapping):
-            conf = _num(cand.get("confidence_mean"))
+        # The gate's per-model metrics: a classifier's mean top-1 probability, a
+        # detector's mean best-box score (what the daemon reports per frame for each).
+        old_conf = _gate_confidence(metrics, "baseline")
         # a detection gate's figures for the new model on the golden set
         det = metrics.get("candidate") if isinstance(metrics, Mapping) else None
         if not isinstance(det, Mapping) or metrics.get("task") != "detection":
@@ -107,7 +119,9 @@ class Baseline:
             latency_p50_ms=p50,
             latency_p95_ms=p95,
             latency_source="gate" if p50 is not None else "",
-            confidence_mean=conf,
+            confidence_mean=_gate_confidence(metrics, "candidate"),
+            old_confidence_mean=old_conf,
+            old_confidence_source="gate" if old_conf is not None else "",
             boxes_per_frame=_num(det.get("boxes_per_image")),
             box_score_mean=_num(det.get("box_score_mean")),
         )
@@ -124,8 +138,22 @@ class Baseline:
             latency_source="live",
         )
 
+    def with_live_confidence(self, mean: float | None, samples: int, min_samples: int) -> Baseline:
+        """This baseline with the old model's live mean confidence over enough frames."""
+        if mean is None or samples < max(1, min_samples):
+            return self
+        return dataclasses.replace(self, old_confidence_mean=mean, old_confidence_source="live")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _gate_confidence(metrics: Any, role: str) -> float | None:
+    model = metrics.get(role) if isinstance(metrics, Mapping) else None
+    if not isinstance(model, Mapping):
+        return None
+    conf = _num(model.get("confidence_mean"))
+    return conf if conf is not None else _num(model.get("top_score_mean"))
 
 
 def _num(value: Any) -> float | None:
@@ -262,14 +290,13 @@ class ProbationWatch:
             return result(
                 Verdict.FAILED, f"error rate {rate:.1%} over the {p.max_error_rate:.1%} allowed"
             )
-        if conf is not None and self.baseline.confidence_mean is not None:
-            floor = self.baseline.confidence_mean - p.confidence_mean_drop_max
-            if conf < floor:
-                return result(
-                    Verdict.FAILED,
-                    f"mean confidence {conf:.3f} under {floor:.3f} (gate saw "
-                    f"{self.baseline.confidence_mean:.3f})",
-                )
+        floor = self.confidence_floor()
+        if conf is not None and floor is not None and conf < floor:
+            return result(
+                Verdict.FAILED,
+                f"mean confidence {conf:.3f} on {len(self._confidences)} live frames under "
+                f"the {floor:.3f} floor ({self._confidence_basis()})",
+            )
         collapse = box_collapse(p, self.baseline, self.boxes)
         if collapse:
             return result(Verdict.FAILED, collapse)
@@ -280,6 +307,28 @@ class ProbationWatch:
                 boxes += f", mean box score {score:.3f}"
             return result(Verdict.PASSED, f"{frames} frames healthy, {boxes}")
         return result(Verdict.PASSED, f"{frames} frames healthy")
+
+    def confidence_floor(self) -> float | None:
+        """The mean confidence the new model must keep (None: no figure to hold it to).
+
+        Held to the old model's (live frames differ from the golden set for both models
+        alike, so a harder scene does not fail a good candidate); without one, to its own
+        golden-set figure."""
+        base = self.baseline
+        ref = base.old_confidence_mean
+        if ref is None:
+            ref = base.confidence_mean
+        return None if ref is None else ref - self.policy.confidence_mean_drop_max
+
+    def _confidence_basis(self) -> str:
+        base = self.baseline
+        if base.old_confidence_mean is not None:
+            basis = f"old model {base.old_confidence_mean:.3f} ({base.old_confidence_source})"
+        else:
+            basis = f"this model {base.confidence_mean or 0.0:.3f} on the golden set"
+        if base.confidence_mean is not None and base.old_confidence_mean is not None:
+            basis += f"; the gate saw {base.confidence_mean:.3f} for this model"
+        return f"{basis}, minus {self.policy.confidence_mean_drop_max:g}"
 
 
 class BoxTally:

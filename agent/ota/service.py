@@ -10,6 +10,7 @@ import random
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ from agent.ota.recovery import Facts as RecoveryFacts
 from agent.ota.recovery import Plan as RecoveryPlan
 from agent.ota.recovery import Step as RecoveryStep
 from agent.ota.recovery import plan_recovery
+from agent.ota.shadow import ShadowPolicy, ShadowVerdict
 from agent.ota.states import AT_REST, RECOVERY, OTAState, Recovery
 from agent.package import ReleaseFloor, check_compat
 from agent.pipeline.slot import ActiveModel
@@ -79,6 +81,8 @@ GATE_QUALITY_PREFIX = "gate_quality:"
 CLEAN_STOP = "clean_stop_seq"
 # how long a stop waits for the poll thread to bring a download or gate to rest
 STOP_JOIN_S = 5.0
+# the live model's recent confidences kept for probation's baseline (agent/ota/probation.py)
+LIVE_CONFIDENCE_KEEP = 512
 STAGING_EXTRACT_PREFIX = "extract-"
 
 
@@ -210,6 +214,12 @@ class OTAService:
     stopping: threading.Event = field(default_factory=threading.Event, init=False)
     # "name version" of the package in the gate (the gate runs without the lock)
     _gating: str | None = field(default=None, init=False)
+    # the running shadow evaluation (agent/ota/shadow_run.py ShadowRun), None when none
+    _shadow: Any = field(default=None, init=False)
+    # the live model's confidences while no probation runs: the old model's baseline
+    _live_confidences: deque[float] = field(
+        default_factory=lambda: deque(maxlen=LIVE_CONFIDENCE_KEEP), init=False
+    )
 
     def __post_init__(self) -> None:
         self.state_dir = self.config.state_dir
@@ -267,6 +277,7 @@ class OTAService:
             self.journal.delete_mark(mark)
 
     def close(self) -> None:
+        self._stop_shadow()
         self.journal.close()
 
     # ------------------------------------------------------------------ model loads
@@ -330,9 +341,9 @@ class OTAService:
             "reason": entry.reason,
             "channel": entry.channel,
         }
-        # model-quality figures (docs/CONTRACTS.md): flat ``quality.<name>`` numbers
-        quality = entry.detail.get("quality")
+        quality = entry.detail.get("quality") if isinstance(entry.detail, Mapping) else None
         if isinstance(quality, Mapping):
+            # the shared contract (docs/CONTRACTS.md): flat quality.<name> number attributes
             for name, value in quality.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     attrs[f"quality.{name}"] = value
@@ -700,7 +711,7 @@ class OTAService:
         # competes for the same cores, and frames it slowed would make a lenient baseline.
         before_gate = self.host.live_latency() if self.host is not None else LiveLatency()
         try:
-            outcome = self._run_gate(pkg)
+            outcome = self._shadow_before_activation(pkg, self._run_gate(pkg))
         except GateStopped as exc:
             with self._lock, self._gate_ended():
                 self._end_gate(gating, pkg, f"{exc}; will retry")
@@ -932,12 +943,14 @@ class OTAService:
         baseline = Baseline.from_gate_report(outcome.report).with_live(old_latency, window)
         self._keep_gate_quality(pkg.name, pkg.version, outcome.report)
         self.arm_drift()
+        baseline = self._with_live_confidence(baseline)
         entry = self._enter(
             OTAState.PROBATION,
             reason="watching the new model",
             detail={"restarts": 0, "probation_baseline": baseline.to_dict()},
         )
         self._start_watch(entry)
+        self._start_probation_shadow(pkg.manifest)
         self._clean_staging_extracts()
         kill_point("activate.done")
         return entry
@@ -1013,6 +1026,7 @@ class OTAService:
     def _start_watch(self, entry: JournalEntry) -> None:
         assert self.probation_policy is not None
         base = entry.detail.get("probation_baseline") or {}
+        self._live_confidences.clear()
         self._watch = ProbationWatch(
             self.probation_policy,
             Baseline.from_gate_report({"probation_baseline": base}),
@@ -1030,6 +1044,8 @@ class OTAService:
         probation (commit or rollback) when due."""
         watch = self._watch
         if watch is None:
+            if confidence is not None and not error:
+                self._live_confidences.append(confidence)
             return Verdict.PASSED
         kill_point("probation.frame")
         if error or confidence is None:
@@ -1037,6 +1053,8 @@ class OTAService:
         else:
             watch.observe(latency_s, confidence, box_scores)
         result = watch.judge(self.monotonic_clock())
+        if self._shadow is not None:
+            result = self._with_shadow_verdict(result)
         if result.verdict is not Verdict.PENDING:
             self._finish_probation(result)
         return result.verdict
@@ -1099,16 +1117,20 @@ class OTAService:
         if last is None or last.state is not OTAState.PROBATION:
             return False
         self._start_watch(last)
+        if self._shadow is None:
+            self._start_probation_shadow(self.current_manifest() or {})
         return True
 
     def _finish_probation(self, result: ProbationResult) -> None:
         with self._lock:
             self._watch = None
+            quality = self._probation_quality(result)
+            self._stop_shadow()
             last = self.journal.last()
             if last is None or last.state is not OTAState.PROBATION:
                 return
             if result.verdict is Verdict.PASSED:
-                self.commit(result.reason)
+                self.commit(result.reason, quality=quality)
                 return
             refuse = True
             if result.latency_only:
@@ -1120,21 +1142,30 @@ class OTAService:
                 assert self.probation_policy is not None
                 refuse = failures >= self.probation_policy.latency_failures_max
             self.rollback(
-                f"probation failed: {result.reason}", automatic=True, record_refusal=refuse
+                f"probation failed: {result.reason}",
+                automatic=True,
+                record_refusal=refuse,
+                quality=quality,
             )
 
-    def commit(self, reason: str = "probation passed") -> JournalEntry:
-        """Journal COMMITTED, then raise the floor and prune (recover() redoes both)."""
+    def commit(
+        self, reason: str = "probation passed", quality: Mapping[str, float] | None = None
+    ) -> JournalEntry:
+        """Journal COMMITTED, then raise the floor and prune (recover() redoes both);
+        ``quality``: probation's and the shadow's figures (docs/CONTRACTS.md)."""
         with self._lock:
             manifest = self.current_manifest()
             detail: dict[str, Any] = {}
             if manifest is not None:
                 detail = {"release_counter": int(manifest.get("release_counter", 0))}
-                quality = self._quality_at_commit(
+                gate_quality = self._quality_at_commit(
                     str(manifest.get("name", "")), str(manifest.get("version", ""))
                 )
-                if quality:
-                    detail["quality"] = quality
+                if gate_quality:
+                    detail["quality"] = gate_quality
+            if quality:
+                # probation's and the shadow's figures beside the gate's (drift, margin)
+                detail["quality"] = {**detail.get("quality", {}), **dict(quality)}
             entry = self._enter(OTAState.COMMITTED, reason=reason, detail=detail)
             kill_point("commit.saved")
             self._finish_commit(entry)
@@ -1152,16 +1183,225 @@ class OTAService:
         install.prune_models(self.state_dir)
         kill_point("commit.pruned")
 
+    # ------------------------------------------------------------------ shadow evaluation
+
+    def shadow_policy(self, manifest: Mapping[str, Any] | None = None) -> ShadowPolicy:
+        """policy.yaml's ``shadow:`` section, tightened (only) by the package's ``shadow``."""
+        from agent.ota.gate_policy import load_policy_section
+        from agent.ota.shadow import shadow_policy_from_mapping, tighten
+
+        golden = self.config.ota.golden_dir
+        path = golden / "policy.yaml" if golden is not None else None
+        data = load_policy_section(path, "shadow") if path is not None else None
+        policy = shadow_policy_from_mapping(data, str(path or "policy.yaml"))
+        policy, notes = tighten(policy, (manifest or {}).get("shadow"))
+        for note in notes:
+            log.warning("package shadow %s", note)
+        return policy
+
+    def _with_live_confidence(self, baseline: Baseline) -> Baseline:
+        """The old model's mean confidence over its recent live frames, when enough ran."""
+        assert self.probation_policy is not None
+        seen = list(self._live_confidences)
+        mean = sum(seen) / len(seen) if seen else None
+        return baseline.with_live_confidence(
+            mean, len(seen), self.probation_policy.confidence_min_samples
+        )
+
+    def _shadow_loader(
+        self, package_dir: Path | None, manifest: Mapping[str, Any] | None
+    ) -> Callable[[], ActiveModel]:
+        """Loads (on the shadow worker's thread) a package's model, or the configured model
+        file when ``package_dir`` is None, warmed like the live one."""
+
+        def load() -> ActiveModel:
+            from agent.pipeline.model import configured_model, package_model
+
+            if package_dir is None or manifest is None:
+                return configured_model(self._model_config())
+            backend = self._load_backend(package_dir, manifest)
+            try:
+                backend.warmup(max(1, self.config.model.warmup_runs))
+                return package_model(backend, package_dir, manifest)
+            except BaseException:
+                backend.close()
+                raise
+
+        return load
+
+    def _attach_shadow(self, run: Any) -> bool:
+        set_shadow = getattr(self.host, "set_shadow", None)
+        if set_shadow is None or not set_shadow(run.offer):
+            return False
+        run.start()
+        self._shadow = run
+        return True
+
+    def _stop_shadow(self) -> None:
+        run, self._shadow = self._shadow, None
+        if run is None:
+            return
+        set_shadow = getattr(self.host, "set_shadow", None)
+        if set_shadow is not None:
+            set_shadow(None)
+        run.close()
+
+    def _start_probation_shadow(self, manifest: Mapping[str, Any]) -> None:
+        """During probation the old model runs beside the new one on a sample of the
+        live frames (only with a host whose frame loop feeds it)."""
+        from agent.ota.shadow_run import ShadowRun
+
+        policy = self.shadow_policy(manifest)
+        if self.host is None or not policy.active:
+            return
+        prev_dir = install.resolve(self.state_dir, install.PREVIOUS)
+        prev_manifest = self.current_manifest(install.PREVIOUS)
+        if prev_dir is None and self.config.model.path is None:
+            return  # a first install: no old model to compare with
+        run = ShadowRun(policy, self._shadow_loader(prev_dir, prev_manifest), shadow_is_new=False)
+        if not self._attach_shadow(run):
+            run.close()
+
+    def _with_shadow_verdict(self, result: ProbationResult) -> ProbationResult:
+        """Probation's verdict with the shadow's: a failed shadow fails it at once; a
+        passing probation waits for the shadow's frames (up to ``wait_max_s``, then
+        commits on probation's own checks and says so)."""
+        run = self._shadow
+        failure = run.early_failure()
+        if failure is not None:
+            return dataclasses.replace(
+                result, verdict=Verdict.FAILED, reason=failure, latency_only=False
+            )
+        if result.verdict is not Verdict.PASSED:
+            return result
+        gave_up = run.gave_up()
+        if gave_up is not None:
+            # the old model could not run beside the new one: not the new model's fault
+            return dataclasses.replace(
+                result, reason=f"{result.reason}; shadow not judged ({gave_up})"
+            )
+        if run.frames() < run.need_frames:
+            if run.waited_s() < run.policy.wait_max_s:
+                return dataclasses.replace(
+                    result,
+                    verdict=Verdict.PENDING,
+                    reason=f"{result.reason}; waiting for the shadow "
+                    f"({run.frames()}/{run.need_frames} frames)",
+                )
+            return dataclasses.replace(
+                result,
+                reason=f"{result.reason}; shadow not judged (only {run.frames()}/"
+                f"{run.need_frames} frames in {run.policy.wait_max_s:g} s)",
+            )
+        shadow = run.judge()
+        if shadow.verdict is ShadowVerdict.FAILED:
+            return dataclasses.replace(
+                result, verdict=Verdict.FAILED, reason=shadow.reason, latency_only=False
+            )
+        return dataclasses.replace(result, reason=f"{result.reason}; {shadow.reason}")
+
+    def _probation_quality(self, result: ProbationResult) -> dict[str, float]:
+        """The figures for the COMMITTED / ROLLED_BACK row (docs/CONTRACTS.md names)."""
+        quality: dict[str, float] = {}
+        if result.frames:
+            quality["error_rate"] = result.errors / result.frames
+        if result.latency_p95_ms is not None:
+            quality["latency_p95_ms"] = result.latency_p95_ms
+        if result.confidence_mean is not None:
+            quality["confidence_mean"] = result.confidence_mean
+        run = self._shadow
+        if run is not None:
+            quality.update(run.judge().quality)
+        return quality
+
+    def probation_status(self) -> dict[str, Any] | None:
+        """Live figures for `edge-agent status` while a probation or shadow period runs."""
+        watch, run = self._watch, self._shadow
+        if watch is None and run is None:
+            return None
+        out: dict[str, Any] = {}
+        if watch is not None:
+            out["frames"] = watch.frames
+            out["confidence_floor"] = watch.confidence_floor()
+        if run is not None:
+            out["shadow"] = run.status()
+        return out
+
+    def _shadow_before_activation(self, pkg: ExtractedPackage, outcome: GateOutcome) -> GateOutcome:
+        """When policy asks (``shadow.before_activation_frames``): the candidate runs in
+        shadow beside the serving model on that many live frames BEFORE any link moves; a
+        failed check refuses it like the gate, with the figures in the reason.
+
+        Runs without the lock, like the gate; a stop ends it (GateStopped, retried).
+        """
+        from agent.ota.shadow_run import ShadowRun
+
+        if not outcome.passed or self.host is None:
+            return outcome
+        policy = self.shadow_policy(pkg.manifest)
+        need = policy.before_activation_frames
+        if need <= 0 or not policy.active:
+            return outcome
+        if (
+            install.resolve(self.state_dir, install.CURRENT) is None
+            and self.config.model.path is None
+        ):
+            return outcome  # a first install: nothing serves to compare with
+        run = ShadowRun(
+            policy,
+            self._shadow_loader(pkg.root, pkg.manifest),
+            shadow_is_new=True,
+            need_frames=need,
+        )
+        if not self._attach_shadow(run):
+            run.close()
+            return outcome
+        log.info(
+            "OTA shadow: %s %s beside the live model for %d frames", pkg.name, pkg.version, need
+        )
+        try:
+            while True:
+                failure = run.early_failure()
+                if failure is not None:
+                    result = run.judge()
+                    break
+                if run.frames() >= need:
+                    result = run.judge()
+                    break
+                if run.waited_s() > policy.wait_max_s:
+                    raise GateStopped(
+                        f"shadow period: only {run.frames()}/{need} frames in "
+                        f"{policy.wait_max_s:g} s"
+                    )
+                if self.stopping.wait(0.05):
+                    raise GateStopped("the agent is stopping during the shadow period")
+                if self._shadow is not run:
+                    # a rollback or a close ended it: the gate's caller sees the journal
+                    raise GateStopped("the shadow period was ended by another operation")
+        finally:
+            self._stop_shadow()
+        report = {**dict(outcome.report), "shadow": result.to_dict()}
+        if result.verdict is ShadowVerdict.FAILED:
+            return GateOutcome(False, report, f"before activation: {result.reason}")
+        log.info("OTA shadow: %s", result.reason)
+        return GateOutcome(True, report, outcome.reason)
+
     # ------------------------------------------------------------------ rollback
 
     def rollback(
-        self, reason: str = "operator asked", automatic: bool = False, record_refusal: bool = True
+        self,
+        reason: str = "operator asked",
+        automatic: bool = False,
+        record_refusal: bool = True,
+        quality: Mapping[str, float] | None = None,
     ) -> JournalEntry:
         """Switch back to ``previous`` (on disk and, with a host, live between two frames);
         an ``automatic`` rollback also refuses the release left, unless ``record_refusal``
         is False (a latency-only probation failure, which may be retried)."""
         with self._lock:
             self._watch = None
+            self._stop_shadow()
+            self._live_confidences.clear()
             prev_dir = install.resolve(self.state_dir, install.PREVIOUS)
             prev_manifest = self.current_manifest(install.PREVIOUS)
             if prev_dir is None or prev_manifest is None:
@@ -1193,6 +1433,10 @@ class OTAService:
                 version=str(left.get("version", "")),
                 from_version=str(prev_manifest.get("version", "")),
                 reason=reason,
+                # the attempt's detail carries over as before, with the figures added
+                detail={**(bad.detail if bad else {}), "quality": dict(quality)}
+                if quality
+                else None,
             )
             if automatic and record_refusal and bad is not None and bad.version:
                 self._record_refusal(bad, reason)

@@ -54,6 +54,7 @@ SCHEMA_KEYS = (
     "compat",
     "gate",
     "detection",
+    "shadow",
 )
 
 

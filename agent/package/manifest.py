@@ -42,6 +42,18 @@ COLOR_ORDERS = ("RGB", "BGR", "GRAY")
 # Detector output layouts (agent/pipeline/detection.py decodes each).
 DETECTION_LAYOUTS = ("yolo", "yolo_transposed", "ssd")
 # Gate thresholds a package may tighten (docs/CONTRACTS.md, "Gate thresholds").
+# the shadow thresholds a package may tighten (agent/ota/shadow.py TIGHTEN_BY_RAISING)
+SHADOW_KEYS = (
+    "min_frames",
+    "before_activation_frames",
+    "agreement_min",
+    "box_iou_min",
+    "confidence_drop_max",
+    "class_hist_distance_max",
+    "latency_ratio_max",
+    "latency_slack_ms",
+    "error_rate_max",
+)
 GATE_KEYS = (
     "accuracy_drop_max_pp",
     "f1_drop_max_pp",
@@ -126,6 +138,8 @@ class Manifest:
     preprocess: PreprocessSpec | None = None
     labels: tuple[str, ...] = ()
     gate: Mapping[str, float] = field(default_factory=dict)
+    # stricter shadow-evaluation thresholds (SHADOW_KEYS); the device's policy otherwise
+    shadow: Mapping[str, float] = field(default_factory=dict)
     extensions: Mapping[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
     # task detection: the output layout and post-processing (see DETECTION_KEYS)
@@ -188,6 +202,8 @@ class Manifest:
         }
         if self.gate:
             out["gate"] = dict(self.gate)
+        if self.shadow:
+            out["shadow"] = dict(self.shadow)
         if self.detection:
             out["detection"] = dict(self.detection)
         out.update(self.extensions)
@@ -457,6 +473,7 @@ def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         "compat",
         "gate",
         "detection",
+        "shadow",
     )
     d = c.obj(data, "", top_required, top_optional)
     fmt = c.integer(d["format"], "format", 0, 1 << 16)
@@ -594,6 +611,11 @@ def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         gd = c.obj(d["gate"], "gate", (), GATE_KEYS)
         gate = {k: c.number(v, f"gate.{k}") for k, v in gd.items()}
 
+    shadow: dict[str, float] = {}
+    if "shadow" in d:
+        sd = c.obj(d["shadow"], "shadow", (), SHADOW_KEYS)
+        shadow = {k: c.number(v, f"shadow.{k}") for k, v in sd.items()}
+
     detection: dict[str, Any] = {}
     if "detection" in d:
         detection = _detection_block(c, d["detection"], task, outputs)
@@ -615,5 +637,6 @@ def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         preprocess=preprocess,
         labels=labels,
         gate=gate,
+        shadow=shadow,
         extensions=extensions,
     )

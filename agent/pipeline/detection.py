@@ -205,6 +205,23 @@ def _pairwise_iou(b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return out
 
 
+def iou_matrix(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """IoU of every xyxy box of ``a`` [N, 4] with every one of ``b`` [M, 4]: [N, M]."""
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    pa = np.asarray(a, dtype=np.float64)[:, None, :]
+    pb = np.asarray(b, dtype=np.float64)[None, :, :]
+    w = np.clip(np.minimum(pa[..., 2], pb[..., 2]) - np.maximum(pa[..., 0], pb[..., 0]), 0, None)
+    h = np.clip(np.minimum(pa[..., 3], pb[..., 3]) - np.maximum(pa[..., 1], pb[..., 1]), 0, None)
+    inter = w * h
+    area_a = (pa[..., 2] - pa[..., 0]) * (pa[..., 3] - pa[..., 1])
+    area_b = (pb[..., 2] - pb[..., 0]) * (pb[..., 3] - pb[..., 1])
+    union = area_a + area_b - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out: npt.NDArray[np.float64] = np.where(union > 0, inter / union, 0.0)
+    return out
+
+
 def nms_indices(
     boxes: npt.NDArray[np.float32], scores: npt.NDArray[np.float32], iou_threshold: float
 ) -> npt.NDArray[np.int64]:

@@ -44,8 +44,9 @@ def _with_side_branch(
     return model.SerializeToString()
 
 
-def hanging_model() -> bytes:
-    """A Loop of 2**62 trips fed from the input: the first inference never returns."""
+def hanging_model(trips: int = 1 << 62) -> bytes:
+    """A Loop of ``trips`` trips fed from the input: with the default 2**62 the first
+    inference never returns (a smaller count makes one that returns, late)."""
     body = helper.make_graph(
         [
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
@@ -70,7 +71,7 @@ def hanging_model() -> bytes:
         helper.make_node("Loop", ["trips", "cond0", "v0"], ["v_final"], body=body),
     ]
     inits = [
-        numpy_helper.from_array(np.array(1 << 62, np.int64), "trips"),
+        numpy_helper.from_array(np.array(trips, np.int64), "trips"),
         numpy_helper.from_array(np.array(True), "cond0"),
     ]
     return _with_side_branch(model, nodes, inits, "v_final")

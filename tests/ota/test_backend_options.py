@@ -71,8 +71,10 @@ def test_installed_hot_swapped_and_rolled_back_models_get_the_configured_options
         assert live.version == "1.1.0"
         assert options_of(live.backend) == (THREADS, list(PROVIDERS))
         # the gate loaded the current model and the candidate in its child process (its
-        # report says with which options), then activation loaded the candidate here
-        assert [v for v, _ in loads] == ["1.1.0"]
+        # report says with which options), then activation loaded the candidate here (and
+        # the probation shadow loads the old model beside it on its own thread)
+        assert [v for v, _ in loads if v == "1.1.0"] == ["1.1.0"]
+        assert {v for v, _ in loads} <= {"1.1.0", "1.0.0"}
         assert all(opts == (THREADS, list(PROVIDERS)) for _, opts in loads), loads
         report = json.loads(service.journal.get_value("last_gate_report") or "{}")
         models = report["report"]["models"]
@@ -88,7 +90,8 @@ def test_installed_hot_swapped_and_rolled_back_models_get_the_configured_options
         service.rollback("test")
         assert daemon.slot.current().version == "1.0.0"
         assert options_of(daemon.slot.current().backend) == (THREADS, list(PROVIDERS))
-        assert loads == [("1.0.0", (THREADS, list(PROVIDERS)))]
+        # the rollback's load (a shadow load of 1.0.0 still under way may add one more)
+        assert loads and all(load == ("1.0.0", (THREADS, list(PROVIDERS))) for load in loads)
     finally:
         daemon.shutdown()
 
