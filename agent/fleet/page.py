@@ -105,8 +105,12 @@ def hottest_c(attrs: Mapping[str, Any]) -> float | None:
 
 
 def drift_of(attrs: Mapping[str, Any]) -> float | None:
-    """A drift score when the device reports one (`drift`, or the first `drift_*` attribute)."""
-    value = _float(_attr(attrs, "drift"))
+    """A drift score when the device reports one: the summary's `drift` figures (class
+    PSI, docs/telemetry.md "Drift"), else a plain `drift` or the first `drift_*` number."""
+    reported = _json_attr(attrs, "drift")
+    if isinstance(reported, dict):
+        return _float(reported.get("class_psi"))
+    value = _float(reported)
     if value is not None:
         return value
     for key in sorted(attrs):
