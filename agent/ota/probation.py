@@ -313,8 +313,12 @@ class ProbationWatch:
 
         Held to the old model's (live frames differ from the golden set for both models
         alike, so a harder scene does not fail a good candidate); without one, to its own
-        golden-set figure."""
+        golden-set figure. A detector (the baseline has the gate's box figures) is judged
+        by box_collapse instead: its per-frame "confidence" is the best box's score, which
+        moves with how many objects a scene holds, so only a collapse there means a fault."""
         base = self.baseline
+        if base.boxes_per_frame is not None:
+            return None
         ref = base.old_confidence_mean
         if ref is None:
             ref = base.confidence_mean
