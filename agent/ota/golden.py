@@ -946,22 +946,23 @@ def run_gate(
     inputs: list[npt.NDArray[np.float32]] = []
     rss_added: dict[str, int] = {}
     owned: list[Backend] = []
+
+    def ready(
+        role: int, backend: Backend | None, model: GateModel
+    ) -> tuple[Backend, int, npt.NDArray[np.float32]]:
+        """``model`` loaded (unless given), with the RSS its loading added and its inputs."""
+        if backend is None:
+            backend, rss, x = _load_measured(model, prepare(role))
+            owned.append(backend)
+            return backend, rss, x
+        return backend, 0, prepare(role)(backend)
+
     try:
         if cached is None:
-            if base_backend is None:
-                base_backend, rss_added["baseline"], base_x = _load_measured(base_model, prepare(0))
-                owned.append(base_backend)
-            else:
-                base_x = prepare(0)(base_backend)
-                rss_added["baseline"] = 0
+            base_backend, rss_added["baseline"], base_x = ready(0, base_backend, base_model)
             to_run.append(base_backend)
             inputs.append(base_x)
-        if cand_backend is None:
-            cand_backend, rss_added["candidate"], cand_x = _load_measured(cand_model, prepare(1))
-            owned.append(cand_backend)
-        else:
-            cand_x = prepare(1)(cand_backend)
-            rss_added["candidate"] = 0
+        cand_backend, rss_added["candidate"], cand_x = ready(1, cand_backend, cand_model)
         to_run.append(cand_backend)
         inputs.append(cand_x)
 
@@ -977,11 +978,7 @@ def run_gate(
                 pair_x = (inputs[0], cand_x)
             else:
                 # the cached latencies are from another minute: time both side by side now
-                if base_backend is None:
-                    base_backend, _, base_x = _load_measured(base_model, prepare(0))
-                    owned.append(base_backend)
-                else:
-                    base_x = prepare(0)(base_backend)
+                base_backend, _, base_x = ready(0, base_backend, base_model)
                 runs.insert(0, run_of(base_backend))
                 pair_x = (base_x, cand_x)
             confirmed = _confirm_latency(
