@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

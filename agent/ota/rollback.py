@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 from agent.errors import StateError
@@ -12,8 +11,6 @@ from agent.ota.killpoint import kill_point
 from agent.ota.release_quality import ReleaseQuality
 from agent.ota.states import OTAEvent
 from agent.pipeline.slot import ActiveModel
-
-log = logging.getLogger(__name__)
 
 
 class Rollback(ReleaseQuality):

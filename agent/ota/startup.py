@@ -72,17 +72,18 @@ class StartupRecovery(ProbationFlow):
         switch: dict[str, str] | None,
         attempts_key: str,
     ) -> None:
-        """Do what plan_recovery decided (agent/ota/recovery.py), in the journal and links."""
+        """Do what plan_recovery decided (agent/ota/recovery.py), in the journal and links;
+        each row written is the one FLOW gives for the step's event (STEP_EVENT)."""
         if plan.step is RecoveryStep.RECORD_ROLLBACK:
             assert switch is not None
-            self.fire(OTAEvent.ROLLBACK_FOUND, **switch)
+            self.fire(STEP_EVENT[plan.step], **switch)
             return
         if last is None or plan.next_state is None:
             return  # nothing to write (nothing in flight, or a CLI during probation)
         if plan.attempts is not None:
             self.journal.set_value(attempts_key, str(plan.attempts))
         if plan.step is RecoveryStep.CRASH_LOOP_ROLLBACK:
-            self.rollback(plan.reason, automatic=True, event=OTAEvent.CRASH_LOOP)
+            self.rollback(plan.reason, automatic=True, event=STEP_EVENT[plan.step])
             return
         if plan.step is RecoveryStep.UNDO_ACTIVATION:
             before = last.detail.get("links_before") or {}
