@@ -51,7 +51,7 @@ class CheckResult:
         }
 
 
-class Decide(Rollback):
+class ChannelCheck(Rollback):
     """The channel client, the check, and the decision (rollout, floor, pin, revert)."""
 
     def channel_client(self) -> ChannelClient:

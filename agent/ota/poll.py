@@ -10,7 +10,7 @@ import time
 
 from agent.errors import EdgeAgentError, FetchError, OTAError
 from agent.ota.channel import ChannelClient
-from agent.ota.decide import CheckResult, Decide
+from agent.ota.decide import ChannelCheck, CheckResult
 from agent.ota.download import download_target
 from agent.ota.install_flow import InstallFlow
 from agent.ota.journal import LAST_POLL
@@ -21,7 +21,7 @@ from agent.ota.states import OTAEvent
 log = logging.getLogger(__name__)
 
 
-class PollLoop(Decide, InstallFlow, StartupRecovery):
+class PollLoop(ChannelCheck, InstallFlow, StartupRecovery):
     """update_now and the loop that runs it until the agent stops."""
 
     def update_now(self, client: ChannelClient | None = None) -> CheckResult:

@@ -66,9 +66,11 @@ class OTAService(PollLoop):
     beside the live one and the host swaps it in between two frames. Without either, an
     install only moves the links (the next start loads the new model).
 
-    The parts, each in its own module over the shared ServiceContext (agent/ota/context.py:
-    config, journal, lock, host, model loads, ``fire``): ReleaseQuality (gate figures and
-    drift), Rollback, ProbationFlow, InstallFlow, StartupRecovery, Decide (channel check)
-    and PollLoop. Each step reports an OTAEvent; ``fire`` moves the journal to the state
-    agent/ota/states.py's FLOW names for it.
+    Its parts are classes in their own modules, each built on the parts it calls, over one
+    typed base, ServiceContext (agent/ota/context.py: config, journal, lock, host, model
+    loads, ``fire``), so mypy --strict checks every call between them: ReleaseQuality
+    (gate figures, drift) < Rollback < ProbationFlow < InstallFlow and StartupRecovery;
+    Rollback < ChannelCheck; PollLoop joins ChannelCheck, InstallFlow and StartupRecovery.
+    Each step reports an OTAEvent; ``fire`` journals the state that agent/ota/states.py's
+    FLOW names for it.
     """
