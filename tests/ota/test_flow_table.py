@@ -26,6 +26,7 @@ from .conftest import Device
 S, E = OTAState, OTAEvent
 REST = (S.IDLE, S.COMMITTED, S.REJECTED, S.ROLLED_BACK)
 BEFORE_ACTIVATION = (S.CHECKING, S.DOWNLOADING, S.VERIFYING, S.GATING)
+IN_FLIGHT = [s for s in OTAState if s not in AT_REST]
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,12 @@ def test_every_state_is_reachable_from_idle() -> None:
     assert _reachable(S.IDLE) == set(OTAState)
 
 
-@pytest.mark.parametrize("state", [s for s in OTAState if s not in AT_REST], ids=str)
+@pytest.mark.parametrize("state", IN_FLIGHT, ids=[s.value for s in IN_FLIGHT])
 def test_every_in_flight_state_has_a_way_back_to_rest(state: OTAState) -> None:
     assert _reachable(state) & AT_REST, f"{state.value} can never come to rest"
 
 
-@pytest.mark.parametrize("state", [s for s in OTAState if s not in AT_REST], ids=str)
+@pytest.mark.parametrize("state", IN_FLIGHT, ids=[s.value for s in IN_FLIGHT])
 def test_each_restart_recovery_is_a_flow_move(state: OTAState) -> None:
     target = RECOVERY_TARGET[RECOVERY[state]]
     assert any(FLOW.get((state, e)) is target for e in STEP_EVENT.values()), state
