@@ -175,10 +175,7 @@ class FrameLoop:
             if d._reload_requested:
                 d._check_requests()
             if d._pending_source is not None:
-                old_source, d.source = d.source, d._pending_source
-                d._pending_source = None
-                if old_source is not None:
-                    old_source.close()
+                self._take_pending_source()
             source = d.source
             assert source is not None
             governor = d.governor
@@ -230,6 +227,14 @@ class FrameLoop:
             if shadow is not None:
                 # after the served result went out: a sampled frame is queued, never waited on
                 self._offer_shadow(shadow, model, frames, outputs, latency_s)
+
+    def _take_pending_source(self) -> None:
+        # a reload opened a new source: it takes over between two frames
+        d = self._daemon
+        old_source, d.source = d.source, d._pending_source
+        d._pending_source = None
+        if old_source is not None:
+            old_source.close()
 
     def _frame_failed(self, exc: InputDataError | RuntimeFaultError, n_frames: int) -> None:
         d = self._daemon

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.config import load_config
+from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, EdgeAgentError
 from agent.health.governor import GovernorThread
 from agent.pipeline.model import probe, probe_frame
@@ -44,6 +45,15 @@ def initial_model(daemon: Daemon) -> ActiveModel:
     return model
 
 
+@dataclass(frozen=True)
+class _Built:
+    """What a reload built for the new config (None: that part did not change)."""
+
+    model: ActiveModel | None
+    sinks: tuple[Sink, ...] | None
+    source: Source | None
+
+
 def reload_config(daemon: Daemon) -> dict[str, Any]:
     """Re-read the config file: build and probe everything new, then apply it between frames.
 
@@ -53,16 +63,27 @@ def reload_config(daemon: Daemon) -> dict[str, Any]:
         raise ConfigError("reload: the daemon was not started from a config file")
     new = load_config(daemon.config_path)
     old = daemon.config
-    changed: list[str] = []
-    restart: list[str] = []
-    for name in ("state_dir", "telemetry", "status", "ota", "device_id"):
-        if getattr(new, name) != getattr(old, name):
-            restart.append(name)
+    restart = [
+        name
+        for name in ("state_dir", "telemetry", "status", "ota", "device_id")
+        if getattr(new, name) != getattr(old, name)
+    ]
+    changed = _apply(daemon, new, old, _build(daemon, new, old))
+    log.info(
+        "reloaded %s: changed %s%s",
+        daemon.config_path,
+        ", ".join(changed) or "nothing",
+        f"; needs a restart: {', '.join(restart)}" if restart else "",
+    )
+    return {"ok": True, "changed": changed, "restart_needed": restart}
+
+
+def _build(daemon: Daemon, new: AgentConfig, old: AgentConfig) -> _Built:
+    """The new model, sinks and source, probed; on any failure all of them are closed."""
     model: ActiveModel | None = None
     package_active = daemon.slot.current().manifest is not None
     if not package_active and (new.model != old.model or new.preprocess != old.preprocess):
         model = daemon.load_configured_model(new)
-        changed.append("model")
     sinks: tuple[Sink, ...] | None = None
     source: Source | None = None
     try:
@@ -82,7 +103,12 @@ def reload_config(daemon: Daemon) -> dict[str, Any]:
         if model is not None:
             model.backend.close()
         raise
-    # everything new is built: now apply, between frames
+    return _Built(model, sinks, source)
+
+
+def _apply(daemon: Daemon, new: AgentConfig, old: AgentConfig, built: _Built) -> list[str]:
+    """Apply what ``_build`` made, between frames; returns the names of what changed."""
+    changed = ["model"] if built.model is not None else []
     daemon.config = dataclasses.replace(
         new,
         state_dir=old.state_dir,
@@ -91,13 +117,13 @@ def reload_config(daemon: Daemon) -> dict[str, Any]:
         ota=old.ota,
         device_id=old.device_id,
     )
-    if model is not None:
-        daemon.swap_model(model)
-    if source is not None:
-        daemon._pending_source = source
+    if built.model is not None:
+        daemon.swap_model(built.model)
+    if built.source is not None:
+        daemon._pending_source = built.source
         changed.append("source")
-    if sinks is not None:
-        old_sinks, daemon.sinks = daemon.sinks, sinks
+    if built.sinks is not None:
+        old_sinks, daemon.sinks = daemon.sinks, built.sinks
         for s in old_sinks:
             s.close(new.scheduler.drain_timeout_s)
         changed.append("sinks")
@@ -117,10 +143,4 @@ def reload_config(daemon: Daemon) -> dict[str, Any]:
     if new.log_level != old.log_level:
         logging.getLogger().setLevel(new.log_level)
         changed.append("log_level")
-    log.info(
-        "reloaded %s: changed %s%s",
-        daemon.config_path,
-        ", ".join(changed) or "nothing",
-        f"; needs a restart: {', '.join(restart)}" if restart else "",
-    )
-    return {"ok": True, "changed": changed, "restart_needed": restart}
+    return changed
