@@ -158,6 +158,41 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_symlink(
+    link: Path,
+    target: str | os.PathLike[str] | None,
+    sync_dir: bool = True,
+    on_step: Callable[[str], None] | None = None,
+) -> None:
+    """Point ``link`` at ``target`` atomically; ``target`` None removes the link.
+
+    A temp link is made beside ``link`` and renamed over it, so a reader sees the old
+    target or the new, never no link (a link, dangling link or regular file in the way is
+    replaced; a directory is not). ``sync_dir`` fsyncs the link's folder afterwards (off
+    for links that are remade at every start). ``on_step("tmp")`` runs once the temp link
+    exists and ``on_step("replaced")`` after the rename: kill-point tests stop there.
+    """
+    if target is None:
+        link.unlink(missing_ok=True)
+    else:
+        # per pid: two processes never share a temp name; a leftover of a killed one with
+        # our pid is removed first (os.symlink does not overwrite)
+        tmp = link.with_name(f".{link.name}.link{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        if on_step is not None:
+            on_step("tmp")
+        try:
+            os.replace(tmp, link)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if on_step is not None:
+            on_step("replaced")
+    if sync_dir:
+        fsync_dir(link.parent)
+
+
 PRIVATE_MODE = 0o600
 
 

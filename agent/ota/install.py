@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent.errors import PackageError, StateError
 from agent.ota.killpoint import kill_point
-from agent.textio import fsync_dir
+from agent.textio import fsync_dir, replace_symlink
 
 CURRENT = "current"
 PREVIOUS = "previous"
@@ -59,18 +59,11 @@ def resolve(state_dir: Path, which: str = CURRENT) -> Path | None:
 
 def set_link(state_dir: Path, which: str, dir_name: str | None) -> None:
     """Point ``which`` at models/<dir_name> (or remove it) atomically, then fsync the folder."""
-    link = state_dir / which
-    if dir_name is None:
-        link.unlink(missing_ok=True)
-        fsync_dir(state_dir)
-        return
-    tmp = state_dir / f".{which}.tmp{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(f"{MODELS}/{dir_name}", tmp)
-    kill_point(f"install.link_tmp:{which}")
-    os.replace(tmp, link)
-    kill_point(f"install.link_replaced:{which}")
-    fsync_dir(state_dir)
+    replace_symlink(
+        state_dir / which,
+        None if dir_name is None else f"{MODELS}/{dir_name}",
+        on_step=lambda step: kill_point(f"install.link_{step}:{which}"),
+    )
 
 
 def restore_links(state_dir: Path, links: Links) -> None:
