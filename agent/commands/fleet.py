@@ -209,9 +209,9 @@ def _rollout_status(args: argparse.Namespace) -> int:
         token = args.operator_token or os.environ.get("EDGE_AGENT_OPERATOR_TOKEN")
         st = _fetch_status(args.server, args.channel, token)
     else:
+        from agent.fleet.open_store import is_database_url, open_store
         from agent.fleet.rollout import load_state
         from agent.fleet.status import rollout_status
-        from agent.fleet.store import is_database_url, open_store
 
         if args.repo is None or args.db is None:
             raise UsageError("rollout status needs --server URL, or --repo DIR and --db FILE|URL")
@@ -296,8 +296,8 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve needs the server extra: pip install 'edge-agent[server]'") from None
+    from agent.fleet.open_store import open_store
     from agent.fleet.server import ServerConfig, serve
-    from agent.fleet.store import open_store
 
     if not (args.repo / "metadata" / "1.root.json").exists():
         raise UsageError(f"{args.repo}: not a repository (run repo init first)")

@@ -19,11 +19,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from agent.errors import EdgeAgentError, TelemetryError
+from agent.fleet.ingest import BadPayloadError, parse_otlp_logs, parse_otlp_metrics
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import utc_now
 from agent.fleet.rollout import list_states, run_controller_once
 from agent.fleet.status import rollout_status
-from agent.fleet.store import BadPayloadError, TelemetryStore, parse_otlp_logs, parse_otlp_metrics
+from agent.fleet.store import TelemetryStore
 from agent.fleet.tokens import device_for_token, load_operator_tokens, load_tokens
 from agent.fleet.web import install_fleet_pages
 

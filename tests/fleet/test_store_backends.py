@@ -18,7 +18,15 @@ from fleet_testlib import build_package, ota_record
 from pg_testlib import PostgresServer
 
 from agent.errors import TelemetryError, UsageError
+from agent.fleet.ingest import (
+    BadPayloadError,
+    LogRow,
+    MetricRow,
+    parse_otlp_logs,
+    parse_otlp_metrics,
+)
 from agent.fleet.keys import OperatorKey
+from agent.fleet.open_store import open_store
 from agent.fleet.repo import init_repo, publish_package
 from agent.fleet.rollout import (
     RolloutPolicy,
@@ -27,15 +35,7 @@ from agent.fleet.rollout import (
     promote,
     start_rollout,
 )
-from agent.fleet.store import (
-    BadPayloadError,
-    LogRow,
-    MetricRow,
-    TelemetryStore,
-    open_store,
-    parse_otlp_logs,
-    parse_otlp_metrics,
-)
+from agent.fleet.store import TelemetryStore
 from agent.fleet.tokens import add_device_token, add_operator_token
 from agent.telemetry import otlp
 from agent.telemetry.uploader import OtlpHttpExporter
