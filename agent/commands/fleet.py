@@ -127,10 +127,13 @@ def _policy(args: argparse.Namespace) -> Any:
 
 
 def _print_state(state: Any) -> None:
+    from agent.fleet.label import stage_label
+
     flags = " (paused)" if state.paused else " (aborted)" if state.aborted else ""
+    stage = stage_label(state.stage, len(state.policy.stages_percent))
     print(
-        f"{state.channel}: {state.package} {state.version} at stage {state.stage + 1}/"
-        f"{len(state.policy.stages_percent)} = {state.percent:g}%{flags}"
+        f"{state.channel}: {state.package} {state.version} at stage {stage} = "
+        f"{state.percent:g}%{flags}"
     )
 
 
@@ -202,6 +205,7 @@ def _fetch_status(server: str, channel: str, token: str | None) -> dict[str, Any
 
 
 def _rollout_status(args: argparse.Namespace) -> int:
+    from agent.fleet.label import rollout_state_word, stage_label
     from agent.fleet.repo import utc_now
     from agent.textio import format_table
 
@@ -225,20 +229,13 @@ def _rollout_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    state = (
-        "aborted"
-        if st["aborted"]
-        else "complete"
-        if st["completed"]
-        else ("paused" if st["paused"] else "running")
-    )
-    print(f"channel {st['channel']}: {st['package']} {st['version']} ({state})")
+    print(f"channel {st['channel']}: {st['package']} {st['version']} ({rollout_state_word(st)})")
     print(
         format_table(
             ["stage", "percent", "members", "committed", "failed", "failure rate", "next", "in"],
             [
                 [
-                    f"{st['stage'] + 1}/{len(st['stages_percent'])}",
+                    stage_label(st["stage"], len(st["stages_percent"])),
                     f"{st['percent']:g}%",
                     st["members_known"],
                     st["committed"],
