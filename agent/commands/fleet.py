@@ -394,6 +394,14 @@ def _repo_args(p: argparse.ArgumentParser, keys: bool = True) -> None:
 
 def add_commands(sub: SubParsers) -> None:
     """Add repo, publish, rollout, serve and token."""
+    _add_repo(sub)
+    _add_publish(sub)
+    _add_rollout(sub)
+    _add_serve(sub)
+    _add_token(sub)
+
+
+def _add_repo(sub: SubParsers) -> None:
     repo = add_command(
         sub,
         "repo",
@@ -441,6 +449,8 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("--new-keys", type=Path, required=True, help="folder with the new root keys")
     p.add_argument("--threshold", type=int, default=1, help="new root threshold (default 1)")
 
+
+def _add_publish(sub: SubParsers) -> None:
     p = add_command(
         sub,
         "publish",
@@ -464,6 +474,8 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--channel", help="refuse unless the package matches this channel's package")
 
+
+def _add_rollout(sub: SubParsers) -> None:
     rollout = add_command(
         sub,
         "rollout",
@@ -472,6 +484,25 @@ def add_commands(sub: SubParsers) -> None:
         "edge-agent rollout status --channel stable --server http://fleet:8080",
     )
     r_sub = _nested(rollout, "rollout_action")
+    _add_rollout_start(r_sub)
+    for name, handler, text in (
+        ("promote", _rollout_promote, "move to the next stage now"),
+        ("pause", _rollout_pause, "stop new installs; the controller holds"),
+        ("resume", _rollout_resume, "resume a paused rollout"),
+        ("abort", _rollout_abort, "stop the release; devices on it roll back"),
+    ):
+        p = add_command(
+            r_sub,
+            name,
+            handler,
+            text,
+            f"edge-agent rollout {name} --channel stable --repo ./repo --keys ./keys",
+        )
+        _repo_args(p)
+    _add_rollout_status(r_sub)
+
+
+def _add_rollout_start(r_sub: SubParsers) -> None:
     p = add_command(
         r_sub,
         "start",
@@ -505,20 +536,9 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--no-auto-promote", action="store_true", help="promote only by hand")
     p.add_argument("--no-auto-abort", action="store_true", help="hold instead of aborting")
-    for name, handler, text in (
-        ("promote", _rollout_promote, "move to the next stage now"),
-        ("pause", _rollout_pause, "stop new installs; the controller holds"),
-        ("resume", _rollout_resume, "resume a paused rollout"),
-        ("abort", _rollout_abort, "stop the release; devices on it roll back"),
-    ):
-        p = add_command(
-            r_sub,
-            name,
-            handler,
-            text,
-            f"edge-agent rollout {name} --channel stable --repo ./repo --keys ./keys",
-        )
-        _repo_args(p)
+
+
+def _add_rollout_status(r_sub: SubParsers) -> None:
     p = add_command(
         r_sub,
         "status",
@@ -541,6 +561,8 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_serve(sub: SubParsers) -> None:
     p = add_command(
         sub,
         "serve",
@@ -574,6 +596,8 @@ def add_commands(sub: SubParsers) -> None:
         help="how often the rollout controller runs (default 60)",
     )
 
+
+def _add_token(sub: SubParsers) -> None:
     token = add_command(
         sub,
         "token",
