@@ -124,12 +124,14 @@ def _add_repository_routes(app: FastAPI, repo_dir: Path) -> None:
 
 
 def _problem(status: int, message: str, request: Request) -> JSONResponse:
+    """The JSON error answer, logged with the request it refuses."""
     client = request.client.host if request.client else "?"
     log.warning("%s %s from %s: %d %s", request.method, request.url.path, client, status, message)
     return JSONResponse({"error": message}, status_code=status)
 
 
 async def _read_body(request: Request, config: ServerConfig) -> bytes | JSONResponse:
+    """The request body within the size limits, gunzipped; or the 4xx answer to send."""
     declared = request.headers.get("content-length")
     if (
         declared is not None
