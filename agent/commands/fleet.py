@@ -127,10 +127,13 @@ def _policy(args: argparse.Namespace) -> Any:
 
 
 def _print_state(state: Any) -> None:
+    from agent.fleet.label import stage_label
+
     flags = " (paused)" if state.paused else " (aborted)" if state.aborted else ""
+    stage = stage_label(state.stage, len(state.policy.stages_percent))
     print(
-        f"{state.channel}: {state.package} {state.version} at stage {state.stage + 1}/"
-        f"{len(state.policy.stages_percent)} = {state.percent:g}%{flags}"
+        f"{state.channel}: {state.package} {state.version} at stage {stage} = "
+        f"{state.percent:g}%{flags}"
     )
 
 
@@ -202,6 +205,7 @@ def _fetch_status(server: str, channel: str, token: str | None) -> dict[str, Any
 
 
 def _rollout_status(args: argparse.Namespace) -> int:
+    from agent.fleet.label import rollout_state_word, stage_label
     from agent.fleet.repo import utc_now
     from agent.textio import format_table
 
@@ -209,9 +213,9 @@ def _rollout_status(args: argparse.Namespace) -> int:
         token = args.operator_token or os.environ.get("EDGE_AGENT_OPERATOR_TOKEN")
         st = _fetch_status(args.server, args.channel, token)
     else:
+        from agent.fleet.open_store import is_database_url, open_store
         from agent.fleet.rollout import load_state
         from agent.fleet.status import rollout_status
-        from agent.fleet.store import is_database_url, open_store
 
         if args.repo is None or args.db is None:
             raise UsageError("rollout status needs --server URL, or --repo DIR and --db FILE|URL")
@@ -225,20 +229,13 @@ def _rollout_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    state = (
-        "aborted"
-        if st["aborted"]
-        else "complete"
-        if st["completed"]
-        else ("paused" if st["paused"] else "running")
-    )
-    print(f"channel {st['channel']}: {st['package']} {st['version']} ({state})")
+    print(f"channel {st['channel']}: {st['package']} {st['version']} ({rollout_state_word(st)})")
     print(
         format_table(
             ["stage", "percent", "members", "committed", "failed", "failure rate", "next", "in"],
             [
                 [
-                    f"{st['stage'] + 1}/{len(st['stages_percent'])}",
+                    stage_label(st["stage"], len(st["stages_percent"])),
                     f"{st['percent']:g}%",
                     st["members_known"],
                     st["committed"],
@@ -296,8 +293,8 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve needs the server extra: pip install 'edge-agent[server]'") from None
+    from agent.fleet.open_store import open_store
     from agent.fleet.server import ServerConfig, serve
-    from agent.fleet.store import open_store
 
     if not (args.repo / "metadata" / "1.root.json").exists():
         raise UsageError(f"{args.repo}: not a repository (run repo init first)")
@@ -397,6 +394,14 @@ def _repo_args(p: argparse.ArgumentParser, keys: bool = True) -> None:
 
 def add_commands(sub: SubParsers) -> None:
     """Add repo, publish, rollout, serve and token."""
+    _add_repo(sub)
+    _add_publish(sub)
+    _add_rollout(sub)
+    _add_serve(sub)
+    _add_token(sub)
+
+
+def _add_repo(sub: SubParsers) -> None:
     repo = add_command(
         sub,
         "repo",
@@ -444,6 +449,8 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("--new-keys", type=Path, required=True, help="folder with the new root keys")
     p.add_argument("--threshold", type=int, default=1, help="new root threshold (default 1)")
 
+
+def _add_publish(sub: SubParsers) -> None:
     p = add_command(
         sub,
         "publish",
@@ -467,6 +474,8 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--channel", help="refuse unless the package matches this channel's package")
 
+
+def _add_rollout(sub: SubParsers) -> None:
     rollout = add_command(
         sub,
         "rollout",
@@ -475,6 +484,25 @@ def add_commands(sub: SubParsers) -> None:
         "edge-agent rollout status --channel stable --server http://fleet:8080",
     )
     r_sub = _nested(rollout, "rollout_action")
+    _add_rollout_start(r_sub)
+    for name, handler, text in (
+        ("promote", _rollout_promote, "move to the next stage now"),
+        ("pause", _rollout_pause, "stop new installs; the controller holds"),
+        ("resume", _rollout_resume, "resume a paused rollout"),
+        ("abort", _rollout_abort, "stop the release; devices on it roll back"),
+    ):
+        p = add_command(
+            r_sub,
+            name,
+            handler,
+            text,
+            f"edge-agent rollout {name} --channel stable --repo ./repo --keys ./keys",
+        )
+        _repo_args(p)
+    _add_rollout_status(r_sub)
+
+
+def _add_rollout_start(r_sub: SubParsers) -> None:
     p = add_command(
         r_sub,
         "start",
@@ -508,20 +536,9 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--no-auto-promote", action="store_true", help="promote only by hand")
     p.add_argument("--no-auto-abort", action="store_true", help="hold instead of aborting")
-    for name, handler, text in (
-        ("promote", _rollout_promote, "move to the next stage now"),
-        ("pause", _rollout_pause, "stop new installs; the controller holds"),
-        ("resume", _rollout_resume, "resume a paused rollout"),
-        ("abort", _rollout_abort, "stop the release; devices on it roll back"),
-    ):
-        p = add_command(
-            r_sub,
-            name,
-            handler,
-            text,
-            f"edge-agent rollout {name} --channel stable --repo ./repo --keys ./keys",
-        )
-        _repo_args(p)
+
+
+def _add_rollout_status(r_sub: SubParsers) -> None:
     p = add_command(
         r_sub,
         "status",
@@ -544,6 +561,8 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_serve(sub: SubParsers) -> None:
     p = add_command(
         sub,
         "serve",
@@ -577,6 +596,8 @@ def add_commands(sub: SubParsers) -> None:
         help="how often the rollout controller runs (default 60)",
     )
 
+
+def _add_token(sub: SubParsers) -> None:
     token = add_command(
         sub,
         "token",

@@ -19,6 +19,7 @@ from agent.textio import check_regular_file, read_regular, write_atomic
 
 if TYPE_CHECKING:  # `status` imports this module for ota_status(): no YAML parser for it
     from agent.config import AgentConfig
+    from agent.ota.journal import Journal
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.yaml")
 CONTROL_TIMEOUT_S = 600.0
@@ -361,27 +362,12 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
     Read-only (state.db is opened with mode=ro), so it is safe beside a running daemon.
     """
     from agent.ota import install
-    from agent.ota.journal import END_STATES, LAST_CHECK, LAST_GATE_REPORT, Journal
-    from agent.ota.states import AT_REST, OTAState
+    from agent.ota.journal import Journal
 
-    def version_of(which: str) -> str | None:
-        pkg_dir = install.resolve(state_dir, which)
-        if pkg_dir is None:
-            return None
-        try:
-            return str(json.loads((pkg_dir / "manifest.json").read_bytes()).get("version"))
-        except (OSError, ValueError):
-            return None
-
-    def row(entry: Any) -> dict[str, Any] | None:
-        if entry is None:
-            return None
-        return {k: v for k, v in entry.to_dict().items() if k not in ("detail", "txn")}
-
-    active_version = version_of(install.CURRENT)
+    active_version = _installed_version(state_dir, install.CURRENT)
     out: dict[str, Any] = {
         "active_version": active_version,
-        "previous_version": version_of(install.PREVIOUS),
+        "previous_version": _installed_version(state_dir, install.PREVIOUS),
         "state": "IDLE",
         "active": None,
         "last_outcome": None,
@@ -399,50 +385,75 @@ def ota_status(state_dir: Path) -> dict[str, Any]:
         return out
     journal = Journal(state_dir / "state.db", readonly=True)
     try:
-        last = journal.last()
-        if last is not None:
-            out["state"] = last.state.value
-            out["last_change"] = row(last)
-            if last.state not in AT_REST:
-                out["in_flight"] = row(last)
-        # What runs: the newest row that made a model live (COMMITTED names it in
-        # version, ROLLED_BACK in from_version); a model on probation is not at rest.
-        made_live = journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
-        if last is not None and last.state is OTAState.PROBATION:
-            made_live = last
-        if made_live is not None:
-            live = (
-                made_live.from_version
-                if made_live.state is OTAState.ROLLED_BACK
-                else made_live.version
-            )
-            if live == active_version:
-                out["active"] = {**(row(made_live) or {}), "live_version": live}
-        out["last_outcome"] = row(journal.last_in(END_STATES))
-        # probation's and the shadow's figures on the last COMMITTED / ROLLED_BACK row
-        judged = journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
-        quality = judged.detail.get("quality") if judged is not None else None
-        out["last_quality"] = (
-            {"state": judged.state.value, "version": judged.version, "quality": quality}
-            if judged is not None and isinstance(quality, dict)
-            else None
-        )
-        check = journal.get_value(LAST_CHECK)
-        out["last_check"] = json.loads(check) if check else None
-        package = last.package if last is not None and last.package else None
-        if package is None and made_live is not None:
-            package = made_live.package or None
-        if package:
-            out["release_floor"] = journal.release_floor(package)
-        report = journal.get_value(LAST_GATE_REPORT)
-        out["last_gate_report"] = json.loads(report) if report else None
-        out["last_refusal"] = journal.last_refusal()
+        _read_journal_status(journal, active_version, out)
     finally:
         journal.close()
     out["last_gate"] = gate_summary(out["last_gate_report"])
     refusal = out["last_refusal"]
     out["last_refusal_reason"] = refusal.get("reason") if isinstance(refusal, dict) else None
     return out
+
+
+def _installed_version(state_dir: Path, which: str) -> str | None:
+    """The version in the manifest of the package `current` or `previous` points at."""
+    from agent.ota import install
+
+    pkg_dir = install.resolve(state_dir, which)
+    if pkg_dir is None:
+        return None
+    try:
+        return str(json.loads((pkg_dir / "manifest.json").read_bytes()).get("version"))
+    except (OSError, ValueError):
+        return None
+
+
+def _status_row(entry: Any) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    return {k: v for k, v in entry.to_dict().items() if k not in ("detail", "txn")}
+
+
+def _read_journal_status(journal: Journal, active_version: str | None, out: dict[str, Any]) -> None:
+    """Fill ota_status()'s journal fields: state, the active model, outcomes, the floor."""
+    from agent.ota.journal import END_STATES, LAST_CHECK, LAST_GATE_REPORT
+    from agent.ota.states import AT_REST, OTAState
+
+    last = journal.last()
+    if last is not None:
+        out["state"] = last.state.value
+        out["last_change"] = _status_row(last)
+        if last.state not in AT_REST:
+            out["in_flight"] = _status_row(last)
+    # What runs: the newest row that made a model live (COMMITTED names it in
+    # version, ROLLED_BACK in from_version); a model on probation is not at rest.
+    made_live = journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
+    if last is not None and last.state is OTAState.PROBATION:
+        made_live = last
+    if made_live is not None:
+        live = (
+            made_live.from_version if made_live.state is OTAState.ROLLED_BACK else made_live.version
+        )
+        if live == active_version:
+            out["active"] = {**(_status_row(made_live) or {}), "live_version": live}
+    out["last_outcome"] = _status_row(journal.last_in(END_STATES))
+    # probation's and the shadow's figures on the last COMMITTED / ROLLED_BACK row
+    judged = journal.last_in((OTAState.COMMITTED, OTAState.ROLLED_BACK))
+    quality = judged.detail.get("quality") if judged is not None else None
+    out["last_quality"] = (
+        {"state": judged.state.value, "version": judged.version, "quality": quality}
+        if judged is not None and isinstance(quality, dict)
+        else None
+    )
+    check = journal.get_value(LAST_CHECK)
+    out["last_check"] = json.loads(check) if check else None
+    package = last.package if last is not None and last.package else None
+    if package is None and made_live is not None:
+        package = made_live.package or None
+    if package:
+        out["release_floor"] = journal.release_floor(package)
+    report = journal.get_value(LAST_GATE_REPORT)
+    out["last_gate_report"] = json.loads(report) if report else None
+    out["last_refusal"] = journal.last_refusal()
 
 
 def gate_summary(stored: Any) -> dict[str, Any] | None:

@@ -272,6 +272,17 @@ def cmd_package_inspect(args: argparse.Namespace) -> int:
 
 def add_commands(sub: SubParsers) -> None:
     """Add `keys ...` and `package ...` subcommand groups."""
+    _add_keys(sub)
+    pkg = sub.add_parser("package", help="build, sign, verify and inspect model packages")
+    pkg_sub = pkg.add_subparsers(dest="package_command", metavar="COMMAND", required=True)
+    _add_package_build(pkg_sub)
+    _add_package_sign(pkg_sub)
+    _add_package_sign_revert(pkg_sub)
+    _add_package_verify(pkg_sub)
+    _add_package_inspect(pkg_sub)
+
+
+def _add_keys(sub: SubParsers) -> None:
     keys = sub.add_parser("keys", help="create signing keys and device keyrings")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
@@ -335,9 +346,8 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("package", help="keyring-update package .tar")
     p.add_argument("--keyring", required=True, help="the device's current keyring directory")
 
-    pkg = sub.add_parser("package", help="build, sign, verify and inspect model packages")
-    pkg_sub = pkg.add_subparsers(dest="package_command", metavar="COMMAND", required=True)
 
+def _add_package_build(pkg_sub: SubParsers) -> None:
     p = add_command(
         pkg_sub,
         "build",
@@ -361,6 +371,8 @@ def add_commands(sub: SubParsers) -> None:
     )
     p.add_argument("--no-check-model", action="store_true", help="skip loading the model")
 
+
+def _add_package_sign(pkg_sub: SubParsers) -> None:
     p = add_command(
         pkg_sub,
         "sign",
@@ -372,6 +384,8 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("--key", required=True, help="Ed25519 private key (.key)")
     p.add_argument("--passphrase-env", metavar="VAR", help="the key's passphrase is in $VAR")
 
+
+def _add_package_sign_revert(pkg_sub: SubParsers) -> None:
     p = add_command(
         pkg_sub,
         "sign-revert",
@@ -396,6 +410,8 @@ def add_commands(sub: SubParsers) -> None:
         "--out", required=True, help="output directory or <name>-<version>.revert.json path"
     )
 
+
+def _add_package_verify(pkg_sub: SubParsers) -> None:
     p = add_command(
         pkg_sub,
         "verify",
@@ -411,6 +427,8 @@ def add_commands(sub: SubParsers) -> None:
     p.add_argument("--hardware-class", help="also check compat for this hardware class")
     p.add_argument("--agent-version", help="also check compat for this agent version")
 
+
+def _add_package_inspect(pkg_sub: SubParsers) -> None:
     p = add_command(
         pkg_sub,
         "inspect",

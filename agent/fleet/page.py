@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from agent.fleet.charts import fmt_ns, time_series_svg
+from agent.fleet.label import rollout_state_word, stage_label
 from agent.fleet.rollout import FAILED_STATES, SUCCESS_STATES, RolloutState, evaluate, is_member
 from agent.fleet.store import IDLE_STATES, TelemetryStore
 
@@ -293,14 +294,6 @@ def page(title: str, body: str, *, refresh_s: int | None = None) -> str:
     )
 
 
-def rollout_state_word(st: Mapping[str, Any]) -> str:
-    if st["aborted"]:
-        return "aborted"
-    if st["completed"]:
-        return "complete"
-    return "paused" if st["paused"] else "running"
-
-
 NO_QUALITY_CHECKS = '<p class="muted">no quality checks in this rollout\'s policy</p>'
 
 
@@ -352,8 +345,9 @@ def _rollout_section(st: Mapping[str, Any], chart: str) -> str:
         '<table class="summary"><tr><th>state</th><th>stage</th><th>percent</th>'
         "<th>committed</th><th>failed</th><th>failure rate</th><th>next</th>"
         "<th>soak left</th></tr>"
-        f'<tr><td class="state">{rollout_state_word(st)}</td><td>{st["stage"] + 1}/'
-        f'{len(st["stages_percent"])}</td><td class="percent">{st["percent"]:g}%</td>'
+        f'<tr><td class="state">{rollout_state_word(st)}</td>'
+        f"<td>{stage_label(st['stage'], len(st['stages_percent']))}</td>"
+        f'<td class="percent">{st["percent"]:g}%</td>'
         f'<td class="committed">{st["committed"]}</td><td class="failed">{st["failed"]}</td>'
         f"<td>{st['failure_rate']:.1%} (max {st['max_failure_rate']:.1%})</td>"
         f"<td>{_e(st['next_decision'])}: {_e(st['next_reason'])}</td>"

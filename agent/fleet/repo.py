@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -329,40 +329,11 @@ def init_repo(
     if (base / "metadata").exists() and any((base / "metadata").iterdir()):
         raise UsageError(f"{base}: already holds a repository (metadata/ is not empty)")
     _check_key_expiry(keys, now)
-    by_role = {
-        role: keys_for_role(keys, role)
-        for role in ("root", "targets", "snapshot", "timestamp", "release", "rollout")
-    }
-    for role, found in by_role.items():
-        if not found:
-            raise ConfigError(f"no {role} key (*.pub.json with role {role!r}) in the key folder")
-    if not 1 <= release_threshold <= len(by_role["release"]):
-        raise UsageError(
-            f"release threshold {release_threshold} needs 1..{len(by_role['release'])} release keys"
-        )
-    if not 1 <= root_threshold <= len(by_role["root"]):
-        raise UsageError(f"root threshold {root_threshold} needs 1..{len(by_role['root'])} keys")
-    root = Root(expires=_expiry(now, expiry.root_days), consistent_snapshot=True)
-    for role in ("root", "targets", "snapshot", "timestamp"):
-        for key in by_role[role]:
-            root.add_key(key.tuf_key, role)
-    root.roles["root"].threshold = root_threshold
-    root_md = Metadata(root)
-    _sign(root_md, _signers_for(root.roles["root"].keyids, root_threshold, keys, "root"))
-    delegations = Delegations(keys={}, roles={})
-    assert delegations.roles is not None
-    delegations.roles[RELEASE_ROLE] = DelegatedRole(
-        RELEASE_ROLE, [], release_threshold, True, paths=[PACKAGE_PATTERN]
+    by_role = _keys_by_role(keys, release_threshold, root_threshold)
+    root, root_md = _signed_root(by_role, keys, root_threshold, _expiry(now, expiry.root_days))
+    targets_md = _signed_targets(
+        by_role, keys, root, release_threshold, _expiry(now, expiry.targets_days)
     )
-    delegations.roles[ROLLOUT_ROLE] = DelegatedRole(
-        ROLLOUT_ROLE, [], 1, True, paths=[CHANNEL_PATTERN]
-    )
-    targets = Targets(expires=_expiry(now, expiry.targets_days), delegations=delegations)
-    for role in (RELEASE_ROLE, ROLLOUT_ROLE):
-        for key in by_role[role]:
-            targets.add_key(key.tuf_key, role)
-    targets_md = Metadata(targets)
-    _sign(targets_md, _signers_for(root.roles["targets"].keyids, 1, keys, "targets"))
     # Empty release and rollout metadata (version 1), listed in the snapshot, so a device
     # provisioned before the first publish or rollout finds every delegated role and polls
     # cleanly ("not published yet") instead of failing on a role missing from the snapshot.
@@ -400,6 +371,68 @@ def init_repo(
         _write_metadata(metadata_dir, "timestamp", timestamp_md)
     log.info("repository created in %s", base)
     return load_repo(base)
+
+
+def _keys_by_role(
+    keys: Sequence[OperatorKey], release_threshold: int, root_threshold: int
+) -> dict[str, list[OperatorKey]]:
+    """Each role's keys; every role needs one, and each threshold enough keys to meet it."""
+    by_role = {
+        role: keys_for_role(keys, role)
+        for role in ("root", "targets", "snapshot", "timestamp", "release", "rollout")
+    }
+    for role, found in by_role.items():
+        if not found:
+            raise ConfigError(f"no {role} key (*.pub.json with role {role!r}) in the key folder")
+    if not 1 <= release_threshold <= len(by_role["release"]):
+        raise UsageError(
+            f"release threshold {release_threshold} needs 1..{len(by_role['release'])} release keys"
+        )
+    if not 1 <= root_threshold <= len(by_role["root"]):
+        raise UsageError(f"root threshold {root_threshold} needs 1..{len(by_role['root'])} keys")
+    return by_role
+
+
+def _signed_root(
+    by_role: Mapping[str, Sequence[OperatorKey]],
+    keys: Sequence[OperatorKey],
+    root_threshold: int,
+    expires: datetime,
+) -> tuple[Root, Metadata[Root]]:
+    """Version 1 of root, trusting the root, targets, snapshot and timestamp keys."""
+    root = Root(expires=expires, consistent_snapshot=True)
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        for key in by_role[role]:
+            root.add_key(key.tuf_key, role)
+    root.roles["root"].threshold = root_threshold
+    root_md = Metadata(root)
+    _sign(root_md, _signers_for(root.roles["root"].keyids, root_threshold, keys, "root"))
+    return root, root_md
+
+
+def _signed_targets(
+    by_role: Mapping[str, Sequence[OperatorKey]],
+    keys: Sequence[OperatorKey],
+    root: Root,
+    release_threshold: int,
+    expires: datetime,
+) -> Metadata[Targets]:
+    """Version 1 of targets, delegating packages to release and channels to rollout."""
+    delegations = Delegations(keys={}, roles={})
+    assert delegations.roles is not None
+    delegations.roles[RELEASE_ROLE] = DelegatedRole(
+        RELEASE_ROLE, [], release_threshold, True, paths=[PACKAGE_PATTERN]
+    )
+    delegations.roles[ROLLOUT_ROLE] = DelegatedRole(
+        ROLLOUT_ROLE, [], 1, True, paths=[CHANNEL_PATTERN]
+    )
+    targets = Targets(expires=expires, delegations=delegations)
+    for role in (RELEASE_ROLE, ROLLOUT_ROLE):
+        for key in by_role[role]:
+            targets.add_key(key.tuf_key, role)
+    targets_md = Metadata(targets)
+    _sign(targets_md, _signers_for(root.roles["targets"].keyids, 1, keys, "targets"))
+    return targets_md
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +19,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from agent.errors import EdgeAgentError, TelemetryError
+from agent.fleet.ingest import BadPayloadError, parse_otlp_logs, parse_otlp_metrics
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import utc_now
 from agent.fleet.rollout import list_states, run_controller_once
 from agent.fleet.status import rollout_status
-from agent.fleet.store import BadPayloadError, TelemetryStore, parse_otlp_logs, parse_otlp_metrics
+from agent.fleet.store import TelemetryStore
 from agent.fleet.tokens import device_for_token, load_operator_tokens, load_tokens
 from agent.fleet.web import install_fleet_pages
 
@@ -90,8 +91,16 @@ def create_app(
     app = FastAPI(title="edge-agent fleet server", lifespan=lifespan, docs_url=None, redoc_url=None)
     # The fleet page and every read of fleet state need an operator token (agent/fleet/web.py).
     api_guard = install_fleet_pages(app, store, config.repo_dir, operators, config.chart_points)
-    metadata_dir = config.repo_dir / "metadata"
-    targets_dir = config.repo_dir / "targets"
+    _add_repository_routes(app, config.repo_dir)
+    _add_ingest_routes(app, config, store, tokens)
+    _add_api_routes(app, config, store, api_guard)
+    return app
+
+
+def _add_repository_routes(app: FastAPI, repo_dir: Path) -> None:
+    """The TUF metadata and target files devices fetch (no token: they are signed)."""
+    metadata_dir = repo_dir / "metadata"
+    targets_dir = repo_dir / "targets"
     targets_dir.mkdir(parents=True, exist_ok=True)
 
     @app.get("/metadata/{name}")
@@ -113,82 +122,90 @@ def create_app(
     # Target files are content-addressed (sha256 prefix) and never rewritten: serve statically.
     app.mount("/targets", StaticFiles(directory=targets_dir), name="targets")
 
-    def problem(status: int, message: str, request: Request) -> JSONResponse:
-        client = request.client.host if request.client else "?"
-        log.warning(
-            "%s %s from %s: %d %s", request.method, request.url.path, client, status, message
-        )
-        return JSONResponse({"error": message}, status_code=status)
 
-    async def read_body(request: Request) -> bytes | JSONResponse:
-        declared = request.headers.get("content-length")
-        if (
-            declared is not None
-            and declared.isascii()  # str.isdigit() also takes other scripts' digits
-            and declared.isdigit()
-            and int(declared) > config.max_body_bytes
-        ):
-            return problem(413, f"body over {config.max_body_bytes} bytes", request)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                return problem(413, f"body over {config.max_body_bytes} bytes", request)
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "").strip().lower()
-        if encoding in ("", "identity"):
-            return body
-        if encoding != "gzip":
-            return problem(415, f"Content-Encoding {encoding!r} is not supported (gzip)", request)
-        try:
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            inflated = inflater.decompress(body, config.max_decompressed_bytes + 1)
-        except zlib.error as exc:
-            return problem(400, f"body is not valid gzip ({exc})", request)
-        if len(inflated) > config.max_decompressed_bytes or inflater.unconsumed_tail:
-            return problem(413, "gzip body inflates past the limit", request)
-        if not inflater.eof:
-            return problem(400, "body is not valid gzip (the stream is cut short)", request)
-        if inflater.unused_data:
-            return problem(400, "body is not valid gzip (bytes after the stream)", request)
-        return inflated
+def _problem(status: int, message: str, request: Request) -> JSONResponse:
+    """The JSON error answer, logged with the request it refuses."""
+    client = request.client.host if request.client else "?"
+    log.warning("%s %s from %s: %d %s", request.method, request.url.path, client, status, message)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request: Request, config: ServerConfig) -> bytes | JSONResponse:
+    """The request body within the size limits, gunzipped; or the 4xx answer to send."""
+    declared = request.headers.get("content-length")
+    if (
+        declared is not None
+        and declared.isascii()  # str.isdigit() also takes other scripts' digits
+        and declared.isdigit()
+        and int(declared) > config.max_body_bytes
+    ):
+        return _problem(413, f"body over {config.max_body_bytes} bytes", request)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > config.max_body_bytes:
+            return _problem(413, f"body over {config.max_body_bytes} bytes", request)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding != "gzip":
+        return _problem(415, f"Content-Encoding {encoding!r} is not supported (gzip)", request)
+    try:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        inflated = inflater.decompress(body, config.max_decompressed_bytes + 1)
+    except zlib.error as exc:
+        return _problem(400, f"body is not valid gzip ({exc})", request)
+    if len(inflated) > config.max_decompressed_bytes or inflater.unconsumed_tail:
+        return _problem(413, "gzip body inflates past the limit", request)
+    if not inflater.eof:
+        return _problem(400, "body is not valid gzip (the stream is cut short)", request)
+    if inflater.unused_data:
+        return _problem(400, "body is not valid gzip (bytes after the stream)", request)
+    return inflated
+
+
+def _add_ingest_routes(
+    app: FastAPI, config: ServerConfig, store: TelemetryStore, tokens: Mapping[str, str]
+) -> None:
+    """POST /v1/logs and /v1/metrics: OTLP/JSON from devices, each with its own token."""
 
     def authenticate(request: Request) -> str | JSONResponse:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         device = device_for_token(tokens, token.strip()) if scheme.lower() == "bearer" else None
         if device is None:
-            return problem(401, "missing or unknown device token", request)
+            return _problem(401, "missing or unknown device token", request)
         return device
 
     async def ingest(request: Request, kind: str) -> JSONResponse:
         device = authenticate(request)
         if isinstance(device, JSONResponse):
             return device
-        body = await read_body(request)
+        body = await _read_body(request, config)
         if isinstance(body, JSONResponse):
             return body
         if not is_json_media_type(request.headers.get("content-type", "application/json")):
-            return problem(415, "only OTLP/JSON (application/json) is accepted", request)
+            return _problem(415, "only OTLP/JSON (application/json) is accepted", request)
         try:
             payload = json.loads(body)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
-            return problem(400, f"body is not JSON ({_short(exc)})", request)
+            return _problem(400, f"body is not JSON ({_short(exc)})", request)
         except RecursionError:
-            return problem(400, "body is not JSON we accept (nested too deeply)", request)
+            return _problem(400, "body is not JSON we accept (nested too deeply)", request)
         try:
             rows: Any = parse_otlp_logs(payload) if kind == "logs" else parse_otlp_metrics(payload)
         except BadPayloadError as exc:
-            return problem(400, str(exc), request)
+            return _problem(400, str(exc), request)
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError):
             # The parser checks every shape it reads; this is the net for one it missed, so
             # a device gets a 400 (it drops the batch) and not a 500 (it would resend forever).
             log.exception("unexpected OTLP body shape")
-            return problem(400, "body does not follow OTLP/JSON", request)
+            return _problem(400, "body does not follow OTLP/JSON", request)
         strangers = {r.device_id for r in rows} - {device}
         if strangers:
-            return problem(
+            return _problem(
                 403, f"token of {device!r} cannot write for {sorted(strangers)[0]!r}", request
             )
         try:
@@ -210,6 +227,15 @@ def create_app(
     @app.post("/v1/metrics")
     async def v1_metrics(request: Request) -> JSONResponse:
         return await ingest(request, "metrics")
+
+
+def _add_api_routes(
+    app: FastAPI,
+    config: ServerConfig,
+    store: TelemetryStore,
+    api_guard: Callable[[Request], JSONResponse | None],
+) -> None:
+    """The rollout status API (operator token) and the health check."""
 
     def statuses() -> list[dict[str, Any]]:
         now = utc_now()
@@ -233,8 +259,6 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         return JSONResponse({"ok": True, "devices": len(store.known_devices())})
-
-    return app
 
 
 def is_json_media_type(content_type: str) -> bool:

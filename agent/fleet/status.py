@@ -1,4 +1,4 @@
-"""Rollout status as plain data, and the status page's HTML with an inline SVG chart."""
+"""Rollout status as plain data, and the inline SVG chart of versions over time."""
 
 from __future__ import annotations
 
@@ -131,45 +131,3 @@ def render_chart_svg(times: Sequence[int], series: dict[str, list[int]], title: 
 
 def _fmt_ns(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def render_status_page(statuses: Sequence[dict[str, Any]], charts: Sequence[str]) -> str:
-    rows = []
-    for st, chart in zip(statuses, charts):
-        state = (
-            "aborted"
-            if st["aborted"]
-            else "complete"
-            if st["completed"]
-            else ("paused" if st["paused"] else "running")
-        )
-        versions = "".join(
-            f"<tr><td>{html.escape(v['version'])}</td><td>{html.escape(v['state'])}</td>"
-            f"<td>{v['devices']}</td></tr>"
-            for v in st["devices_by_version_state"]
-        )
-        rows.append(
-            f'<section class="rollout" id="channel-{html.escape(st["channel"])}">'
-            f"<h2>{html.escape(st['channel'])}: {html.escape(st['package'])} "
-            f"{html.escape(st['version'])}</h2>"
-            '<table class="summary"><tr><th>state</th><th>stage</th><th>percent</th>'
-            "<th>committed</th><th>failed</th><th>failure rate</th><th>next</th>"
-            "<th>soak left</th></tr>"
-            f'<tr><td class="state">{state}</td><td>{st["stage"] + 1}/'
-            f'{len(st["stages_percent"])}</td><td class="percent">{st["percent"]:g}%</td>'
-            f'<td class="committed">{st["committed"]}</td><td class="failed">{st["failed"]}</td>'
-            f"<td>{st['failure_rate']:.1%}</td><td>{html.escape(st['next_decision'])}: "
-            f"{html.escape(st['next_reason'])}</td><td>{st['soak_left_s']:.0f} s</td></tr>"
-            "</table>"
-            '<table class="versions"><tr><th>version</th><th>state</th><th>devices</th></tr>'
-            f"{versions}</table>{chart}</section>"
-        )
-    body = "".join(rows) or "<p>No rollouts yet.</p>"
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        "<meta http-equiv='refresh' content='15'><link rel='icon' href='data:,'>"
-        "<title>edge-agent fleet</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;"
-        "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}</style></head>"
-        f"<body><h1>edge-agent fleet status</h1>{body}</body></html>"
-    )

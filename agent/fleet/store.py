@@ -1,53 +1,35 @@
-"""Server telemetry: OTLP/JSON parsing and rows de-duplicated by (device, boot, seq) in SQL."""
+"""The fleet telemetry store's interface and SQL, shared by its SQLite and PostgreSQL backends."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-import sqlite3
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from agent.errors import InputDataError, TelemetryError, UsageError
-from agent.sqlitedb import open_db
+from agent.errors import UsageError
 
-MAX_RECORDS_PER_REQUEST = 10_000
+# The OTLP parsing moved to agent.fleet.ingest; `as` re-exports keep the old import paths.
+from agent.fleet.ingest import INT64_MAX as INT64_MAX
+from agent.fleet.ingest import MAX_ATTR_TEXT, LogRow, MetricRow
+from agent.fleet.ingest import MAX_RECORDS_PER_REQUEST as MAX_RECORDS_PER_REQUEST
+from agent.fleet.ingest import MAX_VALUE_DEPTH as MAX_VALUE_DEPTH
+from agent.fleet.ingest import BadPayloadError as BadPayloadError
+from agent.fleet.ingest import parse_otlp_logs as parse_otlp_logs
+from agent.fleet.ingest import parse_otlp_metrics as parse_otlp_metrics
+
 # Idle and checking say nothing about an install, so they never hide a device's outcome.
 IDLE_STATES = "('IDLE', 'CHECKING')"
-MAX_ATTR_TEXT = 64 << 10
-# Both backends store these as signed 64-bit integers; bigger values are a bad payload (400),
-# not a storage failure the device would retry forever.
-INT64_MAX = (1 << 63) - 1
-# kvlistValue / arrayValue nesting accepted in one attribute value (parsed recursively).
-MAX_VALUE_DEPTH = 16
 # ota.state events carry model-quality figures as `quality.<name>` attributes (CONTRACTS.md);
 # the store keeps finite numbers under short lower-case names, at most this many per event,
 # so one device cannot fill the table with made-up figures.
 QUALITY_PREFIX = "edge_agent.attr.quality."
 QUALITY_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 MAX_QUALITY_FIGURES = 32
-
-
-class BadPayloadError(InputDataError):
-    """An OTLP request body does not follow the OTLP/JSON shape or our attribute contract."""
-
-
-@dataclass(frozen=True)
-class LogRow:
-    device_id: str
-    boot_id: str
-    seq: int
-    time_ns: int
-    type: str
-    event_name: str
-    body: str | None
-    attrs: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -61,200 +43,6 @@ class QualityRow:
     received_s: float
     name: str
     value: float
-
-
-@dataclass(frozen=True)
-class MetricRow:
-    device_id: str
-    name: str
-    time_ns: int
-    value: float | None
-    attrs: dict[str, Any]
-
-
-# ---------------------------------------------------------------------------------------
-# OTLP/JSON parsing (pure)
-# ---------------------------------------------------------------------------------------
-
-
-def _any_value(value: Any, where: str, depth: int = 0) -> Any:
-    if not isinstance(value, dict):
-        raise BadPayloadError(f"{where}: AnyValue must be an object")
-    if depth > MAX_VALUE_DEPTH:
-        # Our devices send flat attributes; a deep tree is an attack on the recursion below.
-        raise BadPayloadError(f"{where}: values nested deeper than {MAX_VALUE_DEPTH} levels")
-    if "stringValue" in value:
-        return _text(value["stringValue"], where)
-    if "boolValue" in value:
-        return bool(value["boolValue"])
-    if "intValue" in value:
-        try:
-            return int(value["intValue"])  # OTLP/JSON sends 64-bit ints as strings
-        except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e999)
-            raise BadPayloadError(f"{where}: intValue is not an integer") from None
-    if "doubleValue" in value:
-        try:
-            return float(value["doubleValue"])
-        except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
-            raise BadPayloadError(f"{where}: doubleValue is not a number") from None
-    if "arrayValue" in value:
-        items = _object(value["arrayValue"], f"{where}.arrayValue").get("values", [])
-        return [_any_value(v, where, depth + 1) for v in _list(items, where)]
-    if "kvlistValue" in value:
-        items = _object(value["kvlistValue"], f"{where}.kvlistValue").get("values", [])
-        return _attributes(items, where, depth + 1)
-    if "bytesValue" in value:
-        return _text(value["bytesValue"], where)
-    return None
-
-
-def _text(value: Any, where: str) -> str:
-    text = str(value)
-    # PostgreSQL TEXT cannot hold NUL; refusing it here keeps both backends alike.
-    if "\x00" in text:
-        raise BadPayloadError(f"{where}: string contains a NUL character")
-    return text
-
-
-def _int64(value: int, where: str) -> int:
-    if not 0 <= value <= INT64_MAX:
-        raise BadPayloadError(f"{where}: {value} is outside 0..2^63-1")
-    return value
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    """An optional JSON object (absent or null reads as empty)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadPayloadError(f"{where}: expected an object")
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadPayloadError(f"{where}: expected a list")
-    return value
-
-
-def _attributes(items: Any, where: str, depth: int = 0) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in _list(items, where):
-        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
-            raise BadPayloadError(f"{where}: attribute without a string key")
-        out[item["key"]] = _any_value(item.get("value", {}), f"{where}.{item['key']}", depth)
-    return out
-
-
-def _time_ns(record: Mapping[str, Any], where: str) -> int:
-    raw = record.get("timeUnixNano") or record.get("observedTimeUnixNano") or 0
-    try:
-        time_ns = int(raw)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e999)
-        raise BadPayloadError(f"{where}: timeUnixNano is not an integer") from None
-    return _int64(time_ns, f"{where}.timeUnixNano")
-
-
-def _device_of(resource_attrs: Mapping[str, Any], record_attrs: Mapping[str, Any]) -> Any:
-    return record_attrs.get("edge_agent.device_id", resource_attrs.get("edge_agent.device_id"))
-
-
-def parse_otlp_logs(payload: Any) -> list[LogRow]:
-    """Rows from an ExportLogsServiceRequest in OTLP/JSON; every record needs our three ids."""
-    if not isinstance(payload, dict):
-        raise BadPayloadError("body: expected a JSON object")
-    rows: list[LogRow] = []
-    for i, rl in enumerate(_list(payload.get("resourceLogs"), "resourceLogs")):
-        where_r = f"resourceLogs[{i}]"
-        if not isinstance(rl, dict):
-            raise BadPayloadError(f"{where_r}: expected an object")
-        resource = _object(rl.get("resource"), f"{where_r}.resource")
-        resource_attrs = _attributes(resource.get("attributes"), where_r)
-        for j, sl in enumerate(_list(rl.get("scopeLogs"), f"{where_r}.scopeLogs")):
-            if not isinstance(sl, dict):
-                raise BadPayloadError(f"{where_r}.scopeLogs[{j}]: expected an object")
-            records = _list(sl.get("logRecords"), f"{where_r}.scopeLogs[{j}].logRecords")
-            for k, rec in enumerate(records):
-                where = f"{where_r}.scopeLogs[{j}].logRecords[{k}]"
-                if not isinstance(rec, dict):
-                    raise BadPayloadError(f"{where}: expected an object")
-                attrs = _attributes(rec.get("attributes"), where)
-                device_id = _device_of(resource_attrs, attrs)
-                boot_id = attrs.get("edge_agent.boot_id")
-                seq = attrs.get("edge_agent.seq")
-                if not isinstance(device_id, str) or not device_id:
-                    raise BadPayloadError(f"{where}: edge_agent.device_id is missing")
-                if not isinstance(boot_id, str) or not boot_id:
-                    raise BadPayloadError(f"{where}: edge_agent.boot_id is missing")
-                if not isinstance(seq, int) or isinstance(seq, bool):
-                    raise BadPayloadError(f"{where}: edge_agent.seq must be an integer")
-                body = rec.get("body")
-                body_value = _any_value(body, f"{where}.body") if body else None
-                rows.append(
-                    LogRow(
-                        device_id=device_id,
-                        boot_id=boot_id,
-                        seq=_int64(seq, f"{where}.edge_agent.seq"),
-                        time_ns=_time_ns(rec, where),
-                        type=str(attrs.get("edge_agent.type", "event")),
-                        event_name=str(attrs.get("event.name", "")),
-                        body=None if body_value is None else json.dumps(body_value)[:MAX_ATTR_TEXT],
-                        attrs=attrs,
-                    )
-                )
-                if len(rows) > MAX_RECORDS_PER_REQUEST:
-                    raise BadPayloadError(f"body: more than {MAX_RECORDS_PER_REQUEST} records")
-    return rows
-
-
-def parse_otlp_metrics(payload: Any) -> list[MetricRow]:
-    """Gauge and sum points (histograms as their sum) from an ExportMetricsServiceRequest."""
-    if not isinstance(payload, dict):
-        raise BadPayloadError("body: expected a JSON object")
-    rows: list[MetricRow] = []
-    for i, rm in enumerate(_list(payload.get("resourceMetrics"), "resourceMetrics")):
-        where_r = f"resourceMetrics[{i}]"
-        if not isinstance(rm, dict):
-            raise BadPayloadError(f"{where_r}: expected an object")
-        resource = _object(rm.get("resource"), f"{where_r}.resource")
-        resource_attrs = _attributes(resource.get("attributes"), where_r)
-        for j, sm in enumerate(_list(rm.get("scopeMetrics"), f"{where_r}.scopeMetrics")):
-            if not isinstance(sm, dict):
-                raise BadPayloadError(f"{where_r}.scopeMetrics[{j}]: expected an object")
-            for k, metric in enumerate(_list(sm.get("metrics"), f"{where_r}.metrics")):
-                where = f"{where_r}.scopeMetrics[{j}].metrics[{k}]"
-                if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
-                    raise BadPayloadError(f"{where}: metric without a name")
-                _text(metric["name"], f"{where}.name")
-                for kind in ("gauge", "sum", "histogram", "summary"):
-                    if kind in metric:
-                        data = metric[kind]
-                        break
-                else:
-                    raise BadPayloadError(f"{where}: no gauge, sum or histogram data")
-                if not isinstance(data, dict):
-                    raise BadPayloadError(f"{where}.{kind}: expected an object")
-                for n, point in enumerate(_list(data.get("dataPoints"), f"{where}.dataPoints")):
-                    pw = f"{where}.dataPoints[{n}]"
-                    if not isinstance(point, dict):
-                        raise BadPayloadError(f"{pw}: expected an object")
-                    attrs = _attributes(point.get("attributes"), pw)
-                    device_id = _device_of(resource_attrs, attrs)
-                    if not isinstance(device_id, str) or not device_id:
-                        raise BadPayloadError(f"{pw}: edge_agent.device_id is missing")
-                    raw = point.get("asDouble", point.get("asInt", point.get("sum")))
-                    try:
-                        value = None if raw is None else float(raw)
-                    except (TypeError, ValueError, OverflowError):
-                        raise BadPayloadError(f"{pw}: value is not a number") from None
-                    rows.append(
-                        MetricRow(device_id, metric["name"], _time_ns(point, pw), value, attrs)
-                    )
-                    if len(rows) > MAX_RECORDS_PER_REQUEST:
-                        raise BadPayloadError(f"body: more than {MAX_RECORDS_PER_REQUEST} points")
-    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,25 +132,6 @@ class StatementRunner(Protocol):
 
 
 T = TypeVar("T")
-
-
-def open_store(url: str) -> TelemetryStore:
-    """A store from a SQLite path (or sqlite:/// URL) or a postgresql:// URL."""
-    if url.startswith(("postgres://", "postgresql://")):
-        try:
-            from agent.fleet.store_pg import PostgresTelemetryStore
-        except ImportError:
-            raise UsageError(
-                "PostgreSQL storage needs psycopg: pip install 'edge-agent[server]'"
-            ) from None
-        return PostgresTelemetryStore(url)
-    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else url
-    return SQLiteTelemetryStore(Path(path))
-
-
-def is_database_url(value: str) -> bool:
-    """True for a PostgreSQL URL (never a file path to check for existence)."""
-    return value.startswith(("postgres://", "postgresql://"))
 
 
 class TelemetryStore(ABC):
@@ -663,54 +432,16 @@ def _touch_devices(db: StatementRunner, device_ids: Iterable[str], now_s: float)
     db.run_many(TOUCH_DEVICE_SQL, [(d, now_s, now_s) for d in sorted(set(device_ids))])
 
 
-class _SQLiteRunner:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+def __getattr__(name: str) -> Any:
+    # The old import paths of the factory and the SQLite backend keep working
+    # (`from agent.fleet.store import open_store`, docs/CONTRACTS.md), resolved on first use
+    # so that this base module never imports a subclass while it loads.
+    if name in ("open_store", "is_database_url"):
+        from agent.fleet import open_store as factory
 
-    def run(self, sql: str, args: Sequence[Any]) -> int:
-        return self.db.execute(sql, args).rowcount
+        return getattr(factory, name)
+    if name == "SQLiteTelemetryStore":
+        from agent.fleet import store_sqlite
 
-    def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
-        return self.db.executemany(sql, rows).rowcount if rows else 0
-
-
-class SQLiteTelemetryStore(TelemetryStore):
-    """One SQLite file (WAL) shared by the request handlers and the rollout controller."""
-
-    arrival_column = "rowid"
-
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-        self.where = str(db_path)
-        self._lock = threading.Lock()
-        self._db = open_db(
-            db_path,
-            SCHEMA,
-            what="fleet telemetry database",
-            error=TelemetryError,
-            synchronous="NORMAL",
-            timeout_s=5.0,
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _write(self, what: str, work: Callable[[StatementRunner], T]) -> T:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                result = work(_SQLiteRunner(self._db))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise TelemetryError(f"{self.where}: cannot store {what} ({exc})") from None
-        return result
-
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, args))
-            except sqlite3.Error as exc:
-                raise TelemetryError(f"{self.where}: query failed ({exc})") from None
+        return store_sqlite.SQLiteTelemetryStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,6 +108,23 @@ def install_fleet_pages(
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
+    _add_login_routes(app, operators)
+    _add_page_routes(app, store, repo_dir, chart_points, login_redirect)
+
+    @app.get("/api/devices")
+    def api_devices(request: Request) -> JSONResponse:
+        if (denied := api_guard(request)) is not None:
+            return denied
+        flt = page.DeviceFilter.from_query(dict(request.query_params))
+        rows = page.filter_and_sort(page.device_rows(store), flt)
+        return JSONResponse({"devices": [asdict(r) for r in rows]})
+
+    return api_guard
+
+
+def _add_login_routes(app: FastAPI, operators: Mapping[str, str]) -> None:
+    """The stylesheet, and the login form that turns an operator token into a cookie."""
+
     @app.get("/static/fleet.css")
     def fleet_css() -> Response:
         return Response(
@@ -143,6 +160,16 @@ def install_fleet_pages(
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response
+
+
+def _add_page_routes(
+    app: FastAPI,
+    store: TelemetryStore,
+    repo_dir: Any,
+    chart_points: int,
+    login_redirect: Callable[[Request], Response | None],
+) -> None:
+    """The HTML pages: the overview, one device, one rollout (login first)."""
 
     def statuses() -> list[dict[str, Any]]:
         now = utc_now()
@@ -189,13 +216,3 @@ def install_fleet_pages(
             page.page("not found", f"<p>No rollout for channel {html.escape(channel)}.</p>"),
             status_code=404,
         )
-
-    @app.get("/api/devices")
-    def api_devices(request: Request) -> JSONResponse:
-        if (denied := api_guard(request)) is not None:
-            return denied
-        flt = page.DeviceFilter.from_query(dict(request.query_params))
-        rows = page.filter_and_sort(page.device_rows(store), flt)
-        return JSONResponse({"devices": [asdict(r) for r in rows]})
-
-    return api_guard

@@ -223,51 +223,13 @@ class ChannelClient:
         reading_s = self.clock.system_s()
         revert: bytes | None = None
         try:
-            updater = Updater(
-                metadata_dir=str(self.metadata_dir),
-                metadata_base_url=f"{self.base_url}/metadata/",
-                target_dir=str(self.staging_dir),
-                target_base_url=f"{self.base_url}/targets/",
-                fetcher=TufFetcher(self.http),
-                bootstrap=None,
-            )
+            updater = self._updater()
             # Expiry is judged against the last-known-good time, not a stale boot clock.
             set_reference_time(updater, self.clock.reference_s(reading_s))
             updater.refresh()
             versions = self._check_marks(updater)
-            channel_path = f"channels/{channel}.json"
-            info = updater.get_targetinfo(channel_path)
-            if info is None:
-                self._confirm_clock(updater, reading_s)
-                raise ChannelNotPublishedError(
-                    f"{self.base_url}: channel {channel!r} is not published yet "
-                    f"(no signed target {channel_path})"
-                )
-            self.staging_dir.mkdir(parents=True, exist_ok=True)
-            dest = self.staging_dir / f"channel-{channel}.json"
-            updater.download_target(info, filepath=str(dest))
-            data = dest.read_bytes()
-            doc = ChannelDocument.parse(data, f"{self.base_url}/targets/{channel_path}")
-            if doc.channel != channel:
-                raise RepositoryError(
-                    f"{channel_path}: document is for channel {doc.channel!r}, not {channel!r}"
-                )
-            pkg = updater.get_targetinfo(doc.target)
-            if pkg is None:
-                raise RepositoryError(f"{channel_path}: names {doc.target}, which is not signed")
-            sha = pkg.hashes.get("sha256")
-            if not sha:
-                raise RepositoryError(f"{doc.target}: target has no sha256 hash")
-            url_path = doc.target
-            if trusted_roles(updater).consistent_snapshot:
-                dirname, sep, base = doc.target.rpartition("/")
-                url_path = f"{dirname}{sep}{sha}.{base}"
-            ref = TargetRef(
-                url=f"{self.base_url}/targets/{url_path}",
-                length=int(pkg.length),
-                sha256=sha,
-                filename=doc.target.rpartition("/")[2],
-            )
+            doc = self._channel_document(updater, channel, reading_s)
+            ref = self._package_ref(updater, doc, f"channels/{channel}.json")
             if want_revert is not None and want_revert(doc):
                 revert = self._fetch_revert(updater, doc)
             self._confirm_clock(updater, reading_s)
@@ -284,6 +246,58 @@ class ChannelClient:
         except OSError as exc:
             raise StateError(f"{self.metadata_dir}: cannot store TUF metadata ({exc})") from None
         return ChannelState(document=doc, package=ref, tuf_versions=versions, revert=revert)
+
+    def _updater(self) -> Updater:
+        return Updater(
+            metadata_dir=str(self.metadata_dir),
+            metadata_base_url=f"{self.base_url}/metadata/",
+            target_dir=str(self.staging_dir),
+            target_base_url=f"{self.base_url}/targets/",
+            fetcher=TufFetcher(self.http),
+            bootstrap=None,
+        )
+
+    def _channel_document(
+        self, updater: Updater, channel: str, reading_s: float
+    ) -> ChannelDocument:
+        """The verified channels/<channel>.json, downloaded into staging (TUF errors pass)."""
+        channel_path = f"channels/{channel}.json"
+        info = updater.get_targetinfo(channel_path)
+        if info is None:
+            self._confirm_clock(updater, reading_s)
+            raise ChannelNotPublishedError(
+                f"{self.base_url}: channel {channel!r} is not published yet "
+                f"(no signed target {channel_path})"
+            )
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.staging_dir / f"channel-{channel}.json"
+        updater.download_target(info, filepath=str(dest))
+        data = dest.read_bytes()
+        doc = ChannelDocument.parse(data, f"{self.base_url}/targets/{channel_path}")
+        if doc.channel != channel:
+            raise RepositoryError(
+                f"{channel_path}: document is for channel {doc.channel!r}, not {channel!r}"
+            )
+        return doc
+
+    def _package_ref(self, updater: Updater, doc: ChannelDocument, channel_path: str) -> TargetRef:
+        """Where the package the channel names is, with its signed length and sha256."""
+        pkg = updater.get_targetinfo(doc.target)
+        if pkg is None:
+            raise RepositoryError(f"{channel_path}: names {doc.target}, which is not signed")
+        sha = pkg.hashes.get("sha256")
+        if not sha:
+            raise RepositoryError(f"{doc.target}: target has no sha256 hash")
+        url_path = doc.target
+        if trusted_roles(updater).consistent_snapshot:
+            dirname, sep, base = doc.target.rpartition("/")
+            url_path = f"{dirname}{sep}{sha}.{base}"
+        return TargetRef(
+            url=f"{self.base_url}/targets/{url_path}",
+            length=int(pkg.length),
+            sha256=sha,
+            filename=doc.target.rpartition("/")[2],
+        )
 
     def _heal_mark(self) -> None:
         """A verified check never leaves the mark past the expiry of the timestamp it

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import threading
@@ -16,7 +15,7 @@ from typing import Any
 from agent.errors import DowngradeError, StateError
 from agent.ota.killpoint import kill_point
 from agent.ota.states import AT_REST, OTAState, check_transition, parse_state
-from agent.sqlitedb import open_db
+from agent.sqlitedb import open_db, write_transaction
 
 # ota_values key of the last gate report (the service writes it, status reads it)
 LAST_GATE_REPORT = "last_gate_report"
@@ -135,23 +134,12 @@ class Journal:
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    # Also when COMMIT itself fails (disk full, I/O error): a transaction
-                    # left open would make every later BEGIN fail, wedging the journal
-                    # for the life of the process.
-                    self._rollback_quietly()
-                    raise
+                # Rolls back also when COMMIT itself fails (disk full, I/O error): a
+                # transaction left open would wedge the journal for the process's life.
+                with write_transaction(self._db) as db:
+                    yield db
             except sqlite3.Error as exc:
                 raise StateError(f"{self.db_path}: OTA journal write failed ({exc})") from None
-
-    def _rollback_quietly(self) -> None:
-        if self._db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
 
     # ---- states ----
 

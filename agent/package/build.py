@@ -168,6 +168,42 @@ def build_package(
     """
     if not model.is_file():
         raise UsageError(f"{model}: model file not found")
+    doc, kind, model_name = _schema_doc(schema, model, name, version, release_counter)
+    if check_model:
+        _check_model_against(doc, model, schema, kind, model_name)
+    files: dict[str, Path] = {model_name: model}
+    if labels is not None:
+        label_list = read_labels(labels)
+        if "labels" in doc and list(doc["labels"]) != label_list:
+            raise ConfigError(f"{schema}:labels: differ from {labels}; give them in one place")
+        doc["labels"] = label_list
+        files["labels.txt"] = labels
+    for pkg_name, src in (extra_files or {}).items():
+        if pkg_name in files:
+            raise UsageError(f"{pkg_name}: given twice")
+        files[pkg_name] = src
+    data: dict[str, Any] = {
+        "format": 1,
+        "name": doc["name"],
+        "version": doc["version"],
+        "release_counter": doc["release_counter"],
+        "created": utc_now(),
+    }
+    for key in SCHEMA_KEYS:
+        if key in doc and key not in data:
+            data[key] = doc[key]
+    return package_from_files(out, data, files)
+
+
+def _schema_doc(
+    schema: Path,
+    model: Path,
+    name: str | None,
+    version: str | None,
+    release_counter: int | None,
+) -> tuple[dict[str, Any], str, str]:
+    """The schema YAML with the flags and defaults applied; also the runtime kind and the
+    model's name inside the package."""
     doc = load_yaml_file(schema)
     if not isinstance(doc, dict):
         raise ConfigError(f"{schema}: expected a mapping at the top level")
@@ -194,45 +230,29 @@ def build_package(
     compat.setdefault("hardware_classes", [])
     compat.setdefault("runtime_features", [kind])
     doc["compat"] = compat
-    if check_model:
-        from agent.runtime import load_backend
+    return doc, kind, model_name
 
-        backend = load_backend(model, BACKEND_FOR_KIND.get(kind, "auto"))
-        try:
-            for key, actual in (("inputs", backend.inputs), ("outputs", backend.outputs)):
-                if key not in doc:
-                    doc[key] = _tensors_to_data(actual)
-                    continue
-                declared = parse_manifest(manifest_bytes(_probe_doc(doc, model_name)), str(schema))
-                problem = compare_schema(getattr(declared, key), actual, key)
-                if problem:
-                    raise ModelError(f"{schema}: {problem}")
-        except ManifestError as exc:
-            raise ConfigError(str(exc)) from None
-        finally:
-            backend.close()
-    files: dict[str, Path] = {model_name: model}
-    if labels is not None:
-        label_list = read_labels(labels)
-        if "labels" in doc and list(doc["labels"]) != label_list:
-            raise ConfigError(f"{schema}:labels: differ from {labels}; give them in one place")
-        doc["labels"] = label_list
-        files["labels.txt"] = labels
-    for pkg_name, src in (extra_files or {}).items():
-        if pkg_name in files:
-            raise UsageError(f"{pkg_name}: given twice")
-        files[pkg_name] = src
-    data: dict[str, Any] = {
-        "format": 1,
-        "name": doc["name"],
-        "version": doc["version"],
-        "release_counter": doc["release_counter"],
-        "created": utc_now(),
-    }
-    for key in SCHEMA_KEYS:
-        if key in doc and key not in data:
-            data[key] = doc[key]
-    return package_from_files(out, data, files)
+
+def _check_model_against(
+    doc: dict[str, Any], model: Path, schema: Path, kind: str, model_name: str
+) -> None:
+    """Load the model: fill inputs/outputs the schema leaves out, refuse ones that differ."""
+    from agent.runtime import load_backend
+
+    backend = load_backend(model, BACKEND_FOR_KIND.get(kind, "auto"))
+    try:
+        for key, actual in (("inputs", backend.inputs), ("outputs", backend.outputs)):
+            if key not in doc:
+                doc[key] = _tensors_to_data(actual)
+                continue
+            declared = parse_manifest(manifest_bytes(_probe_doc(doc, model_name)), str(schema))
+            problem = compare_schema(getattr(declared, key), actual, key)
+            if problem:
+                raise ModelError(f"{schema}: {problem}")
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        backend.close()
 
 
 def _probe_doc(doc: Mapping[str, Any], model_name: str) -> dict[str, Any]:

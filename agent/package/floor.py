@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent.errors import DowngradeError, StateError
-from agent.sqlitedb import open_db
+from agent.sqlitedb import open_db, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS release_floor (
@@ -63,9 +63,8 @@ class ReleaseFloor:
         """Raise the floor to ``release_counter`` (never lowers it); returns the new floor."""
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         try:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
+            with write_transaction(self._db) as db:
+                db.execute(
                     "INSERT INTO release_floor (name, release_counter, version, updated) "
                     "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                     "release_counter = excluded.release_counter, version = excluded.version, "

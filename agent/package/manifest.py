@@ -489,123 +489,15 @@ def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     created = c.string(d["created"], "created", _CREATED_RE, max_chars=40)
     task = c.choice(d["task"], "task", TASKS)
 
-    files: list[FileEntry] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(c.array(d["files"], "files", MAX_FILES)):
-        p = f"files[{i}]"
-        fd = c.obj(raw, p, ("path", "sha256", "size"))
-        fpath = c.string(fd["path"], f"{p}.path", max_chars=MAX_PATH_CHARS)
-        problem = check_relative_path(fpath)
-        if problem:
-            c.fail(f"{p}.path", f"{problem}: {fpath!r}")
-        if fpath in RESERVED_NAMES:
-            c.fail(f"{p}.path", f"{fpath!r} is reserved for the package itself")
-        # Case-folded, so a case-insensitive filesystem cannot merge two listed files.
-        if fpath.lower() in seen:
-            c.fail(f"{p}.path", f"duplicate path {fpath!r}")
-        seen.add(fpath.lower())
-        sha = fd["sha256"]
-        if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-            c.fail(f"{p}.sha256", "expected 64 hex chars")
-        size = c.integer(fd["size"], f"{p}.size", 0, (1 << 62))
-        files.append(FileEntry(fpath, sha, size))
+    files = _files_block(c, d["files"])
     listed = {f.path for f in files}
-    # A file cannot also be a directory of another listed file.
-    for f in files:
-        parts = f.path.split("/")
-        for n in range(1, len(parts)):
-            if "/".join(parts[:n]) in listed:
-                c.fail("files", f"{'/'.join(parts[:n])!r} is both a file and a directory")
-
-    runtime = None
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
-    if task != "keyring":
-        for key in ("runtime", "inputs", "outputs"):
-            if key not in d:
-                c.fail(key, f"missing (required for task {task!r})")
-    if "runtime" in d:
-        rd = c.obj(d["runtime"], "runtime", ("kind", "precision", "model"))
-        runtime = RuntimeSpec(
-            kind=c.choice(rd["kind"], "runtime.kind", RUNTIME_KINDS),
-            precision=c.choice(rd["precision"], "runtime.precision", PRECISIONS),
-            model=c.string(rd["model"], "runtime.model", max_chars=MAX_PATH_CHARS),
-        )
-        if runtime.model not in listed:
-            c.fail("runtime.model", f"{runtime.model!r} is not one of the listed files")
-    if "inputs" in d:
-        inputs = tuple(
-            _tensor(c, v, f"inputs[{i}]")
-            for i, v in enumerate(c.array(d["inputs"], "inputs", 64, min_items=1))
-        )
-    if "outputs" in d:
-        outputs = tuple(
-            _tensor(c, v, f"outputs[{i}]")
-            for i, v in enumerate(c.array(d["outputs"], "outputs", 64, min_items=1))
-        )
-
-    preprocess = None
-    if "preprocess" in d:
-        pd = c.obj(
-            d["preprocess"],
-            "preprocess",
-            (),
-            ("resize", "layout", "color_order", "mean", "std", "scale"),
-        )
-        resize = tuple(
-            c.integer(v, f"preprocess.resize[{i}]", 1, 1 << 16)
-            for i, v in enumerate(c.array(pd.get("resize", []), "preprocess.resize", 3))
-        )
-        mean = tuple(
-            c.number(v, f"preprocess.mean[{i}]")
-            for i, v in enumerate(c.array(pd.get("mean", []), "preprocess.mean", 4))
-        )
-        std = tuple(
-            c.number(v, f"preprocess.std[{i}]", positive=True)
-            for i, v in enumerate(c.array(pd.get("std", []), "preprocess.std", 4))
-        )
-        preprocess = PreprocessSpec(
-            resize=resize,
-            layout=c.choice(pd.get("layout", "NCHW"), "preprocess.layout", LAYOUTS),
-            color_order=c.choice(
-                pd.get("color_order", "RGB"), "preprocess.color_order", COLOR_ORDERS
-            ),
-            mean=mean,
-            std=std,
-            scale=c.number(pd.get("scale", 1.0), "preprocess.scale", positive=True),
-        )
-
+    runtime, inputs, outputs = _model_block(c, d, task, listed)
+    preprocess = _preprocess_block(c, d["preprocess"]) if "preprocess" in d else None
     labels = tuple(
         c.string(v, f"labels[{i}]", max_chars=256)
         for i, v in enumerate(c.array(d.get("labels", []), "labels", MAX_LABELS))
     )
-
-    compat = CompatSpec()
-    if "compat" in d:
-        cd = c.obj(
-            d["compat"], "compat", (), ("min_agent_version", "hardware_classes", "runtime_features")
-        )
-        min_agent = str(
-            parse_version(
-                cd.get("min_agent_version", "0.0.0"), f"{source}: compat.min_agent_version"
-            )
-        )
-        compat = CompatSpec(
-            min_agent_version=min_agent,
-            hardware_classes=tuple(
-                c.string(v, f"compat.hardware_classes[{i}]", _FEATURE_RE)
-                for i, v in enumerate(
-                    c.array(cd.get("hardware_classes", []), "compat.hardware_classes", 64)
-                )
-            ),
-            runtime_features=tuple(
-                c.string(v, f"compat.runtime_features[{i}]", _FEATURE_RE)
-                for i, v in enumerate(
-                    c.array(cd.get("runtime_features", []), "compat.runtime_features", 64)
-                )
-            ),
-        )
-
+    compat = _compat_block(c, d["compat"], source) if "compat" in d else CompatSpec()
     gate: dict[str, float] = {}
     if "gate" in d:
         gd = c.obj(d["gate"], "gate", (), GATE_KEYS)
@@ -639,4 +531,122 @@ def validate_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         gate=gate,
         shadow=shadow,
         extensions=extensions,
+    )
+
+
+def _files_block(c: _Check, items: Any) -> list[FileEntry]:
+    """files[]: safe relative paths, listed once (case-folded), none also a directory."""
+    files: list[FileEntry] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(c.array(items, "files", MAX_FILES)):
+        p = f"files[{i}]"
+        fd = c.obj(raw, p, ("path", "sha256", "size"))
+        fpath = c.string(fd["path"], f"{p}.path", max_chars=MAX_PATH_CHARS)
+        problem = check_relative_path(fpath)
+        if problem:
+            c.fail(f"{p}.path", f"{problem}: {fpath!r}")
+        if fpath in RESERVED_NAMES:
+            c.fail(f"{p}.path", f"{fpath!r} is reserved for the package itself")
+        # Case-folded, so a case-insensitive filesystem cannot merge two listed files.
+        if fpath.lower() in seen:
+            c.fail(f"{p}.path", f"duplicate path {fpath!r}")
+        seen.add(fpath.lower())
+        sha = fd["sha256"]
+        if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+            c.fail(f"{p}.sha256", "expected 64 hex chars")
+        size = c.integer(fd["size"], f"{p}.size", 0, (1 << 62))
+        files.append(FileEntry(fpath, sha, size))
+    listed = {f.path for f in files}
+    # A file cannot also be a directory of another listed file.
+    for f in files:
+        parts = f.path.split("/")
+        for n in range(1, len(parts)):
+            if "/".join(parts[:n]) in listed:
+                c.fail("files", f"{'/'.join(parts[:n])!r} is both a file and a directory")
+    return files
+
+
+def _model_block(
+    c: _Check, d: Mapping[str, Any], task: str, listed: set[str]
+) -> tuple[RuntimeSpec | None, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """runtime, inputs and outputs: required for every task but a keyring update."""
+    runtime = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    if task != "keyring":
+        for key in ("runtime", "inputs", "outputs"):
+            if key not in d:
+                c.fail(key, f"missing (required for task {task!r})")
+    if "runtime" in d:
+        rd = c.obj(d["runtime"], "runtime", ("kind", "precision", "model"))
+        runtime = RuntimeSpec(
+            kind=c.choice(rd["kind"], "runtime.kind", RUNTIME_KINDS),
+            precision=c.choice(rd["precision"], "runtime.precision", PRECISIONS),
+            model=c.string(rd["model"], "runtime.model", max_chars=MAX_PATH_CHARS),
+        )
+        if runtime.model not in listed:
+            c.fail("runtime.model", f"{runtime.model!r} is not one of the listed files")
+    if "inputs" in d:
+        inputs = tuple(
+            _tensor(c, v, f"inputs[{i}]")
+            for i, v in enumerate(c.array(d["inputs"], "inputs", 64, min_items=1))
+        )
+    if "outputs" in d:
+        outputs = tuple(
+            _tensor(c, v, f"outputs[{i}]")
+            for i, v in enumerate(c.array(d["outputs"], "outputs", 64, min_items=1))
+        )
+    return runtime, inputs, outputs
+
+
+def _preprocess_block(c: _Check, raw: Any) -> PreprocessSpec:
+    """preprocess: resize, layout, colour order, mean/std and scale (defaults where absent)."""
+    pd = c.obj(
+        raw,
+        "preprocess",
+        (),
+        ("resize", "layout", "color_order", "mean", "std", "scale"),
+    )
+    resize = tuple(
+        c.integer(v, f"preprocess.resize[{i}]", 1, 1 << 16)
+        for i, v in enumerate(c.array(pd.get("resize", []), "preprocess.resize", 3))
+    )
+    mean = tuple(
+        c.number(v, f"preprocess.mean[{i}]")
+        for i, v in enumerate(c.array(pd.get("mean", []), "preprocess.mean", 4))
+    )
+    std = tuple(
+        c.number(v, f"preprocess.std[{i}]", positive=True)
+        for i, v in enumerate(c.array(pd.get("std", []), "preprocess.std", 4))
+    )
+    return PreprocessSpec(
+        resize=resize,
+        layout=c.choice(pd.get("layout", "NCHW"), "preprocess.layout", LAYOUTS),
+        color_order=c.choice(pd.get("color_order", "RGB"), "preprocess.color_order", COLOR_ORDERS),
+        mean=mean,
+        std=std,
+        scale=c.number(pd.get("scale", 1.0), "preprocess.scale", positive=True),
+    )
+
+
+def _compat_block(c: _Check, raw: Any, source: str) -> CompatSpec:
+    """compat: the lowest agent version, hardware classes and runtime features it needs."""
+    cd = c.obj(raw, "compat", (), ("min_agent_version", "hardware_classes", "runtime_features"))
+    min_agent = str(
+        parse_version(cd.get("min_agent_version", "0.0.0"), f"{source}: compat.min_agent_version")
+    )
+    return CompatSpec(
+        min_agent_version=min_agent,
+        hardware_classes=tuple(
+            c.string(v, f"compat.hardware_classes[{i}]", _FEATURE_RE)
+            for i, v in enumerate(
+                c.array(cd.get("hardware_classes", []), "compat.hardware_classes", 64)
+            )
+        ),
+        runtime_features=tuple(
+            c.string(v, f"compat.runtime_features[{i}]", _FEATURE_RE)
+            for i, v in enumerate(
+                c.array(cd.get("runtime_features", []), "compat.runtime_features", 64)
+            )
+        ),
     )

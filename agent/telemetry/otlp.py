@@ -176,26 +176,7 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
         ),
     ]
     if frames and "latency_p50_ms" in a:
-        metrics.append(
-            {
-                "name": "edge_agent.inference.latency",
-                "unit": "ms",
-                "summary": {
-                    "dataPoints": [
-                        {
-                            **_point(rec),
-                            "count": str(frames),
-                            "sum": _number(a.get("latency_sum_ms", 0.0)),
-                            "quantileValues": [
-                                {"quantile": 0.5, "value": _number(a["latency_p50_ms"])},
-                                {"quantile": 0.95, "value": _number(a["latency_p95_ms"])},
-                                {"quantile": 0.99, "value": _number(a["latency_p99_ms"])},
-                            ],
-                        }
-                    ]
-                },
-            }
-        )
+        metrics.append(_latency_summary(rec, frames))
     classes = a.get("class_counts") or {}
     if classes:
         metrics.append(
@@ -211,23 +192,7 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
         )
     conf_counts = a.get("confidence_counts")
     if conf_counts and frames:
-        metrics.append(
-            {
-                "name": "edge_agent.inference.confidence",
-                "unit": "1",
-                "histogram": {
-                    "dataPoints": [
-                        {
-                            **_point(rec),
-                            "count": str(int(sum(conf_counts))),
-                            "bucketCounts": [str(int(c)) for c in conf_counts],
-                            "explicitBounds": [_number(b) for b in a.get("confidence_bounds", [])],
-                        }
-                    ],
-                    "aggregationTemporality": TEMPORALITY_DELTA,
-                },
-            }
-        )
+        metrics.append(_confidence_histogram(rec, conf_counts))
     temps = a.get("temps_c") or {}
     if temps:
         metrics.append(
@@ -254,6 +219,49 @@ def summary_metrics(rec: StoredRecord) -> list[dict[str, Any]]:
             )
         )
     return metrics
+
+
+def _latency_summary(rec: StoredRecord, frames: int) -> dict[str, Any]:
+    """The interval's latency as an OTLP summary: count, sum and p50/p95/p99."""
+    a = rec.attrs
+    return {
+        "name": "edge_agent.inference.latency",
+        "unit": "ms",
+        "summary": {
+            "dataPoints": [
+                {
+                    **_point(rec),
+                    "count": str(frames),
+                    "sum": _number(a.get("latency_sum_ms", 0.0)),
+                    "quantileValues": [
+                        {"quantile": 0.5, "value": _number(a["latency_p50_ms"])},
+                        {"quantile": 0.95, "value": _number(a["latency_p95_ms"])},
+                        {"quantile": 0.99, "value": _number(a["latency_p99_ms"])},
+                    ],
+                }
+            ]
+        },
+    }
+
+
+def _confidence_histogram(rec: StoredRecord, conf_counts: Sequence[Any]) -> dict[str, Any]:
+    """The interval's confidence counts per bucket as an OTLP delta histogram."""
+    a = rec.attrs
+    return {
+        "name": "edge_agent.inference.confidence",
+        "unit": "1",
+        "histogram": {
+            "dataPoints": [
+                {
+                    **_point(rec),
+                    "count": str(int(sum(conf_counts))),
+                    "bucketCounts": [str(int(c)) for c in conf_counts],
+                    "explicitBounds": [_number(b) for b in a.get("confidence_bounds", [])],
+                }
+            ],
+            "aggregationTemporality": TEMPORALITY_DELTA,
+        },
+    }
 
 
 def metrics_request(records: Sequence[StoredRecord]) -> dict[str, Any] | None:

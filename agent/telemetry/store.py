@@ -10,12 +10,13 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from agent.errors import TelemetryError
+from agent.sqlitedb import write_transaction
 from agent.telemetry import jsonsafe
 from agent.telemetry.ratelimit import warn_every
 
@@ -288,17 +289,6 @@ class TelemetryStore:
     def connection(self) -> sqlite3.Connection:
         return self._conn
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
-
     # -- writing ------------------------------------------------------------------------
 
     def append(self, records: Sequence[NewRecord]) -> list[int]:
@@ -331,7 +321,7 @@ class TelemetryStore:
             seq += 1
             if rec.clock_ok:
                 last_time = max(last_time, rec.time_unix_ns)
-        with self._transaction() as conn:
+        with write_transaction(self._conn) as conn:
             conn.executemany(
                 "INSERT INTO records (device_id, boot_id, seq, type, priority, name,"
                 " time_unix_ns, observed_unix_ns, clock_ok, attrs, size_bytes)"
@@ -399,7 +389,7 @@ class TelemetryStore:
         deltas = {k: v for k, v in deltas.items() if v}
         if not deltas:
             return
-        with self._transaction() as conn:
+        with write_transaction(self._conn) as conn:
             conn.executemany(
                 "INSERT INTO counters (name, value) VALUES (?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
@@ -414,7 +404,7 @@ class TelemetryStore:
             self.add_counters({f"{prefix}.{t}": n for t, n in dropped.items()})
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._transaction() as conn:
+        with write_transaction(self._conn) as conn:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def get_meta(self, key: str) -> str | None:
@@ -442,7 +432,7 @@ class TelemetryStore:
         """Delete about amount_bytes of rows: lowest priority first, oldest first."""
         evicted: dict[str, int] = {}
         remaining = amount_bytes
-        with self._transaction() as conn:
+        with write_transaction(self._conn) as conn:
             for priority in range(max_priority + 1):
                 while remaining > 0:
                     rows = conn.execute(
@@ -498,7 +488,7 @@ class TelemetryStore:
     def delete(self, ids: Iterable[int]) -> int:
         """Delete rows the server acknowledged."""
         params = [(i,) for i in ids]
-        with self._transaction() as conn:
+        with write_transaction(self._conn) as conn:
             before = conn.total_changes
             conn.executemany("DELETE FROM records WHERE id = ?", params)
             deleted = conn.total_changes - before
@@ -517,7 +507,7 @@ class TelemetryStore:
         """
         bit = SIGNAL_BITS[signal]
         ids = [(rec.id,) for rec in records]
-        with self._transaction() as conn:
+        with write_transaction(self._conn) as conn:
             conn.executemany(f"UPDATE records SET acked = acked | {bit} WHERE id = ?", ids)
             before = conn.total_changes
             conn.executemany(f"DELETE FROM records WHERE id = ? AND {_FULLY_ACKED}", ids)
@@ -533,7 +523,7 @@ class TelemetryStore:
     def quarantine_rows(self, ids: Iterable[int], reason: str) -> None:
         """Keep rows the server refused (HTTP 400) for inspection, never to resend."""
         params = [(i,) for i in ids]
-        with self._transaction() as conn:
+        with write_transaction(self._conn) as conn:
             conn.executemany("UPDATE records SET quarantined = 1 WHERE id = ?", params)
             conn.execute(
                 "INSERT INTO counters (name, value) VALUES ('quarantined.batches', 1)"

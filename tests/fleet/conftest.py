@@ -15,7 +15,8 @@ from fleet_testlib import make_key_dir
 from pg_testlib import PostgresServer, running_postgres, why_no_postgres
 
 from agent.fleet.keys import OperatorKey
-from agent.fleet.store import TelemetryStore, open_store
+from agent.fleet.open_store import open_store
+from agent.fleet.store import TelemetryStore
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from agent.errors import UsageError
 from agent.fleet.charts import time_series_svg
 from agent.fleet.page import DeviceFilter, DeviceRow, filter_and_sort, running_version
 from agent.fleet.server import ServerConfig, create_app
-from agent.fleet.store import SQLiteTelemetryStore
+from agent.fleet.store_sqlite import SQLiteTelemetryStore
 from agent.fleet.tokens import (
     add_device_token,
     add_operator_token,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from agent.fleet.ingest import parse_otlp_logs
 from agent.fleet.page import drift_of
-from agent.fleet.store import parse_otlp_logs
 from agent.telemetry import otlp
 from agent.telemetry.drift import DriftFigures
 from agent.telemetry.store import StoredRecord

@@ -11,6 +11,7 @@ import pytest
 from fleet_testlib import build_package
 
 from agent.errors import UsageError
+from agent.fleet.ingest import LogRow
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import init_repo, load_repo, publish_package, read_channel
 from agent.fleet.rollout import (
@@ -26,7 +27,7 @@ from agent.fleet.rollout import (
     set_paused,
     start_rollout,
 )
-from agent.fleet.store import LogRow, TelemetryStore
+from agent.fleet.store import TelemetryStore
 
 POLICY = RolloutPolicy(
     stages_percent=(1.0, 10.0, 100.0), soak_s=600.0, min_devices=3, max_failure_rate=0.1

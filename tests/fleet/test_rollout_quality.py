@@ -14,6 +14,7 @@ import pytest
 from fleet_testlib import build_package
 
 from agent.errors import ConfigError
+from agent.fleet.ingest import LogRow, parse_otlp_logs
 from agent.fleet.keys import OperatorKey
 from agent.fleet.page import DeviceFilter, render_overview, render_rollout_page
 from agent.fleet.repo import init_repo, load_repo, publish_package, read_channel
@@ -28,7 +29,7 @@ from agent.fleet.rollout import (
     start_rollout,
 )
 from agent.fleet.status import rollout_status
-from agent.fleet.store import LogRow, TelemetryStore, parse_otlp_logs
+from agent.fleet.store import TelemetryStore
 from agent.telemetry import otlp
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
@@ -429,7 +430,7 @@ def test_resent_report_stores_its_figures_once(fleet_store: TelemetryStore) -> N
 def aborted_on_quality(
     tmp_path: Path, repo: Path, operator_keys: list[OperatorKey]
 ) -> tuple[Path, Path]:
-    from agent.fleet.store import SQLiteTelemetryStore
+    from agent.fleet.store_sqlite import SQLiteTelemetryStore
 
     db = tmp_path / "fleet.db"
     store = SQLiteTelemetryStore(db)
@@ -477,7 +478,7 @@ def test_rollout_status_cli_names_the_figure_and_devices(
 def test_status_pages_name_the_figure(
     aborted_on_quality: tuple[Path, Path],
 ) -> None:
-    from agent.fleet.store import SQLiteTelemetryStore
+    from agent.fleet.store_sqlite import SQLiteTelemetryStore
 
     repo, db = aborted_on_quality
     store = SQLiteTelemetryStore(db)

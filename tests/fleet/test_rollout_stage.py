@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fleet_testlib import build_package
 
+from agent.fleet.ingest import LogRow
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import init_repo, load_repo, publish_package, read_channel
 from agent.fleet.rollout import (
@@ -21,7 +22,7 @@ from agent.fleet.rollout import (
     stage_start_times_s,
     start_rollout,
 )
-from agent.fleet.store import LogRow, TelemetryStore
+from agent.fleet.store import TelemetryStore
 from agent.ota.membership import in_rollout
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)

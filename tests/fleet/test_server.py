@@ -24,7 +24,8 @@ from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import init_repo, load_repo, publish_package, read_channel
 from agent.fleet.rollout import RolloutPolicy, is_member, start_rollout
 from agent.fleet.server import ServerConfig, create_app
-from agent.fleet.store import SQLiteTelemetryStore, TelemetryStore
+from agent.fleet.store import TelemetryStore
+from agent.fleet.store_sqlite import SQLiteTelemetryStore
 from agent.fleet.tokens import add_device_token, add_operator_token
 from agent.telemetry import otlp
 from agent.telemetry.uploader import OtlpHttpExporter

@@ -16,10 +16,11 @@ import pytest
 import requests
 from fleet_testlib import ota_record, running_server
 
+from agent.fleet.ingest import MAX_VALUE_DEPTH
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import init_repo
 from agent.fleet.server import ServerConfig, create_app
-from agent.fleet.store import MAX_VALUE_DEPTH, SQLiteTelemetryStore
+from agent.fleet.store_sqlite import SQLiteTelemetryStore
 from agent.fleet.tokens import add_device_token
 from agent.telemetry import otlp
 

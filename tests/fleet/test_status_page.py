@@ -17,12 +17,13 @@ import pytest
 import requests
 from fleet_testlib import build_package, make_key_dir, ota_record, running_server
 
+from agent.fleet.ingest import parse_otlp_logs
 from agent.fleet.keys import OperatorKey
 from agent.fleet.repo import init_repo, publish_package
 from agent.fleet.rollout import RolloutPolicy, is_member, load_state, start_rollout
 from agent.fleet.server import ServerConfig, create_app
 from agent.fleet.status import render_chart_svg
-from agent.fleet.store import SQLiteTelemetryStore, parse_otlp_logs
+from agent.fleet.store_sqlite import SQLiteTelemetryStore
 from agent.fleet.tokens import add_device_token, add_operator_token
 from agent.telemetry import otlp
 from agent.telemetry.sampler import IntervalSummary

@@ -18,7 +18,15 @@ from fleet_testlib import build_package, ota_record
 from pg_testlib import PostgresServer
 
 from agent.errors import TelemetryError, UsageError
+from agent.fleet.ingest import (
+    BadPayloadError,
+    LogRow,
+    MetricRow,
+    parse_otlp_logs,
+    parse_otlp_metrics,
+)
 from agent.fleet.keys import OperatorKey
+from agent.fleet.open_store import open_store
 from agent.fleet.repo import init_repo, publish_package
 from agent.fleet.rollout import (
     RolloutPolicy,
@@ -27,15 +35,7 @@ from agent.fleet.rollout import (
     promote,
     start_rollout,
 )
-from agent.fleet.store import (
-    BadPayloadError,
-    LogRow,
-    MetricRow,
-    TelemetryStore,
-    open_store,
-    parse_otlp_logs,
-    parse_otlp_metrics,
-)
+from agent.fleet.store import TelemetryStore
 from agent.fleet.tokens import add_device_token, add_operator_token
 from agent.telemetry import otlp
 from agent.telemetry.uploader import OtlpHttpExporter
@@ -373,3 +373,24 @@ def test_serve_ingests_into_postgres_and_promotes(
         assert store.count_rows("logs") == 4 and store.count_rows("ota_states") == 4
     finally:
         store.close()
+
+
+def test_the_base_store_imports_no_backend_and_old_paths_still_work() -> None:
+    # A fresh interpreter: in this one the backends are already imported by other tests.
+    code = (
+        "import sys\n"
+        "import agent.fleet.store as base\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('agent.fleet.store_'))\n"
+        "print('loaded', loaded)\n"
+        "from agent.fleet.store import SQLiteTelemetryStore, open_store, parse_otlp_logs\n"
+        "from agent.fleet.store_sqlite import SQLiteTelemetryStore as direct\n"
+        "assert SQLiteTelemetryStore is direct and issubclass(direct, base.TelemetryStore)\n"
+        "from agent.fleet import ingest, open_store as factory\n"
+        "assert open_store is factory.open_store and parse_otlp_logs is ingest.parse_otlp_logs\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["loaded []", "ok"]
