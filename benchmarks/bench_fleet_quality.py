@@ -27,9 +27,9 @@ the device back in probation with the figures in the reason; the fleet judges on
 quality figures the devices report. The bench prints, per release, how many devices
 rolled back on the shadow, on other reasons, and committed it.
 
-The bench's device policy is golden_local/policy.yaml with these changes, all about what
-one process of 200 devices on shared cores cannot measure (the quality thresholds are the
-shipped ones):
+The bench's device policy is golden_local/policy.yaml with these changes, for what one
+process of 200 devices on shared cores cannot measure and for the sample size (the quality
+thresholds are the shipped ones):
 - gate `latency_p95_slack_ms: 1000` (as in tests/ota: the latency check is noise here);
 - shadow `sample_rate: 1.0`: every served frame is offered, so a probation gets its
   `min_frames` compared frames within one device step (at 0.25 it needs 4x the frames
@@ -357,8 +357,8 @@ def step(device: Device, fleet: Fleet, bad_version: str, max_frames: int) -> Non
 
 
 def bench_policy(path: Path) -> None:
-    """The bench's device policy: golden_local's, with what one process of many devices on
-    shared cores cannot measure relaxed (the module docstring says why)."""
+    """The bench's device policy: golden_local's with GATE_POLICY and SHADOW_POLICY (the
+    module docstring says why each)."""
     import yaml
 
     policy = yaml.safe_load(path.read_text())
