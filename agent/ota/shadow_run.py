@@ -83,6 +83,11 @@ def _lower_own_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE)
 
 
+# After a run too slow for the FPS cap's idle time, how long before one sample may run
+# again to re-measure (a model that really does not fit then runs once per this period).
+RETRY_SLOW_S = 5.0
+
+
 class ShadowRun:
     """Runs ``load_model()``'s model on a sample of the frames another model serves.
 
@@ -125,6 +130,7 @@ class ShadowRun:
         self._busy_since: float | None = None
         self._busy_s = 0.0
         self._last_run_s: float | None = None
+        self._last_run_end = 0.0  # clock() when that run ended
         self._ready = False
         self._closed = False
         self.started_s = clock()
@@ -178,7 +184,12 @@ class ShadowRun:
         # the FPS cap's idle time: the last shadow run must fit in what the served batch
         # left of this period, so the next served frame never waits for a core
         last = self._last_run_s
-        return not (fps_cap > 0 and last is not None and last > 1.0 / fps_cap - latency_s)
+        if not (fps_cap > 0 and last is not None and last > 1.0 / fps_cap - latency_s):
+            return True
+        # One slow run (a preemption, a page fault) must not switch the shadow off for
+        # good: the figure only refreshes when a run happens, so after RETRY_SLOW_S one
+        # sample is let through to measure again (at most one such run per RETRY_SLOW_S).
+        return now - self._last_run_end >= RETRY_SLOW_S
 
     def _limit_s(self) -> float:
         return self.policy.timeout_s if self._ready else self.policy.load_timeout_s
@@ -234,6 +245,7 @@ class ShadowRun:
                     spent = self._clock() - started
                     self._busy_s += spent
                     self._last_run_s = spent
+                    self._last_run_end = started + spent
                     self._busy_since = None
         finally:
             self._ready = False

@@ -238,7 +238,7 @@ TIGHTEN_ROWS = [
         2,
     ),
     TightenRow("out-of-range-ignored", {"agreement_min": 1.5}, {"agreement_min": 0.9}, 1),
-    TightenRow("not-a-number", {"min_frames": "many"}, {"min_frames": 50}, 1),
+    TightenRow("not-a-number", {"min_frames": "many"}, {"min_frames": 100}, 1),
 ]
 
 
@@ -807,3 +807,49 @@ def test_a_manifest_shadow_key_outside_the_list_is_refused(device: Device) -> No
     manifest["shadow"] = {"sample_rate": 1.0}  # a device resource, not the package's
     with pytest.raises(PackageError, match="sample_rate"):
         validate_manifest(manifest)
+
+
+# ---------------------------------------------------------------------- the idle-time rule
+
+
+@dataclasses.dataclass(frozen=True)
+class IdleRow:
+    """What the last shadow run's time and the clock control (the served frame's latency
+    and the FPS cap stay 5 ms at 15 fps: 61.7 ms idle), and whether the next sample runs."""
+
+    id: str
+    last_run_ms: float | None
+    since_that_run_s: float
+    fps_cap: float
+    runs: bool
+
+
+IDLE_ROWS = [
+    IdleRow("no-run-yet", None, 0.0, 15.0, True),
+    IdleRow("fast-run-fits", 10.0, 0.1, 15.0, True),
+    IdleRow("slow-run-just-now", 80.0, 1.0, 15.0, False),
+    IdleRow("slow-run-long-ago-measures-again", 80.0, 6.0, 15.0, True),
+    IdleRow("uncapped-has-no-idle-rule", 80.0, 0.1, 0.0, True),
+]
+
+
+@pytest.mark.parametrize("row", IDLE_ROWS, ids=lambda r: r.id)
+def test_one_slow_shadow_run_does_not_switch_the_shadow_off_for_good(row: IdleRow) -> None:
+    # Bug: the rule compared against the last run's time, and a dropped sample never runs,
+    # so after one slow run (a preemption) every later sample was dropped; probation then
+    # waited wait_max_s and committed "shadow not judged".
+    now = [100.0]
+    run = ShadowRun(
+        ShadowPolicy(sample_rate=1.0, cpu_budget_pct=100),
+        lambda: configured_model(digits_config(DEMO / "digits_fp32.onnx")),
+        shadow_is_new=True,
+        clock=lambda: now[0],
+    )
+    run._ready = True  # the worker is not started: the test reads what offer() decides
+    if row.last_run_ms is not None:
+        run._last_run_s = row.last_run_ms / 1000.0
+        run._last_run_end = now[0]
+    now[0] += row.since_that_run_s
+    taken = run.offer(None, [], [], 0.005, row.fps_cap)  # type: ignore[arg-type]  # never run
+    assert taken is row.runs
+    assert run.tally.dropped == (0 if row.runs else 1)
