@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from agent.errors import ConfigError, GoldenSetError, ModelError
 from agent.ota.gate_detection import ImageBoxes
-from agent.runtime.base import file_sha256
+from agent.runtime.base import Backend, file_sha256
 from agent.textio import load_npy, open_regular
 
 GOLDEN_FILES = (
@@ -725,3 +725,19 @@ def resolve_model(source: Path, backend: str = "auto") -> GateModel:
     # A FIFO, device or socket is refused by name (scan_model_file opens nothing else).
     sha256, precision = scan_model_file(source)
     return GateModel(source, backend, precision, None, sha256)
+
+
+# What run_gate takes for a model: a loaded backend, or a model file or package folder.
+ModelSource = Backend | Path | str
+
+
+def as_gate_model(source: ModelSource, backend: str) -> tuple[GateModel, Backend | None]:
+    """A gate model from a loaded backend (it runs as loaded) or a path (resolve_model)."""
+    if isinstance(source, Backend):
+        sha256, precision = scan_model_file(source.path, onnx=source.name == "onnx")
+        # a loaded package model: its manifest names the output layout (detection) and
+        # the preprocessing raw golden frames go through
+        found = package_beside(Path(source.path))
+        manifest, folder = found if found is not None else (None, None)
+        return GateModel(source.path, source.name, precision, manifest, sha256, folder), source
+    return resolve_model(Path(source), backend), None
