@@ -373,7 +373,8 @@ def latency_summaries_ms(
     *latencies_s: npt.NDArray[np.float64],
 ) -> list[dict[str, float]]:
     """P50/P95/P99/mean in ms of each model's per-row latencies (np.percentile's method);
-    equal-length series are sorted together in one call."""
+    equal-length series are sorted together in one numpy call, which is why this is not
+    agent.pipeline.latency.latency_summary_ms per series (the percentile itself is its)."""
     if not latencies_s:
         return []
     lengths = {len(lat) for lat in latencies_s}
