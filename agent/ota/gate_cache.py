@@ -13,12 +13,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.textio import write_atomic
+
+if TYPE_CHECKING:  # the cache itself needs no runtime: it only reads Measured's fields
+    from agent.ota.gate_measure import Measured
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +170,37 @@ class BaselineCache:
         if removed:
             log.info("gate cache %s: removed %d old entries", self.root, len(removed))
         return removed
+
+
+def store_runs(
+    cache: BaselineCache,
+    golden_keys: tuple[str, str],
+    baseline: tuple[str, str | None, Measured, str],
+    candidate: tuple[str, str | None, Measured, str],
+) -> list[str]:
+    """Store this run for next time: the baseline when it ran (its backend id is None when
+    it came from the cache), and the candidate, the next gate's baseline once activated.
+    Each run is (model sha256, backend id, measured, precision); ``golden_keys`` are the
+    golden set's hash for each (with its preprocessing, for raw frames)."""
+    stored: list[str] = []
+    try:
+        for role, golden_key, (sha, backend_id, measured, precision) in (
+            ("baseline", golden_keys[0], baseline),
+            ("candidate", golden_keys[1], candidate),
+        ):
+            if backend_id is None or measured.from_cache:
+                continue
+            cache.store(
+                sha,
+                golden_key,
+                backend_id,
+                measured.outputs,
+                measured.latencies_s,
+                measured.rss_added_bytes,
+                {"precision": precision, "role": role},
+            )
+            stored.append(role)
+    except OSError as exc:
+        # A full or read-only disk must not turn a gate verdict into a crash.
+        log.warning("gate cache %s not written: %s", cache.root, exc)
+    return stored

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from agent.errors import ConfigError, GoldenSetError, ModelError
 from agent.ota.gate_detection import ImageBoxes
-from agent.runtime.base import file_sha256
+from agent.runtime.base import Backend, file_sha256
 from agent.textio import load_npy, open_regular
 
 GOLDEN_FILES = (
@@ -256,42 +256,9 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
         labels = np.zeros(len(inputs), dtype=np.int64)
     else:
         labels, hashes["labels.npy"] = read_npy_hashed(labels_path)
-    if inputs.dtype != np.float32:
-        raise GoldenSetError(
-            f"{inputs_path}: dtype {inputs.dtype}, expected float32 in the model's float domain"
-        )
-    if inputs.ndim < 2:
-        raise GoldenSetError(f"{inputs_path}: shape {inputs.shape}, expected [N, ...] rows")
-    if len(inputs) == 0:
-        raise GoldenSetError(f"{inputs_path}: the golden set is empty")
-    if not np.isfinite(inputs).all():
-        row = int(np.argwhere(~np.isfinite(inputs))[0][0])
-        raise GoldenSetError(f"{inputs_path}: NaN or infinite value (first in row {row})")
-    if not detection and labels.dtype.kind not in "iu":
-        raise GoldenSetError(f"{labels_path}: dtype {labels.dtype}, expected integer class ids")
-    if labels.ndim not in (1, 3):
-        raise GoldenSetError(
-            f"{labels_path}: shape {labels.shape}, expected [N] class ids or [N,H,W] masks"
-        )
-    if len(labels) != len(inputs):
-        raise GoldenSetError(
-            f"{labels_path}: {len(labels)} labels for {len(inputs)} inputs (lengths differ)"
-        )
-    if labels.min() < 0:
-        raise GoldenSetError(f"{labels_path}: negative label {int(labels.min())}")
-    slices = _optional(golden_dir / "slices.npy", len(inputs), hashes)
-    if slices is not None and (slices.ndim != 1 or slices.dtype.kind not in "iuU"):
-        raise GoldenSetError(
-            f"{golden_dir / 'slices.npy'}: expected one integer or string id per row, "
-            f"got dtype {slices.dtype} shape {slices.shape}"
-        )
-    reference = _optional(golden_dir / "reference.npy", len(inputs), hashes)
-    if reference is not None:
-        if reference.dtype.kind != "f" or not np.isfinite(reference).all():
-            raise GoldenSetError(
-                f"{golden_dir / 'reference.npy'}: expected finite float outputs, one row per input"
-            )
-        reference = reference.astype(np.float32)
+    _check_inputs(inputs_path, inputs)
+    _check_labels(labels_path, labels, len(inputs), detection)
+    slices, reference = _slices_and_reference(golden_dir, len(inputs), hashes)
     boxes: tuple[ImageBoxes, ...] | None = None
     class_names: tuple[str, ...] = ()
     decode: dict[str, Any] | None = None
@@ -311,6 +278,57 @@ def load_golden_set(golden_dir: Path) -> GoldenSet:
         class_names=class_names,
         detection=decode,
     )
+
+
+def _check_inputs(inputs_path: Path, inputs: npt.NDArray[Any]) -> None:
+    """inputs.npy: finite float32 rows ``[N, ...]``, at least one."""
+    if inputs.dtype != np.float32:
+        raise GoldenSetError(
+            f"{inputs_path}: dtype {inputs.dtype}, expected float32 in the model's float domain"
+        )
+    if inputs.ndim < 2:
+        raise GoldenSetError(f"{inputs_path}: shape {inputs.shape}, expected [N, ...] rows")
+    if len(inputs) == 0:
+        raise GoldenSetError(f"{inputs_path}: the golden set is empty")
+    if not np.isfinite(inputs).all():
+        row = int(np.argwhere(~np.isfinite(inputs))[0][0])
+        raise GoldenSetError(f"{inputs_path}: NaN or infinite value (first in row {row})")
+
+
+def _check_labels(labels_path: Path, labels: npt.NDArray[Any], rows: int, detection: bool) -> None:
+    """labels.npy: one non-negative integer class id or mask per input row."""
+    if not detection and labels.dtype.kind not in "iu":
+        raise GoldenSetError(f"{labels_path}: dtype {labels.dtype}, expected integer class ids")
+    if labels.ndim not in (1, 3):
+        raise GoldenSetError(
+            f"{labels_path}: shape {labels.shape}, expected [N] class ids or [N,H,W] masks"
+        )
+    if len(labels) != rows:
+        raise GoldenSetError(
+            f"{labels_path}: {len(labels)} labels for {rows} inputs (lengths differ)"
+        )
+    if labels.min() < 0:
+        raise GoldenSetError(f"{labels_path}: negative label {int(labels.min())}")
+
+
+def _slices_and_reference(
+    golden_dir: Path, rows: int, hashes: dict[str, str]
+) -> tuple[npt.NDArray[Any] | None, npt.NDArray[np.float32] | None]:
+    """The optional slices.npy (a slice id per row) and reference.npy (trusted outputs)."""
+    slices = _optional(golden_dir / "slices.npy", rows, hashes)
+    if slices is not None and (slices.ndim != 1 or slices.dtype.kind not in "iuU"):
+        raise GoldenSetError(
+            f"{golden_dir / 'slices.npy'}: expected one integer or string id per row, "
+            f"got dtype {slices.dtype} shape {slices.shape}"
+        )
+    reference = _optional(golden_dir / "reference.npy", rows, hashes)
+    if reference is None:
+        return slices, None
+    if reference.dtype.kind != "f" or not np.isfinite(reference).all():
+        raise GoldenSetError(
+            f"{golden_dir / 'reference.npy'}: expected finite float outputs, one row per input"
+        )
+    return slices, reference.astype(np.float32)
 
 
 def _check_frame(frame: npt.NDArray[Any], where: str) -> npt.NDArray[Any]:
@@ -725,3 +743,19 @@ def resolve_model(source: Path, backend: str = "auto") -> GateModel:
     # A FIFO, device or socket is refused by name (scan_model_file opens nothing else).
     sha256, precision = scan_model_file(source)
     return GateModel(source, backend, precision, None, sha256)
+
+
+# What run_gate takes for a model: a loaded backend, or a model file or package folder.
+ModelSource = Backend | Path | str
+
+
+def as_gate_model(source: ModelSource, backend: str) -> tuple[GateModel, Backend | None]:
+    """A gate model from a loaded backend (it runs as loaded) or a path (resolve_model)."""
+    if isinstance(source, Backend):
+        sha256, precision = scan_model_file(source.path, onnx=source.name == "onnx")
+        # a loaded package model: its manifest names the output layout (detection) and
+        # the preprocessing raw golden frames go through
+        found = package_beside(Path(source.path))
+        manifest, folder = found if found is not None else (None, None)
+        return GateModel(source.path, source.name, precision, manifest, sha256, folder), source
+    return resolve_model(Path(source), backend), None

@@ -185,48 +185,12 @@ def classification_metrics_of_each(
     predicted = probs.argmax(axis=2)  # [models, rows]
     confidence = probs.max(axis=2)
     correct = predicted == labels
-    model_ids = np.arange(models, dtype=np.int64)[:, None]
-    # Every model's confusion matrix from one bincount: rows are true classes.
-    cells = model_ids * (num_classes * num_classes) + labels * num_classes + predicted
-    cm = np.bincount(cells.ravel(), minlength=models * num_classes * num_classes).reshape(
-        models, num_classes, num_classes
-    )
-    diagonal = np.arange(num_classes)
-    tp = cm[:, diagonal, diagonal].astype(np.float64)
-    predicted_count = cm.sum(axis=1)
-    support = cm.sum(axis=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted_count > 0, tp / predicted_count, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        denom = precision + recall
-        f1 = np.where(denom > 0, 2 * precision * recall / denom, 0.0)
-    # Macro F1 over the classes present in labels or predictions (as scikit-learn).
-    present = (support > 0) | (predicted_count > 0)
-    # ECE: bin i holds confidences in (i/bins, (i+1)/bins]; exactly 0 joins bin 0.
-    bins = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
-    bins += model_ids * ECE_BINS
-    conf_sum = np.bincount(bins.ravel(), weights=confidence.ravel(), minlength=models * ECE_BINS)
-    correct_sum = np.bincount(bins.ravel(), weights=correct.ravel(), minlength=models * ECE_BINS)
-    ece = np.abs(correct_sum - conf_sum).reshape(models, ECE_BINS).sum(axis=1) / max(1, rows)
+    cm, support, precision, recall, f1, present = _per_class_of_each(labels, predicted, num_classes)
+    ece = _ece_of_each(confidence, correct)
     accuracy_of = correct.mean(axis=1) if rows else np.zeros(models)
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     names += [str(i) for i in range(len(names), num_classes)]
-    per_slice: list[dict[str, dict[str, float]]] | None = None
-    if slices is not None:
-        slice_names, codes = slices if isinstance(slices, tuple) else slice_index(slices)
-        count = len(slice_names)
-        slice_rows = np.bincount(codes, minlength=count).tolist()
-        slice_correct = np.bincount(
-            (model_ids * count + codes).ravel(), weights=correct.ravel(), minlength=models * count
-        )
-        slice_acc = (slice_correct.reshape(models, count) / np.maximum(slice_rows, 1)).tolist()
-        per_slice = [
-            {
-                name: {"rows": int(slice_rows[j]), "accuracy": float(slice_acc[m][j])}
-                for j, name in enumerate(slice_names)
-            }
-            for m in range(models)
-        ]
+    per_slice = None if slices is None else _per_slice_of_each(correct, slices)
     support_l, precision_l = support.tolist(), precision.tolist()
     recall_l, f1_l, cm_l = recall.tolist(), f1.tolist(), cm.tolist()
     accuracy_l, ece_l = accuracy_of.tolist(), ece.tolist()
@@ -253,6 +217,69 @@ def classification_metrics_of_each(
             metrics["per_slice"] = per_slice[m]
         out.append(metrics)
     return out
+
+
+def _per_class_of_each(
+    labels: IntArray, predicted: IntArray, num_classes: int
+) -> tuple[IntArray, IntArray, FloatArray, FloatArray, FloatArray, npt.NDArray[np.bool_]]:
+    """Every model's confusion matrix (rows: true classes), support, precision, recall and
+    F1 per class, and which classes count for macro F1: those present in labels or
+    predictions (as scikit-learn). ``predicted`` is ``[models, rows]``."""
+    models = len(predicted)
+    model_ids = np.arange(models, dtype=np.int64)[:, None]
+    # Every model's confusion matrix from one bincount.
+    cells = model_ids * (num_classes * num_classes) + labels * num_classes + predicted
+    cm = np.bincount(cells.ravel(), minlength=models * num_classes * num_classes).reshape(
+        models, num_classes, num_classes
+    )
+    diagonal = np.arange(num_classes)
+    tp = cm[:, diagonal, diagonal].astype(np.float64)
+    predicted_count = cm.sum(axis=1)
+    support = cm.sum(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted_count > 0, tp / predicted_count, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        denom = precision + recall
+        f1 = np.where(denom > 0, 2 * precision * recall / denom, 0.0)
+    present = (support > 0) | (predicted_count > 0)
+    return cm, support, precision, recall, f1, present
+
+
+def _ece_of_each(confidence: FloatArray, correct: npt.NDArray[np.bool_]) -> FloatArray:
+    """Every model's expected calibration error from ``[models, rows]`` top-1 confidences."""
+    models, rows = confidence.shape
+    model_ids = np.arange(models, dtype=np.int64)[:, None]
+    # ECE: bin i holds confidences in (i/bins, (i+1)/bins]; exactly 0 joins bin 0.
+    bins = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+    bins += model_ids * ECE_BINS
+    conf_sum = np.bincount(bins.ravel(), weights=confidence.ravel(), minlength=models * ECE_BINS)
+    correct_sum = np.bincount(bins.ravel(), weights=correct.ravel(), minlength=models * ECE_BINS)
+    ece: FloatArray = np.abs(correct_sum - conf_sum).reshape(models, ECE_BINS).sum(axis=1) / max(
+        1, rows
+    )
+    return ece
+
+
+def _per_slice_of_each(
+    correct: npt.NDArray[np.bool_], slices: npt.NDArray[Any] | SliceIndex
+) -> list[dict[str, dict[str, float]]]:
+    """Every model's rows and accuracy per slice of the golden set."""
+    models = len(correct)
+    model_ids = np.arange(models, dtype=np.int64)[:, None]
+    slice_names, codes = slices if isinstance(slices, tuple) else slice_index(slices)
+    count = len(slice_names)
+    slice_rows = np.bincount(codes, minlength=count).tolist()
+    slice_correct = np.bincount(
+        (model_ids * count + codes).ravel(), weights=correct.ravel(), minlength=models * count
+    )
+    slice_acc = (slice_correct.reshape(models, count) / np.maximum(slice_rows, 1)).tolist()
+    return [
+        {
+            name: {"rows": int(slice_rows[j]), "accuracy": float(slice_acc[m][j])}
+            for j, name in enumerate(slice_names)
+        }
+        for m in range(models)
+    ]
 
 
 def agreement_metrics(

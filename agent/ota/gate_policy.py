@@ -176,3 +176,18 @@ def apply_package_gate(
         updates.pop(bad, None)
         tightened = dataclasses.replace(policy, **updates)
     return tightened, changes
+
+
+def resolve_policy(
+    policy: GatePolicy | Mapping[str, Any] | Path | str | None, golden_dir: Path
+) -> GatePolicy:
+    """The device policy: given, read from a file, or ``golden_dir/policy.yaml``, else the
+    built-in defaults."""
+    if isinstance(policy, GatePolicy):
+        return policy
+    if isinstance(policy, Mapping):
+        return policy_from_mapping(policy)
+    if policy is not None:
+        return load_policy(Path(policy))
+    default = golden_dir / "policy.yaml"
+    return load_policy(default) if default.is_file() else GatePolicy()

@@ -349,13 +349,14 @@ def run_gate_loaded(
     warm-up add still counts toward the memory check.
     """
     from agent.ota import golden
+    from agent.ota.gate_measure import WARMUP_RUNS, current_rss_bytes
 
-    rss_before = golden.current_rss_bytes()
+    rss_before = current_rss_bytes()
     cand_backend = load_model(candidate)
     try:
         # run_gate warms what it loads itself; here the warm-up's RSS must count too
-        cand_backend.warmup(golden.WARMUP_RUNS)
-        load_rss_bytes = max(0, golden.current_rss_bytes() - rss_before)
+        cand_backend.warmup(WARMUP_RUNS)
+        load_rss_bytes = max(0, current_rss_bytes() - rss_before)
         base_backend = load_model(baseline)
         try:
             report = golden.run_gate(
@@ -394,10 +395,10 @@ def _with_load_rss(
     """The report with the candidate's load RSS added to its memory check (run_gate only
     sees what a backend handed to it adds while it runs), the models' package labels and
     the backend options they ran with."""
-    from agent.ota import golden
+    from agent.ota.gate_measure import MB
     from agent.pipeline.model import read_manifest
 
-    added_mb = load_rss_bytes / golden.MB
+    added_mb = load_rss_bytes / MB
     checks = []
     for check in report.checks:
         if check.name == "memory" and check.value is not None:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from agent.ota.host import LiveLatency
+from agent.pipeline.latency import percentile
 
 
 class Verdict(str, enum.Enum):
@@ -247,8 +248,8 @@ class ProbationWatch:
         p = self.policy
         frames = self.frames
         lat = self._latencies_ms
-        p50 = float(np.percentile(lat, 50)) if lat else None
-        p95 = float(np.percentile(lat, 95)) if lat else None
+        p50 = percentile(lat, 50.0) if lat else None
+        p95 = percentile(lat, 95.0) if lat else None
         conf = float(np.mean(self._confidences)) if self._confidences else None
 
         def result(verdict: Verdict, reason: str, latency_only: bool = False) -> ProbationResult:

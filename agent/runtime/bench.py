@@ -8,24 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import psutil
 
+from agent.pipeline.latency import latency_summary_ms
 from agent.runtime.base import AnyArray, Backend
-
-
-def latency_summary_ms(samples_s: Sequence[float]) -> dict[str, float]:
-    """P50/P95/P99/mean of latencies given in seconds, reported in milliseconds."""
-    if not samples_s:
-        return {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0}
-    arr = np.asarray(samples_s, dtype=np.float64) * 1000.0
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {
-        "p50_ms": float(p50),
-        "p95_ms": float(p95),
-        "p99_ms": float(p99),
-        "mean_ms": float(arr.mean()),
-    }
 
 
 def peak_rss_bytes() -> int:

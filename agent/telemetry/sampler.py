@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.pipeline.latency import PERCENTILES, sorted_percentile
+
 MASKED = "<masked>"
 _MASK64 = (1 << 64) - 1
 SAMPLE_SCALE = 1_000_000
@@ -130,7 +132,8 @@ class IntervalSummary:
             }
         if frames:
             lat_ms = np.asarray(self.latencies_s, dtype=np.float64) * 1000.0
-            p50, p95, p99 = np.percentile(lat_ms, [50, 95, 99])
+            ordered = np.sort(lat_ms).tolist()
+            p50, p95, p99 = (sorted_percentile(ordered, q) for q in PERCENTILES)
             summary.update(
                 latency_p50_ms=round(float(p50), 4),
                 latency_p95_ms=round(float(p95), 4),

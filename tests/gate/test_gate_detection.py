@@ -10,9 +10,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from agent.ota.gate_checks import detection_checks
 from agent.ota.gate_detection import ImageBoxes, average_precision, detection_map, mean_iou
 from agent.ota.gate_policy import GatePolicy
-from agent.ota.golden import detection_checks
 
 # Three images, two classes (xyxy pixels). Includes a duplicate detection, a false positive,
 # a box below IoU 0.5, a missed object and a class-1 image with no detections.

@@ -22,7 +22,8 @@ from agent.ota.gate_data import (
     read_npy_hashed,
     scan_model_file,
 )
-from agent.ota.golden import current_rss_bytes, latency_summaries_ms, run_gate
+from agent.ota.gate_measure import current_rss_bytes, latency_summaries_ms
+from agent.ota.golden import run_gate
 from agent.runtime.base import file_sha256
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.ota.golden import LATENCY_CONFIRM_PASSES, run_gate
+from agent.ota.gate_measure import LATENCY_CONFIRM_PASSES
+from agent.ota.golden import run_gate
 from agent.runtime import load_backend
 from agent.runtime.base import Backend
 

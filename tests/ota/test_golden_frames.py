@@ -449,7 +449,7 @@ def test_cli_install_without_a_daemon_runs_probation_on_the_golden_frames(tmp_pa
 
 
 def test_gate_margin_is_the_check_nearest_to_failing_in_its_own_units() -> None:
-    from agent.ota.golden import GateCheck, smallest_margin
+    from agent.ota.gate_report import GateCheck, smallest_margin
 
     checks = [
         GateCheck("pipeline", "pass", 0.0, 0.0, "<=", ""),
