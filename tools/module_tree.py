@@ -1,7 +1,9 @@
-"""Print the agent/ module tree, one line per module, or check the copy kept in a doc.
+"""Print the agent/ module tree and the OTA flow table, or check the copies kept in a doc.
 
-docs/ARCHITECTURE.md keeps the tree between two markers; `--check` fails when a module was
-added, removed or re-described without the page following, and `--write` rewrites the block.
+docs/ARCHITECTURE.md keeps each between two markers: the tree (one line per module, its
+docstring's first line) and the OTA flow table (agent/ota/states.py FLOW: state, event,
+next state). `--check` fails when a module was added, removed or re-described, or a flow
+row changed, without the page following; `--write` rewrites both blocks.
 
     python tools/module_tree.py                                # print the tree
     python tools/module_tree.py --check docs/ARCHITECTURE.md   # exit 1 when the page is stale
@@ -16,8 +18,11 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BEGIN = "<!-- module-tree: begin (python tools/module_tree.py --write docs/ARCHITECTURE.md) -->"
+WRITE = "(python tools/module_tree.py --write docs/ARCHITECTURE.md)"
+BEGIN = f"<!-- module-tree: begin {WRITE} -->"
 END = "<!-- module-tree: end -->"
+FLOW_BEGIN = f"<!-- ota-flow: begin {WRITE} -->"
+FLOW_END = "<!-- ota-flow: end -->"
 
 
 def summary(path: Path) -> str:
@@ -50,6 +55,24 @@ def block(root: Path) -> str:
     return "\n".join([BEGIN, "```", *tree_lines(root), "```", END])
 
 
+def flow_block() -> str:
+    """agent/ota/states.py FLOW as a markdown table, in the table's own order."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from agent.ota.states import FLOW
+
+    rows = [f"| {s.value} | `{e.value}` | {n.value} |" for (s, e), n in FLOW.items()]
+    return "\n".join(
+        [FLOW_BEGIN, "| state | event | next state |", "|---|---|---|", *rows, FLOW_END]
+    )
+
+
+def replace_block(text: str, begin: str, end: str, want: str, where: Path) -> str:
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"Error: no {begin!r} ... {end!r} markers in {where}")
+    return text[:start] + want + text[stop + len(end) :]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -60,23 +83,20 @@ def main() -> int:
     group.add_argument("--check", type=Path, metavar="DOC", help="fail when DOC's block is stale")
     group.add_argument("--write", type=Path, metavar="DOC", help="rewrite DOC's block")
     args = parser.parse_args()
-    want = block(REPO_ROOT / "agent")
+    tree, flow = block(REPO_ROOT / "agent"), flow_block()
     doc_path = args.check or args.write
     if doc_path is None:
-        print(want)
+        print(tree + "\n\n" + flow)
         return 0
     text = doc_path.read_text(encoding="utf-8")
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        print(f"Error: no module-tree markers in {doc_path} (add {BEGIN!r} ... {END!r})")
-        return 2
-    have = text[start : end + len(END)]
+    want = replace_block(text, BEGIN, END, tree, doc_path)
+    want = replace_block(want, FLOW_BEGIN, FLOW_END, flow, doc_path)
     if args.check:
-        if have != want:
-            print(f"Error: the module tree in {doc_path} is stale: run {BEGIN[18:-4]}")
+        if want != text:
+            print(f"Error: the module tree or OTA flow in {doc_path} is stale: run {WRITE[1:-1]}")
             return 1
         return 0
-    doc_path.write_text(text[:start] + want + text[end + len(END) :], encoding="utf-8")
+    doc_path.write_text(want, encoding="utf-8")
     return 0
 
 
