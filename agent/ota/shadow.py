@@ -13,6 +13,7 @@ import numpy as np
 
 from agent.config import from_mapping
 from agent.pipeline.detection import iou_matrix
+from agent.pipeline.latency import percentile
 
 # a frame's boxes for detection: (class, x1, y1, x2, y2) in pixels, best first
 Box = tuple[int, float, float, float, float]
@@ -183,7 +184,7 @@ def histogram_distance(a: Mapping[int, int], b: Mapping[int, int]) -> float:
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+    return percentile(values, q) if values else None
 
 
 @dataclass
